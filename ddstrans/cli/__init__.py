@@ -1,0 +1,1 @@
+"""Command-line entry points: ``ddstrans`` (argparse subcommands) and ``ddstrans-train`` (Hydra)."""

@@ -1,0 +1,37 @@
+"""Helpers shared by the argparse subcommands: quiet library logs, one-line errors, devices."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, without a stack trace."""
+
+
+def quiet_libraries() -> None:
+    """Silence third-party chatter (progress bars of weight loading, deprecations) in CLI output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def pick_device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

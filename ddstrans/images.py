@@ -1,0 +1,77 @@
+"""Image I/O and conversion (PIL/numpy/torch only: no torchvision)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An input file that is not a readable image (message names the file and the reason)."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any readable image as RGB (grayscale, palette, RGBA, CMYK, 16-bit converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({e})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = max(float(arr.max()), 1.0)
+        im = Image.fromarray((arr / (65535.0 if hi > 255 else 255.0) * 255).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return im.convert("RGB")
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic) and crop the center square."""
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(images: list[Image.Image] | Image.Image) -> torch.Tensor:
+    """PIL RGB image(s) -> float tensor (B, 3, H, W) in [-1, 1]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arr = np.stack([np.asarray(to_rgb(im), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
+    """Rows of equally sized images -> one grid image (white padding)."""
+    w, h = rows[0][0].size
+    ncol = max(len(r) for r in rows)
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im.resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
+    return grid

@@ -1,0 +1,223 @@
+"""Score-distillation math: timesteps, noising, guidance, SDS and DDS gradients.
+
+Plain functions so every formula can be tested exactly. The only outside object is a *denoiser*:
+anything with ``alphas_cumprod`` (a 1-D tensor) and ``predict_noise(z_t, t, emb) -> eps`` —
+``ddstrans.Teacher`` is one; tests use the raw diffusers UNet through it.
+
+Conventions (as the DDS reference notebook):
+- ``z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps``
+- guided prediction ``eps_u + s * (eps_c - eps_u)``
+- SDS gradient ``w(t) * (eps_hat(z_t, y) - eps)``
+- DDS gradient ``w(t) * (eps_hat(z_t, y_tgt) - eps_hat(zhat_t, y_src))`` with the *same* eps and t
+  in both branches, so the noise term cancels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+DEFAULT_T_RANGE = (50, 950)
+WEIGHTINGS = ("uniform", "sds", "snr_inverse")
+
+
+class Denoiser(Protocol):
+    alphas_cumprod: torch.Tensor
+    uncond_embedding: torch.Tensor
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ScoreInfo:
+    """Diagnostics of one score evaluation (tensors, so reading them does not sync the device)."""
+
+    nonfinite: torch.Tensor  # number of zeroed entries
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def sample_timesteps(
+    batch_size: int,
+    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Integer timesteps uniform in ``[t_min, t_max)`` (the reference uses [50, 950))."""
+    t_min, t_max = int(t_range[0]), int(t_range[1])
+    if not 0 <= t_min < t_max:
+        raise ValueError(f"timestep range must satisfy 0 <= t_min < t_max, got {t_range}")
+    t = torch.randint(t_min, t_max, (batch_size,), generator=generator, device="cpu" if generator is None else generator.device)
+    return t.to(device) if device is not None else t
+
+
+def _per_sample(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    return x.reshape(-1, *([1] * (ndim - 1)))
+
+
+def abar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``alphas_cumprod[t]`` shaped (B, 1, 1, ...) for broadcasting against a ``ndim`` tensor."""
+    return _per_sample(alphas_cumprod.to(t.device)[t].float(), ndim)
+
+
+def add_noise(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward process ``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps``."""
+    abar = abar_at(alphas_cumprod, t, z.ndim)
+    return abar.sqrt() * z + (1 - abar).sqrt() * noise
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
+    """``eps_u + s (eps_c - eps_u)``; ``scale`` may be a float or a per-sample tensor (B,)."""
+    if torch.is_tensor(scale) and scale.ndim > 0:
+        scale = _per_sample(scale.to(eps_cond), eps_cond.ndim)
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def eps_from_v(v: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Epsilon from a v-prediction: ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t``."""
+    abar = abar_at(alphas_cumprod, t, z_t.ndim)
+    return abar.sqrt() * v + (1 - abar).sqrt() * z_t
+
+
+def eps_from_sample(x0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Epsilon from an x0-prediction: ``eps = (z_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+    abar = abar_at(alphas_cumprod, t, z_t.ndim)
+    return (z_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def timestep_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
+    """w(t) per sample: ``uniform`` = 1 (reference), ``sds`` = 1 - abar_t (DreamFusion),
+    ``snr_inverse`` = sqrt((1 - abar_t) / abar_t)."""
+    abar = alphas_cumprod.to(t.device)[t].float()
+    if kind == "uniform":
+        return torch.ones_like(abar)
+    if kind == "sds":
+        return 1 - abar
+    if kind == "snr_inverse":
+        return ((1 - abar) / abar).sqrt()
+    raise ValueError(f"unknown weighting {kind!r}; choose one of {WEIGHTINGS}")
+
+
+def zero_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace NaN/Inf entries by 0 and count them (count stays a tensor: no host sync)."""
+    finite = torch.isfinite(grad)
+    return torch.where(finite, grad, torch.zeros_like(grad)), (~finite).sum()
+
+
+def surrogate_loss(z: torch.Tensor, grad: torch.Tensor, reduction: str = "hw") -> torch.Tensor:
+    """Loss whose autograd gradient w.r.t. ``z`` is the score gradient.
+
+    ``reduction="hw"`` is the reference's ``(z * grad).sum() / (H * W)`` (gradient = grad / (H*W));
+    ``"sum"`` gives exactly ``grad``; ``"mean"`` divides by the number of elements.
+    """
+    prod = (z * grad.detach()).sum()
+    if reduction == "hw":
+        return prod / (z.shape[-1] * z.shape[-2])
+    if reduction == "sum":
+        return prod
+    if reduction == "mean":
+        return prod / z.numel()
+    raise ValueError(f"unknown reduction {reduction!r}; choose hw, sum or mean")
+
+
+def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
+    if t is None:
+        t = sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)
+    t = torch.as_tensor(t, device=z.device).long().reshape(-1)
+    if t.numel() == 1 and z.shape[0] > 1:
+        t = t.expand(z.shape[0])
+    if noise is None:
+        noise = torch.randn(z.shape, generator=generator, device="cpu" if generator is None else generator.device)
+        noise = noise.to(device=z.device, dtype=z.dtype)
+    if noise.shape != z.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} does not match latent shape {tuple(z.shape)}")
+    return t, noise
+
+
+def _uncond(denoiser: Denoiser, emb: torch.Tensor) -> torch.Tensor:
+    u = denoiser.uncond_embedding.to(device=emb.device, dtype=emb.dtype)
+    return u.expand(emb.shape[0], *u.shape[1:])
+
+
+def guided_noise_predictions(
+    denoiser: Denoiser, branches: list[tuple[torch.Tensor, torch.Tensor, object]], t: torch.Tensor
+) -> list[torch.Tensor]:
+    """CFG predictions for several ``(z_t, emb, guidance_scale)`` branches in **one** denoiser call.
+
+    The batch is [uncond_0, cond_0, uncond_1, cond_1, ...] along dim 0, every branch at the same ``t``.
+    """
+    b = branches[0][0].shape[0]
+    z_in = torch.cat([zz for z, _, _ in branches for zz in (z, z)])
+    e_in = torch.cat([ee for _, e, _ in branches for ee in (_uncond(denoiser, e), e)])
+    eps = denoiser.predict_noise(z_in, t.repeat(2 * len(branches)), e_in).float().split(b)
+    return [classifier_free_guidance(eps[2 * i], eps[2 * i + 1], s) for i, (_, _, s) in enumerate(branches)]
+
+
+def _finish(grad, weight, info_t, noise, return_info):
+    grad = grad * _per_sample(weight, grad.ndim)
+    grad, nonfinite = zero_nonfinite(grad)
+    if return_info:
+        return grad, ScoreInfo(nonfinite=nonfinite, t=info_t, noise=noise)
+    return grad
+
+
+@torch.no_grad()
+def sds_grad(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    emb: torch.Tensor,
+    *,
+    t: torch.Tensor | int | None = None,
+    noise: torch.Tensor | None = None,
+    guidance_scale=7.5,
+    weighting: str = "uniform",
+    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+):
+    """Score Distillation Sampling gradient ``w(t) (eps_hat(z_t, t, y) - eps)`` (float32, detached)."""
+    t, noise = _prepare(denoiser, z, t, noise, t_range, generator)
+    z_t = add_noise(z.float(), noise.float(), t, denoiser.alphas_cumprod)
+    (eps_hat,) = guided_noise_predictions(denoiser, [(z_t, emb, guidance_scale)], t)
+    weight = timestep_weight(t, denoiser.alphas_cumprod, weighting)
+    return _finish(eps_hat - noise.float(), weight, t, noise, return_info)
+
+
+@torch.no_grad()
+def dds_grad(
+    denoiser: Denoiser,
+    z_src: torch.Tensor,
+    z_tgt: torch.Tensor,
+    emb_src: torch.Tensor,
+    emb_tgt: torch.Tensor,
+    *,
+    t: torch.Tensor | int | None = None,
+    noise: torch.Tensor | None = None,
+    guidance_scale=7.5,
+    source_guidance_scale=None,
+    weighting: str = "uniform",
+    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+):
+    """Delta Denoising Score gradient ``w(t) (eps_hat(z_t, y_tgt) - eps_hat(zhat_t, y_src))``.
+
+    Both branches share ``t`` and ``noise``; the four UNet evaluations (uncond/cond x source/target)
+    run as one batched call. ``source_guidance_scale`` defaults to ``guidance_scale`` (reference: 7.5 both).
+    """
+    if z_src.shape != z_tgt.shape:
+        raise ValueError(f"z_src {tuple(z_src.shape)} and z_tgt {tuple(z_tgt.shape)} must have the same shape")
+    t, noise = _prepare(denoiser, z_tgt, t, noise, t_range, generator)
+    ac = denoiser.alphas_cumprod
+    zs_t = add_noise(z_src.float(), noise.float(), t, ac)
+    zt_t = add_noise(z_tgt.float(), noise.float(), t, ac)
+    src_scale = guidance_scale if source_guidance_scale is None else source_guidance_scale
+    eps_src, eps_tgt = guided_noise_predictions(
+        denoiser, [(zs_t, emb_src, src_scale), (zt_t, emb_tgt, guidance_scale)], t
+    )
+    weight = timestep_weight(t, ac, weighting)
+    return _finish(eps_tgt - eps_src, weight, t, noise, return_info)
+

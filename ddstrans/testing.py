@@ -1,0 +1,78 @@
+"""Tiny randomly initialised Stable-Diffusion-style teachers, for tests and the ``smoke`` experiment.
+
+Why: real weights cannot be downloaded here, yet loading must go through the real code path. These are
+written with ``StableDiffusionPipeline.save_pretrained`` exactly as a real checkpoint directory is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = (
+    "a photo of the cat dog lion squirrel red blue green yellow circle square triangle on striped "
+    "checkered background"
+).split()
+
+
+def make_tiny_sd(
+    out_dir: str | Path,
+    *,
+    prediction_type: str = "epsilon",
+    with_vae: bool = True,
+    sample_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random SD-style teacher (``unet``, ``scheduler``, ``text_encoder``, ``tokenizer``,
+    optional ``vae``) to ``out_dir`` and return the path. Image size = ``sample_size`` x VAE factor (2)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    latent_channels = 4 if with_vae else 3
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
+        num_train_timesteps=1000, clip_sample=False, steps_offset=1,
+    )
+    tokenizer = make_word_tokenizer(TINY_WORDS, model_max_length=12)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    if with_vae:
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=sample_size * 2,
+        )
+        pipe = StableDiffusionPipeline(
+            unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out_dir)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unet.save_pretrained(out_dir / "unet")
+        scheduler.save_pretrained(out_dir / "scheduler")
+        text_encoder.save_pretrained(out_dir / "text_encoder")
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+    return out_dir
