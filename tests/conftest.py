@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random teachers written with ``save_pretrained`` and loaded through the real code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Prompt-embedding cache in a temp dir, so tests never read or write the user's cache."""
+    os.environ["DDSTRANS_CACHE"] = str(tmp_path_factory.mktemp("ddstrans_cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+
+
+def _make(tmp_path_factory, name, **kw):
+    from ddstrans.testing import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp(name) / "teacher", **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """Epsilon-prediction SD-style teacher with a VAE (16x16 images, 4x8x8 latents)."""
+    return _make(tmp_path_factory, "tiny_eps")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_teacher_dir(tmp_path_factory):
+    """The same architecture with a v-prediction scheduler (as Stable Diffusion 2.x)."""
+    return _make(tmp_path_factory, "tiny_vpred", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_teacher_dir(tmp_path_factory):
+    """A pixel-space teacher without VAE (latents = images in [-1, 1], 3x16x16)."""
+    return _make(tmp_path_factory, "tiny_pixel", with_vae=False, sample_size=16)
+
+
+@pytest.fixture
+def tiny_teacher(tiny_teacher_dir, tmp_path):
+    from ddstrans.teacher import Teacher
+
+    return Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path / "cache")

@@ -1,0 +1,76 @@
+"""Zero-shot editing: the Python function and the ``ddstrans edit`` CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddstrans.cli.main import main
+from ddstrans.editing import EditConfig, edit_latents
+
+
+def test_edit_keeps_latent_when_prompts_match(tiny_teacher):
+    z = torch.randn(1, 4, 8, 8)
+    emb = tiny_teacher.encode_prompts(["a photo of a cat"])
+    out = edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=3))
+    assert torch.equal(out, z)  # DDS is exactly zero: nothing moves
+
+
+def test_edit_moves_latent_towards_target(tiny_teacher):
+    z = torch.randn(1, 4, 8, 8)
+    src, tgt = tiny_teacher.encode_prompts(["a photo of a cat"]), tiny_teacher.encode_prompts(["a photo of a lion"])
+    out = edit_latents(tiny_teacher, z, src, tgt, EditConfig(steps=3))
+    assert not torch.equal(out, z) and torch.isfinite(out).all()
+    sds = edit_latents(tiny_teacher, z, src, tgt, EditConfig(steps=3, method="sds"))
+    assert not torch.equal(sds, out)
+
+
+def test_invalid_edit_config():
+    with pytest.raises(ValueError, match="steps"):
+        EditConfig(steps=0).validate()
+    with pytest.raises(ValueError, match="method"):
+        EditConfig(method="ddim").validate()
+
+
+def _image(path, size=(20, 14)):
+    Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_edit_cli_writes_png_of_input_size(tiny_teacher_dir, tmp_path, capsys):
+    src = _image(tmp_path / "in.jpg")
+    out = tmp_path / "out" / "edited.png"
+    argv = [
+        "edit", str(src), "--teacher", str(tiny_teacher_dir), "--source", "a photo of a cat",
+        "--target", "a photo of a lion", "-o", str(out), "--steps", "2",
+    ]
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (20, 14) and im.mode == "RGB"
+    assert main(argv) == 1  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--sds"]) == 0
+
+
+def test_edit_cli_reports_bad_input(tiny_teacher_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    rc = main(["edit", str(bad), "--teacher", str(tiny_teacher_dir), "--source", "a", "--target", "b", "-o", str(tmp_path / "o.png")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "Traceback" not in err
+    rc = main(["edit", str(bad), "--teacher", str(tmp_path / "missing"), "--source", "a", "--target", "b", "-o", str(tmp_path / "o.png")])
+    assert rc == 1
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "edit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--steps", "--lr", "--guidance", "--seed", "--size", "--sds"):
+        assert flag in out

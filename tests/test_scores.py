@@ -1,0 +1,174 @@
+"""The score math, checked exactly against hand-written formulas and diffusers' own scheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ddstrans
+from ddstrans import scores
+from ddstrans.teacher import Teacher
+
+
+class CountingDenoiser:
+    """Wraps a teacher and records every ``predict_noise`` call's batch size."""
+
+    def __init__(self, teacher):
+        self.teacher, self.calls = teacher, []
+        self.alphas_cumprod = teacher.alphas_cumprod
+        self.uncond_embedding = teacher.uncond_embedding
+
+    def predict_noise(self, z_t, t, emb):
+        self.calls.append((z_t.shape[0], t.clone()))
+        return self.teacher.predict_noise(z_t, t, emb)
+
+
+def _inputs(teacher, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z_src = torch.randn(b, 4, 8, 8, generator=g)
+    z_tgt = z_src + 0.3 * torch.randn(b, 4, 8, 8, generator=g)
+    emb_src = teacher.encode_prompts(["a photo of a cat"] * b)
+    emb_tgt = teacher.encode_prompts(["a photo of a lion"] * b)
+    t = torch.randint(50, 950, (b,), generator=g)
+    noise = torch.randn(b, 4, 8, 8, generator=g)
+    return z_src, z_tgt, emb_src, emb_tgt, t, noise
+
+
+def _hand_cfg_eps(teacher, z, emb, t, noise, scale):
+    """Guided epsilon computed directly with the raw diffusers UNet and scheduler."""
+    sched, unet = teacher.scheduler, teacher.unet
+    z_t = sched.add_noise(z, noise, t)
+    uncond = teacher.encode_prompts([""]).expand_as(emb)
+    out_u = unet(z_t, t, encoder_hidden_states=uncond).sample
+    out_c = unet(z_t, t, encoder_hidden_states=emb).sample
+    if teacher.prediction_type == "v_prediction":
+        a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        out_u = a.sqrt() * out_u + (1 - a).sqrt() * z_t
+        out_c = a.sqrt() * out_c + (1 - a).sqrt() * z_t
+    return out_u + scale * (out_c - out_u)
+
+
+@pytest.fixture(params=["epsilon", "v_prediction"])
+def teacher(request, tiny_teacher_dir, tiny_vpred_teacher_dir, tmp_path):
+    path = tiny_teacher_dir if request.param == "epsilon" else tiny_vpred_teacher_dir
+    t = Teacher.from_pretrained(path, cache_dir=tmp_path)
+    assert t.prediction_type == request.param
+    return t
+
+
+def test_dds_is_exactly_zero_for_matching_image_and_prompt(teacher):
+    z_src, _, emb_src, _, t, noise = _inputs(teacher)
+    g = ddstrans.dds_grad(teacher, z_src, z_src.clone(), emb_src, emb_src.clone(), t=t, noise=noise)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_dds_equals_sds_difference_with_shared_noise(teacher):
+    z_src, z_tgt, emb_src, emb_tgt, t, noise = _inputs(teacher)
+    dds = ddstrans.dds_grad(teacher, z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance_scale=7.5)
+    sds_t = ddstrans.sds_grad(teacher, z_tgt, emb_tgt, t=t, noise=noise, guidance_scale=7.5)
+    sds_s = ddstrans.sds_grad(teacher, z_src, emb_src, t=t, noise=noise, guidance_scale=7.5)
+    assert dds.abs().max() > 1e-3  # a real, non-trivial difference
+    torch.testing.assert_close(dds, sds_t - sds_s, atol=2e-5, rtol=1e-4)
+
+
+def test_dds_and_sds_match_hand_written_unet_computation(teacher):
+    z_src, z_tgt, emb_src, emb_tgt, t, noise = _inputs(teacher)
+    with torch.no_grad():
+        eps_t = _hand_cfg_eps(teacher, z_tgt, emb_tgt, t, noise, 7.5)
+        eps_s = _hand_cfg_eps(teacher, z_src, emb_src, t, noise, 7.5)
+    dds = ddstrans.dds_grad(teacher, z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance_scale=7.5)
+    sds = ddstrans.sds_grad(teacher, z_tgt, emb_tgt, t=t, noise=noise, guidance_scale=7.5)
+    torch.testing.assert_close(dds, eps_t - eps_s, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(sds, eps_t - noise, atol=2e-5, rtol=1e-4)
+
+
+def test_dds_runs_one_batched_call_with_shared_t_and_noise(tiny_teacher):
+    den = CountingDenoiser(tiny_teacher)
+    z_src, z_tgt, emb_src, emb_tgt, _, _ = _inputs(tiny_teacher, b=3)
+    g, info = ddstrans.dds_grad(den, z_src, z_tgt, emb_src, emb_tgt, return_info=True, generator=torch.Generator().manual_seed(1))
+    assert len(den.calls) == 1
+    batch, t_used = den.calls[0]
+    assert batch == 12  # uncond/cond x source/target x 3 samples
+    assert torch.equal(t_used, info.t.repeat(4))
+    # the same noise in both branches: re-running with the returned t and noise reproduces g exactly
+    g2 = ddstrans.dds_grad(tiny_teacher, z_src, z_tgt, emb_src, emb_tgt, t=info.t, noise=info.noise)
+    torch.testing.assert_close(g, g2, atol=1e-6, rtol=0)
+
+
+def test_surrogate_loss_gradient_is_the_score_gradient():
+    z = torch.randn(2, 4, 6, 5, requires_grad=True)
+    grad = torch.randn(2, 4, 6, 5)
+    scores.surrogate_loss(z, grad, reduction="sum").backward()
+    assert torch.equal(z.grad, grad)
+    z.grad = None
+    scores.surrogate_loss(z, grad).backward()  # reference reduction: sum / (H * W)
+    torch.testing.assert_close(z.grad, grad / 30, atol=0, rtol=1e-6)
+    with pytest.raises(ValueError):
+        scores.surrogate_loss(z, grad, reduction="bogus")
+
+
+def test_timesteps_stay_in_range_and_cover_it():
+    t = scores.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) == 50 and int(t.max()) == 949
+    t = scores.sample_timesteps(5000, (200, 300), generator=torch.Generator().manual_seed(0))
+    assert int(t.min()) >= 200 and int(t.max()) < 300
+    with pytest.raises(ValueError):
+        scores.sample_timesteps(2, (500, 500))
+
+
+def test_noising_and_v_conversion_agree_with_diffusers(tiny_vpred_teacher_dir, tmp_path):
+    teacher = Teacher.from_pretrained(tiny_vpred_teacher_dir, cache_dir=tmp_path)
+    sched = teacher.scheduler
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    z_t = scores.add_noise(x0, eps, t, teacher.alphas_cumprod)
+    torch.testing.assert_close(z_t, sched.add_noise(x0, eps, t), atol=1e-6, rtol=1e-5)
+    v = sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(scores.eps_from_v(v, z_t, t, teacher.alphas_cumprod), eps, atol=1e-5, rtol=1e-5)
+    x0_back = scores.eps_from_sample(x0, z_t, t, teacher.alphas_cumprod)
+    torch.testing.assert_close(x0_back, eps, atol=1e-4, rtol=1e-4)
+
+
+def test_cfg_and_weighting_formulas():
+    u, c = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(scores.classifier_free_guidance(u, c, 7.5), u + 7.5 * (c - u))
+    per = scores.classifier_free_guidance(u[:, :, None, None], c[:, :, None, None], torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(per[1, :, 0, 0], u[1] + 3.0 * (c[1] - u[1]))
+    torch.testing.assert_close(per[0, :, 0, 0], c[0])
+    ac = torch.linspace(0.99, 0.01, 1000)
+    t = torch.tensor([0, 999])
+    assert torch.equal(scores.timestep_weight(t, ac, "uniform"), torch.ones(2))
+    torch.testing.assert_close(scores.timestep_weight(t, ac, "sds"), 1 - ac[t])
+    with pytest.raises(ValueError):
+        scores.timestep_weight(t, ac, "nope")
+
+
+class NaNDenoiser:
+    def __init__(self):
+        self.alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+        self.uncond_embedding = torch.zeros(1, 2, 3)
+
+    def predict_noise(self, z_t, t, emb):
+        out = torch.zeros_like(z_t)
+        out[-1, 0, 0, 0] = float("nan")  # the conditional target branch of the last sample
+        out[-1, 0, 0, 1] = float("inf")
+        return out
+
+
+def test_nonfinite_entries_are_zeroed_and_counted():
+    den = NaNDenoiser()
+    z = torch.randn(2, 1, 2, 2)
+    emb = torch.ones(2, 2, 3)
+    g, info = scores.dds_grad(den, z, z, emb, emb, guidance_scale=2.0, return_info=True)
+    assert torch.isfinite(g).all()
+    assert int(info.nonfinite) == 2
+    assert g[1, 0, 0, 0] == 0 and g[1, 0, 0, 1] == 0
+
+
+def test_shape_mismatch_is_a_clear_error(tiny_teacher):
+    z = torch.randn(1, 4, 8, 8)
+    emb = tiny_teacher.encode_prompts(["a cat"])
+    with pytest.raises(ValueError, match="same shape"):
+        ddstrans.dds_grad(tiny_teacher, z, torch.randn(1, 4, 4, 4), emb, emb)
+    with pytest.raises(ValueError, match="noise shape"):
+        ddstrans.sds_grad(tiny_teacher, z, emb, noise=torch.randn(1, 4, 4, 4))

@@ -1,0 +1,107 @@
+"""Loading, freezing, prompt encoding and caching of the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ddstrans
+from ddstrans.teacher import Teacher, TeacherLoadError
+
+
+def test_loads_frozen_components(tiny_teacher_dir, tmp_path):
+    t = ddstrans.Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path)
+    for m in (t.unet, t.text_encoder, t.vae):
+        assert not m.training
+        assert not any(p.requires_grad for p in m.parameters())
+    assert t.prediction_type == "epsilon"
+    assert t.latent_scale == pytest.approx(t.vae.config.scaling_factor)
+    assert t.downsample_factor == 2 and t.image_size == 16 and t.latent_channels == 4
+    assert t.alphas_cumprod.shape == (1000,)
+
+
+def test_pixel_teacher_latents_are_images(tiny_pixel_teacher_dir, tmp_path):
+    t = Teacher.from_pretrained(tiny_pixel_teacher_dir, cache_dir=tmp_path)
+    assert t.vae is None and t.downsample_factor == 1 and t.latent_scale == 1.0
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(t.encode_images(x), x)
+    assert torch.equal(t.decode_latents(x), x)
+
+
+def test_vae_roundtrip_shapes_and_divisibility(tiny_teacher):
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = tiny_teacher.encode_images(x)
+    assert z.shape == (2, 4, 8, 8)
+    assert tiny_teacher.decode_latents(z).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_teacher.encode_images(torch.zeros(1, 3, 15, 16))
+
+
+def test_prompt_encoding_is_standard_sd_encoding(tiny_teacher):
+    prompts = ["a photo of a cat", "a red circle on a striped background"]
+    emb = tiny_teacher.encode_prompts(prompts)
+    tok = tiny_teacher.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = tiny_teacher.text_encoder(ids.input_ids)[0]
+    assert emb.shape == (2, tok.model_max_length, 32)
+    torch.testing.assert_close(emb, ref)
+    torch.testing.assert_close(tiny_teacher.uncond_embedding, tiny_teacher.encode_prompts([""]))
+
+
+def test_prompt_cache_in_memory_and_on_disk(tiny_teacher_dir, tmp_path):
+    t = Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path)
+    first = t.encode_prompts(["a photo of a dog", "a photo of a cat"])
+    assert t.text_encoder_calls == 1
+    again = t.encode_prompts(["a photo of a cat", "a photo of a dog"])
+    assert t.text_encoder_calls == 1  # served from memory
+    torch.testing.assert_close(again, first.flip(0))
+    fresh = Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path)
+    from_disk = fresh.encode_prompts(["a photo of a cat"])
+    assert fresh.text_encoder_calls == 0  # served from the disk cache
+    torch.testing.assert_close(from_disk[0], first[1])
+    other = Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path / "elsewhere")
+    other.encode_prompts(["a photo of a cat"])
+    assert other.text_encoder_calls == 1
+
+
+def test_half_precision_option(tiny_teacher_dir, tmp_path):
+    t = Teacher.from_pretrained(tiny_teacher_dir, torch_dtype=torch.float16, cache_dir=tmp_path)
+    assert t.unet.dtype == torch.float16 and t.text_encoder.dtype == torch.float16
+    assert t.encode_prompts(["a cat"]).dtype == torch.float16
+    assert t.alphas_cumprod.dtype == torch.float32
+
+
+def test_missing_directory_is_one_line_error(tmp_path):
+    with pytest.raises(TeacherLoadError, match="does not exist") as e:
+        Teacher.from_pretrained(tmp_path / "nope")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_component_is_named(tiny_teacher_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(TeacherLoadError, match="text_encoder") as e:
+        Teacher.from_pretrained(broken)
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_weight_file_is_a_clear_error(tiny_teacher_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(TeacherLoadError, match="unet") as e:
+        Teacher.from_pretrained(broken)
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_instead_of_a_directory(tmp_path):
+    f = tmp_path / "model.ckpt"
+    f.write_text("x")
+    with pytest.raises(TeacherLoadError, match="is a file"):
+        Teacher.from_pretrained(f)
