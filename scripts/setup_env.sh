@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or refresh) the virtual environment with ddstrans and everything it needs.
+# Idempotent: the install runs again only when pyproject.toml changed since the last one.
+#   PYTHON=python3.11   interpreter for a new venv      DDSTRANS_VENV=.venv   where the venv lives
+#   TORCH_SPEC='torch==2.13.0'  torch to install when the venv has none (e.g. a CUDA build on GPU machines)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+venv=${DDSTRANS_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+stamp="$venv/.ddstrans-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[setup] installing ddstrans and dependencies into $venv (about a minute)"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
