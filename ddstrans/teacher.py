@@ -110,8 +110,10 @@ class Teacher:
         torch_dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        variant: str | None = None,
     ) -> Teacher:
-        """Load and freeze a teacher. ``torch_dtype`` (e.g. ``torch.float16`` on GPU) applies to all weights."""
+        """Load and freeze a teacher. ``torch_dtype`` (e.g. ``torch.float16`` on GPU) applies to all weights;
+        ``variant="fp16"`` picks ``*.fp16.safetensors`` files where a checkpoint ships them."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -125,6 +127,8 @@ class Teacher:
         if isinstance(torch_dtype, str):
             torch_dtype = getattr(torch, torch_dtype)
         dtype_kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        if variant is not None:
+            dtype_kw["variant"] = variant
 
         def load(what, fn):
             try:
