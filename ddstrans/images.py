@@ -75,3 +75,12 @@ def image_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
         for j, im in enumerate(row):
             grid.paste(im.resize((w, h)), (pad + j * (w + pad), pad + i * (h + pad)))
     return grid
+
+
+def resize_max_side(im: Image.Image, max_side: int | None) -> Image.Image:
+    """Downscale (Lanczos) so that the longer side is at most ``max_side``; smaller images are unchanged."""
+    w, h = im.size
+    if not max_side or max(w, h) <= max_side:
+        return im
+    s = max_side / max(w, h)
+    return im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)

@@ -1,0 +1,642 @@
+"""Webdataset shards -> training batches.
+
+A shard is a tar file of samples ``KEY.jpg|png|webp|bmp`` (the image), optional ``KEY.txt`` (caption),
+optional ``KEY.latents.npy`` (teacher VAE latents, float16, already scaled) and optional ``KEY.json``
+(metadata: seed, prompt, source file). ``ddstrans make-shards`` writes them, with a ``manifest.json`` next to
+the shards.
+
+Streams (see ``docs/data.md``):
+
+- **training, resampled** (default): every DataLoader worker of every rank draws shards with replacement from
+  the whole list, with its own RNG (seeded from the DataLoader's per-epoch base seed, the rank and the worker
+  id, so ranks and workers see different streams), then shuffles samples through a buffer. The stream is
+  infinite; an epoch is cut at exactly ``batches_per_epoch`` batches **on every rank** (split over the
+  workers), so DDP never waits on a rank that ran out of data.
+- **training, not resampled**: the shard list is split by rank, then by worker (``shards[r*W + w ::
+  R*W]``), each worker cycles through its shards and the epoch is again cut at ``batches_per_epoch``
+  batches per rank. With balanced shards and the default epoch length every sample is seen exactly once
+  per epoch across all ranks and workers.
+- **validation**: deterministic. ``val_urls`` if given; otherwise the first ``val_samples`` samples of the
+  (sorted) training shards are held out and removed from the training stream. Every rank validates on the
+  same samples, in the same order.
+
+Bad data never crashes: unreadable shards, corrupt or truncated images, members without an image, tiny
+images and latents of the wrong shape are skipped and counted (``SkipCounter``), with a warning per skip
+(rate-limited) naming the shard, key and reason. A pattern matching no local shard raises one
+``FileNotFoundError`` naming the pattern.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddstrans.images import pil_to_tensor, resize_center_crop, to_rgb
+
+log = logging.getLogger("ddstrans.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+LATENT_EXT = "latents.npy"
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:", "ais://", "hf://")
+
+
+# ---------------------------------------------------------------------------------------------- shard lists
+def _is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def expand_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Expand brace patterns (``a-{000..009}.tar``), ``::``-separated lists, globs and directories.
+
+    Local shards must exist: a pattern that matches none raises one ``FileNotFoundError`` naming it.
+    Remote URLs (http, s3, gs, pipe:...) are passed through unchecked.
+    """
+    import braceexpand
+
+    if isinstance(urls, str):
+        patterns = [u for u in urls.split("::") if u]
+    else:
+        patterns = [str(u) for u in urls]
+    if not patterns:
+        raise FileNotFoundError("no shard pattern given (data.urls is empty)")
+    out: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(os.path.expandvars(pattern))
+        if _is_remote(pattern):
+            out.extend(braceexpand.braceexpand(pattern))
+            continue
+        if os.path.isdir(pattern):
+            found = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+        else:
+            found = []
+            for p in braceexpand.braceexpand(pattern):
+                if any(c in p for c in "*?["):
+                    found.extend(sorted(glob.glob(p)))
+                elif os.path.isfile(p):
+                    found.append(p)
+        if not found:
+            raise FileNotFoundError(f"no shard matches {pattern!r}")
+        out.extend(found)
+    return out
+
+
+def read_manifests(urls: list[str]) -> list[dict]:
+    """The ``manifest.json`` files next to local shards (one per directory), in order of first use."""
+    seen: dict[str, dict] = {}
+    for u in urls:
+        if _is_remote(u):
+            continue
+        d = os.path.dirname(os.path.abspath(u))
+        if d in seen:
+            continue
+        path = os.path.join(d, "manifest.json")
+        try:
+            with open(path) as f:
+                seen[d] = json.load(f)
+                seen[d]["_dir"] = d
+        except (OSError, ValueError):
+            seen[d] = {}
+    return [m for m in seen.values() if m]
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in these shards according to their manifests (None if any shard is not listed)."""
+    per_shard: dict[str, int] = {}
+    for m in read_manifests(urls):
+        for name, info in (m.get("shards") or {}).items():
+            per_shard[os.path.join(m["_dir"], name)] = int(info["count"] if isinstance(info, dict) else info)
+    total = 0
+    for u in urls:
+        n = per_shard.get(os.path.abspath(u)) if not _is_remote(u) else None
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- skips
+class SkipCounter:
+    """Counts skipped or repaired samples by reason; warns for the first few and then every 100th."""
+
+    def __init__(self, name: str = "loader", warn_first: int = 10):
+        self.name = name
+        self.counts: Counter[str] = Counter()
+        self.warn_first = warn_first
+
+    @property
+    def total(self) -> int:
+        return sum(v for k, v in self.counts.items() if not k.startswith("repaired:"))
+
+    def skip(self, reason: str, where: str = "") -> None:
+        self.counts[reason] += 1
+        n = self.total
+        if n <= self.warn_first or n % 100 == 0:
+            log.warning("%s: skipped %s (%s); %d skipped so far: %s", self.name, where or "sample", reason, n, dict(self.counts))
+
+    def note(self, what: str) -> None:
+        """A sample that was used after a fix (e.g. missing caption -> empty)."""
+        self.counts[f"repaired:{what}"] += 1
+
+    def handler(self, exn: Exception) -> bool:
+        """A webdataset ``handler``: count the exception and continue."""
+        where = " ".join(str(a) for a in exn.args[1:] if isinstance(a, str))[:200]
+        self.skip(f"unreadable shard or member ({type(exn).__name__})", where)
+        return True
+
+    def as_dict(self) -> dict:
+        return dict(self.counts)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _image_member(sample: dict) -> tuple[str, bytes] | None:
+    for ext in IMAGE_EXTS:
+        if ext in sample and sample[ext] is not None:
+            return ext, sample[ext]
+    return None
+
+
+def decode_image_bytes(data: bytes, resolution: int | None, min_size: int = 0) -> Image.Image:
+    """Image bytes -> RGB PIL, resized (short side) and center-cropped to ``resolution`` when given.
+
+    Raises ``ValueError`` with the reason for unusable data.
+    """
+    if not data:
+        raise ValueError("empty image member")
+    try:
+        im = Image.open(io.BytesIO(data))
+        if resolution and im.format == "JPEG" and min(im.size) >= 2 * resolution:
+            im.draft("RGB", (resolution, resolution))  # decode at a reduced DCT scale (>= resolution)
+        im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+        raise ValueError(f"corrupt or unreadable image ({type(e).__name__})") from None
+    if min(im.size) < max(1, min_size):
+        raise ValueError(f"image too small ({im.size[0]}x{im.size[1]} < {min_size})")
+    im = to_rgb(im)
+    return resize_center_crop(im, resolution) if resolution else im
+
+
+def decode_sample(
+    sample: dict,
+    *,
+    resolution: int,
+    use_latents: bool = False,
+    latent_shape: tuple[int, int, int] | None = None,
+    min_size: int = 0,
+    stats: SkipCounter | None = None,
+) -> dict | None:
+    """One raw webdataset sample -> ``{"pixels": (3,H,W) | "latents": (C,h,w), "caption", "key"}`` or None."""
+    stats = stats or SkipCounter()
+    key = sample.get("__key__", "?")
+    where = f"{sample.get('__url__', '?')}:{key}"
+    out: dict = {"key": f"{os.path.basename(str(sample.get('__url__', '')))}/{key}"}
+    if use_latents:
+        raw = sample.get(LATENT_EXT)
+        if raw is None:
+            stats.skip("no latents member", where)
+            return None
+        try:
+            z = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            stats.skip(f"unreadable latents ({type(e).__name__})", where)
+            return None
+        if latent_shape is not None and tuple(z.shape) != tuple(latent_shape):
+            stats.skip(f"latent shape {tuple(z.shape)} != {tuple(latent_shape)}", where)
+            return None
+        z = torch.from_numpy(z.astype(np.float32))
+        if not torch.isfinite(z).all():
+            stats.skip("non-finite latents", where)
+            return None
+        out["latents"] = z
+    else:
+        member = _image_member(sample)
+        if member is None:
+            stats.skip("no image member", where)
+            return None
+        try:
+            im = decode_image_bytes(member[1], resolution, min_size)
+        except ValueError as e:
+            stats.skip(str(e), where)
+            return None
+        out["pixels"] = pil_to_tensor(im)[0]
+    txt = sample.get("txt")
+    if txt is None:
+        stats.note("missing caption")
+        out["caption"] = ""
+    else:
+        try:
+            out["caption"] = txt.decode("utf-8").strip() if isinstance(txt, bytes) else str(txt).strip()
+        except UnicodeDecodeError:
+            stats.note("undecodable caption")
+            out["caption"] = ""
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """List of decoded samples -> batch dict (the ``ddstrans.data`` contract)."""
+    batch: dict = {}
+    for k in ("pixels", "latents"):
+        if k in samples[0]:
+            batch[k] = torch.stack([s[k] for s in samples])
+    batch["caption"] = [s["caption"] for s in samples]
+    batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- streams
+def _worker() -> tuple[int, int, int | None]:
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return 0, 1, None
+    return info.id, info.num_workers, info.seed
+
+
+def _raw_samples(url: str, stats: SkipCounter) -> Iterator[dict]:
+    import webdataset as wds
+
+    yield from wds.tarfile_to_samples(handler=stats.handler)(iter([{"url": url}]))
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An iterable of batch dicts over shards for one rank (see the module docstring for the modes)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        resolution: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        use_latents: bool = False,
+        latent_shape: tuple[int, int, int] | None = None,
+        min_size: int = 0,
+        exclude: frozenset[str] = frozenset(),
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.urls = list(urls)
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.rank, self.world_size = rank, world_size
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.use_latents = use_latents
+        self.latent_shape = latent_shape
+        self.min_size = min_size
+        self.exclude = exclude
+        self.seed = seed
+        self.stats = SkipCounter(f"shards[rank {rank}]")
+
+    def worker_batches(self, worker: int, num_workers: int) -> int:
+        """Batches this worker yields per epoch: the rank's total split as evenly as possible."""
+        n, w = divmod(self.batches_per_epoch, num_workers)
+        return n + (1 if worker < w else 0)
+
+    def _rng(self, worker: int, base_seed: int | None) -> random.Random:
+        if base_seed is None:  # main-process loading: draw from torch's RNG (differs per epoch)
+            base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        # persistent workers keep their seed across epochs: count this copy's epochs too
+        self._epoch = getattr(self, "_epoch", -1) + 1
+        return random.Random(f"{self.seed}/{base_seed}/{self._epoch}/{self.rank}/{worker}")
+
+    def _shard_order(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
+        if self.resampled:
+            while True:
+                yield rng.choice(self.urls)
+        mine = self.urls[self.rank * num_workers + worker :: self.world_size * num_workers]
+        if not mine:
+            raise RuntimeError(
+                f"{len(self.urls)} shard(s) cannot be split over {self.world_size} rank(s) x {num_workers} "
+                "worker(s) without resampling: use resampled=true, fewer workers or more shards"
+            )
+        while True:
+            order = list(mine)
+            if self.shuffle_buffer > 1:
+                rng.shuffle(order)
+            yield from order
+
+    def _samples(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+        empty_in_a_row = 0
+        limit = max(2 * len(self.urls), 8)
+        for url in self._shard_order(worker, num_workers, rng):
+            n = 0
+            for raw in _raw_samples(url, self.stats):
+                if self.exclude and f"{url}\0{raw.get('__key__')}" in self.exclude:
+                    continue
+                s = decode_sample(
+                    raw, resolution=self.resolution, use_latents=self.use_latents, latent_shape=self.latent_shape,
+                    min_size=self.min_size, stats=self.stats,
+                )
+                if s is not None:
+                    n += 1
+                    yield s
+            empty_in_a_row = 0 if n else empty_in_a_row + 1
+            if empty_in_a_row >= limit:
+                raise RuntimeError(
+                    f"no usable sample in {empty_in_a_row} shard reads in a row (e.g. {url}); skips: {self.stats.as_dict()}"
+                )
+
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                if len(buf) < min(self.shuffle_buffer, 64):
+                    continue  # warm up a little before the first yield
+            i = rng.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers, base_seed = _worker()
+        rng = self._rng(worker, base_seed)
+        todo = self.worker_batches(worker, num_workers)
+        if todo == 0:
+            return
+        samples = self._shuffled(self._samples(worker, num_workers, rng), rng)
+        chunk: list[dict] = []
+        for s in samples:
+            chunk.append(s)
+            if len(chunk) == self.batch_size:
+                yield collate(chunk)
+                chunk = []
+                todo -= 1
+                if todo == 0:
+                    return
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class OrderedShardReader(torch.utils.data.IterableDataset):
+    """Deterministic, unshuffled, unsplit reading (validation): the first ``limit`` usable samples of
+    ``urls`` in order, batched (last batch partial). Identical on every rank."""
+
+    def __init__(self, urls: list[str], *, resolution: int, batch_size: int, limit: int = 0,
+                 use_latents: bool = False, latent_shape=None, min_size: int = 0, with_raw_keys: bool = False):
+        super().__init__()
+        self.urls = list(urls)
+        self.resolution, self.batch_size, self.limit = resolution, batch_size, limit
+        self.use_latents, self.latent_shape, self.min_size = use_latents, latent_shape, min_size
+        self.stats = SkipCounter("validation shards")
+
+    def samples(self) -> Iterator[tuple[str, dict]]:
+        n = 0
+        for url in self.urls:
+            for raw in _raw_samples(url, self.stats):
+                s = decode_sample(raw, resolution=self.resolution, use_latents=self.use_latents,
+                                  latent_shape=self.latent_shape, min_size=self.min_size, stats=self.stats)
+                if s is None:
+                    continue
+                yield f"{url}\0{raw.get('__key__')}", s
+                n += 1
+                if self.limit and n >= self.limit:
+                    return
+
+    def __iter__(self) -> Iterator[dict]:
+        chunk = []
+        for _, s in self.samples():
+            chunk.append(s)
+            if len(chunk) == self.batch_size:
+                yield collate(chunk)
+                chunk = []
+        if chunk:
+            yield collate(chunk)
+
+
+# ---------------------------------------------------------------------------------------------- DataModule
+def _lightning_base():
+    import lightning
+
+    return lightning.LightningDataModule
+
+
+class ShardDataModule(_lightning_base()):
+    """Lightning DataModule over webdataset shards.
+
+    Args:
+        urls: shard pattern(s): a path, brace pattern (``dir/shards-{000000..000099}.tar``), glob, directory
+            of ``*.tar``, URL, ``::``-separated string or list.
+        batch_size: per-rank batch size.
+        num_workers: DataLoader workers per rank.
+        resolution: training image size (square). Must be a multiple of ``downsample_factor``.
+        shuffle_buffer: samples held per worker for shuffling (<= 1: no shuffling).
+        resampled: draw shards with replacement (infinite stream, recommended for multi-GPU training).
+        batches_per_epoch: batches per rank per epoch (the same on every rank). Default: from
+            ``epoch_size``, else from the manifests' sample counts (one pass over the data across all ranks).
+        epoch_size: samples per epoch across all ranks (converted to ``batches_per_epoch``).
+        val_urls: shards for validation; when absent, ``val_samples`` samples are held out of ``urls``.
+        val_samples: size of the held-out / capped validation set (0: no validation).
+        val_batch_size: validation batch size (default ``batch_size``).
+        use_latents: ``auto`` (use stored latents when every manifest has them at this resolution),
+            ``true`` or ``false``.
+        downsample_factor: the teacher's VAE factor (8 for Stable Diffusion). Taken from the trained
+            module's ``teacher`` when the trainer has one.
+        min_size: images whose short side is smaller are skipped.
+        rank, world_size: override the distributed position (default: trainer, then env RANK/WORLD_SIZE).
+        seed: mixed into the shard and shuffle RNGs.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        batch_size: int = 8,
+        num_workers: int = 4,
+        resolution: int = 512,
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        batches_per_epoch: int | None = None,
+        epoch_size: int | None = None,
+        val_urls: str | list[str] | None = None,
+        val_samples: int = 16,
+        val_batch_size: int | None = None,
+        use_latents: bool | str = "auto",
+        downsample_factor: int = 8,
+        min_size: int = 8,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 4,
+    ):
+        super().__init__()
+        self.urls_arg, self.val_urls_arg = urls, val_urls
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.resolution = int(resolution)
+        self.shuffle_buffer, self.resampled = int(shuffle_buffer), bool(resampled)
+        self.batches_per_epoch_arg, self.epoch_size = batches_per_epoch, epoch_size
+        self.val_samples = int(val_samples)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.use_latents_arg = use_latents
+        self.downsample_factor = int(downsample_factor)
+        self.min_size = int(min_size)
+        self.rank_arg, self.world_size_arg = rank, world_size
+        self.seed = int(seed)
+        self.pin_memory, self.persistent_workers, self.prefetch_factor = pin_memory, persistent_workers, prefetch_factor
+        self.train_stream: ShardStream | None = None
+        self.val_reader: OrderedShardReader | None = None
+        self._setup_done = False
+
+    # -------------------------------------------------------------- configuration checks
+    def _teacher(self):
+        trainer = getattr(self, "_trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return getattr(module, "teacher", None)
+
+    def _position(self) -> tuple[int, int]:
+        if self.rank_arg is not None or self.world_size_arg is not None:
+            return int(self.rank_arg or 0), int(self.world_size_arg or 1)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def check_resolution(self, factor: int | None = None) -> None:
+        f = int(factor or self.downsample_factor)
+        if self.resolution <= 0 or self.resolution % f:
+            lo, hi = (self.resolution // f) * f, (self.resolution // f + 1) * f
+            raise ValueError(
+                f"data.resolution={self.resolution} must be a positive multiple of the teacher's VAE downsample "
+                f"factor {f} (latents are resolution/{f} wide); use e.g. {lo or hi} or {hi}"
+            )
+
+    def _resolve_latents(self, manifests: list[dict], teacher) -> tuple[bool, tuple | None]:
+        want = self.use_latents_arg
+        if isinstance(want, str):
+            want = {"auto": "auto", "true": True, "false": False, "yes": True, "no": False}.get(want.lower(), want)
+        if want is False:
+            return False, None
+        f = self.downsample_factor
+        ok = bool(manifests) and all(m.get("latents") and int(m.get("resolution") or -1) == self.resolution for m in manifests)
+        why = "" if ok else f"not every shard directory has latents at resolution {self.resolution} in its manifest"
+        if ok and teacher is not None:
+            ids = {str(m.get("teacher")) for m in manifests}
+            src = str(getattr(teacher, "source", ""))
+            if src and not any(i == src or os.path.abspath(i) == os.path.abspath(src) for i in ids):
+                ok, why = False, f"latents were made with teacher {sorted(ids)}, training uses {src!r}"
+        channels = int(manifests[0].get("latent_channels", 4)) if manifests else 4
+        shape = (channels, self.resolution // f, self.resolution // f)
+        if want is True:
+            if not ok:
+                log.warning("use_latents=true although %s", why)
+            return True, shape
+        if not ok and any(m.get("latents") for m in manifests):
+            log.warning("stored latents not used: %s; encoding pixels on the fly", why)
+        return ok, shape if ok else None
+
+    # -------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self._setup_done:
+            return
+        teacher = self._teacher()
+        if teacher is not None:
+            self.downsample_factor = int(getattr(teacher, "downsample_factor", self.downsample_factor))
+        self.check_resolution()
+        if self.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
+        urls = expand_urls(self.urls_arg)
+        rank, world = self._position()
+        manifests = read_manifests(urls)
+        self.use_latents, self.latent_shape = self._resolve_latents(manifests, teacher)
+
+        exclude: frozenset[str] = frozenset()
+        train_urls = urls
+        if self.val_urls_arg:
+            self.val_reader = self._reader(expand_urls(self.val_urls_arg), self.val_samples)
+        elif self.val_samples > 0:
+            reader = self._reader(sorted(urls), self.val_samples)
+            keys = [k for k, _ in reader.samples()]
+            exclude = frozenset(keys)
+            self.val_reader = reader
+            if len(keys) < self.val_samples:
+                log.warning("only %d validation samples available (val_samples=%d)", len(keys), self.val_samples)
+
+        total = count_samples(urls)
+        if self.batches_per_epoch_arg:
+            bpe = int(self.batches_per_epoch_arg)
+        elif self.epoch_size:
+            bpe = math.ceil(int(self.epoch_size) / (self.batch_size * world))
+        elif total is not None:
+            bpe = max(1, (total - len(exclude)) // (self.batch_size * world))
+        else:
+            raise ValueError(
+                "cannot tell the epoch length: set data.batches_per_epoch or data.epoch_size "
+                "(no manifest.json lists these shards)"
+            )
+        self.batches_per_epoch = bpe
+        self.total_samples = total
+        self.rank, self.world_size = rank, world
+        self.train_stream = ShardStream(
+            train_urls, resolution=self.resolution, batch_size=self.batch_size, batches_per_epoch=bpe,
+            rank=rank, world_size=world, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
+            use_latents=self.use_latents, latent_shape=self.latent_shape, min_size=self.min_size,
+            exclude=exclude, seed=self.seed,
+        )
+        self._setup_done = True
+        log.info(
+            "shards: %d train shard(s)%s, rank %d/%d, %d batch(es) of %d per rank per epoch, %s, latents=%s",
+            len(train_urls), f" ({total} samples)" if total is not None else "", rank, world, bpe, self.batch_size,
+            "resampled" if self.resampled else "split by rank/worker", self.use_latents,
+        )
+
+    def _reader(self, urls: list[str], limit: int) -> OrderedShardReader:
+        return OrderedShardReader(
+            urls, resolution=self.resolution, batch_size=self.val_batch_size, limit=limit,
+            use_latents=self.use_latents, latent_shape=self.latent_shape, min_size=self.min_size,
+        )
+
+    def _loader(self, dataset, num_workers: int) -> torch.utils.data.DataLoader:
+        kw: dict = {}
+        if num_workers > 0:
+            kw["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor:
+                kw["prefetch_factor"] = self.prefetch_factor
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(), **kw,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_stream, self.num_workers)
+
+    def val_dataloader(self):
+        self.setup("fit")
+        if self.val_reader is None:
+            return []
+        return self._loader(self.val_reader, 0)
+
+    @property
+    def skipped(self) -> dict:
+        """Skip counts of the main process (workers report theirs as warnings in the log)."""
+        out: Counter = Counter()
+        for r in (self.train_stream, self.val_reader):
+            if r is not None:
+                out.update(r.stats.counts)
+        return dict(out)
