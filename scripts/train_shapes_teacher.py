@@ -1,0 +1,372 @@
+#!/usr/bin/env python
+"""Train the shapes-world teacher: a tiny text-conditioned pixel-space diffusion model.
+
+Writes a diffusers-format folder (``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``,
+``model_index.json``, safetensors weights) that ``ddstrans.Teacher.from_pretrained`` loads, plus
+``train_log.csv`` (loss as it goes) and the model card ``README.md``.
+
+- Data: scenes rendered on the fly by :mod:`ddstrans.shapes` from seeds >= 10**7 (evaluation and
+  tests use small seeds), images in [-1, 1], 32x32.
+- Objective: epsilon prediction, DDPM linear schedule, 1000 steps, timesteps uniform.
+- CFG: the caption is replaced by "" (the unconditional prompt) with probability ``--cond-drop``.
+- The text encoder (a tiny ``CLIPTextModel``) is trained jointly; the exported weights are an
+  exponential moving average of the trained ones.
+- Seeded and exactly resumable: every batch is derived from ``(seed, step)``; the state (weights,
+  EMA, optimizer, step, elapsed time) is saved every ``--save-every-min`` minutes to
+  ``<out>/_train_state/state.pt`` atomically (write temp, ``os.replace``), and rerunning the same
+  command continues from it. The exported model is refreshed at each save, too.
+- ``torch.set_num_threads(1)`` by default (``--threads``): the machine is shared.
+
+Example (the shipped teacher's command is recorded in its README.md)::
+
+    python scripts/train_shapes_teacher.py --out checkpoints/shapes-teacher --steps 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ddstrans.shapes import VOCAB, render_batch, to_model  # noqa: E402
+from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
+
+TRAIN_SEED_OFFSET = 10**7
+QUALITY_BEGIN = "<!-- quality:begin -->"
+QUALITY_END = "<!-- quality:end -->"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="checkpoints/shapes-teacher")
+    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay floor (fraction of lr)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--cond-drop", type=float, default=0.15, help="probability of the empty prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--channels", default="32,64,96", help="UNet block_out_channels")
+    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--attn-from", type=int, default=2,
+                   help="first level (0 = 32x32) with attention; 2 = only 8x8 (and the mid block); never 0 (too slow on CPU)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=64)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--t-low-frac", type=float, default=0.0,
+                   help="fraction of timesteps drawn from [0, 500) instead of [0, 1000)")
+    p.add_argument("--save-every-min", type=float, default=5.0)
+    p.add_argument("--time-limit-min", type=float, default=0.0, help="stop (and export) after this many minutes; 0 = none")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--fresh", action="store_true", help="ignore an existing _train_state and start over")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def build_models(args):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_word_tokenizer(VOCAB, model_max_length=16)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_dim,
+        intermediate_size=args.text_dim * 2,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=args.text_dim,
+    )
+    torch.manual_seed(args.seed)
+    text_encoder = CLIPTextModel(text_config)
+    ch = tuple(int(c) for c in args.channels.split(","))
+    assert args.attn_from >= 1, "no attention at 32x32 (too slow on CPU)"
+    down = tuple("CrossAttnDownBlock2D" if i >= args.attn_from else "DownBlock2D" for i in range(len(ch)))
+    up = tuple(b.replace("Down", "Up") for b in reversed(down))
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=ch,
+        layers_per_block=args.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=args.text_dim,
+        attention_head_dim=args.head_dim,
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        prediction_type="epsilon", clip_sample=True,
+    )
+    return tokenizer, text_encoder, unet, scheduler
+
+
+def encode(tokenizer, text_encoder, prompts):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    prog = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+def make_batch(step, args, alphas_cumprod):
+    """Batch of step ``step``: depends only on (seed, step), so resuming is exact."""
+    rng = np.random.default_rng([args.seed, step])
+    seeds = rng.integers(TRAIN_SEED_OFFSET, 2**31 - 1, size=args.batch_size)
+    imgs, _, caps = render_batch(seeds)
+    drop = rng.random(args.batch_size) < args.cond_drop
+    caps = ["" if d else c for c, d in zip(caps, drop)]
+    x0 = to_model(imgs)
+    g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+    if args.t_low_frac > 0:
+        low = torch.rand(args.batch_size, generator=g) < args.t_low_frac
+        t = torch.where(low, torch.randint(0, 500, (args.batch_size,), generator=g), t)
+    noise = torch.randn(x0.shape, generator=g)
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return xt, t, noise, caps
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, params):
+    """Write the diffusers folder with the EMA weights; each subfolder is swapped in atomically."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema_params):
+            p.copy_(e)
+    try:
+        stage = out / "_train_state" / "export"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        unet.save_pretrained(stage / "unet")
+        text_encoder.save_pretrained(stage / "text_encoder")
+        tokenizer.save_pretrained(stage / "tokenizer")
+        scheduler.save_pretrained(stage / "scheduler")
+        import diffusers
+        import transformers
+
+        index = {
+            "_class_name": "ShapesTeacher",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "_transformers_version": transformers.__version__,
+        }
+        (stage / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name in ("unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+            dst = out / name
+            old = out / "_train_state" / (name + ".old")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if dst.exists():
+                os.replace(dst, old)
+            os.replace(stage / name, dst)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+
+
+def write_card(out: Path, info: dict):
+    """Model card; keeps an existing quality section (written by scripts/eval_shapes_teacher.py)."""
+    card = out / "README.md"
+    quality = f"{QUALITY_BEGIN}\n_Not measured yet: run `python scripts/eval_shapes_teacher.py`._\n{QUALITY_END}"
+    if card.exists():
+        old = card.read_text()
+        if QUALITY_BEGIN in old and QUALITY_END in old:
+            quality = old[old.index(QUALITY_BEGIN): old.index(QUALITY_END) + len(QUALITY_END)]
+    text = f"""# shapes-teacher
+
+A tiny text-conditioned **pixel-space** diffusion model of the shapes world
+(`ddstrans.shapes`: one red/green/blue/yellow circle/square/triangle on a striped or checkered gray
+background, 32x32, captions like "a red circle on a striped background"). It is the default teacher
+of ddstrans: load it with `ddstrans.Teacher.from_pretrained("checkpoints/shapes-teacher")`.
+There is no VAE: latents are pixels in [-1, 1].
+
+| part | class | notes |
+|---|---|---|
+| `unet/` | `diffusers.UNet2DConditionModel` | in/out 3 channels, 32x32, blocks {info['channels']}, cross-attention only at 16x16 and 8x8, {info['unet_params']:,} params |
+| `text_encoder/` | `transformers.CLIPTextModel` | {info['text_layers']} layers, width {info['text_dim']}, trained jointly, {info['text_params']:,} params |
+| `tokenizer/` | `transformers.CLIPTokenizer` | `ddstrans.word_tokenizer.make_word_tokenizer` over the grammar's words, max length 16 |
+| `scheduler/` | `diffusers.DDPMScheduler` | epsilon prediction, 1000 steps, linear betas 1e-4..0.02 |
+
+The unconditional prompt is `""` (captions were dropped with probability {info['cond_drop']} in training).
+Weights are an EMA (decay {info['ema']}) of the trained weights.
+
+## Training
+
+```
+{info['command']}
+```
+
+- steps: {info['step']} of {info['steps']} at batch {info['batch_size']} (seed {info['seed']}, {info['threads']} CPU thread(s))
+- wall time: {info['wall_min']:.1f} min (summed over resumed runs) on a 2-core CPU machine
+- final loss (mean of the last 100 steps' batch MSE): {info['final_loss']:.4f}
+- loss log: `train_log.csv` (step, loss, lr, elapsed seconds)
+
+## Quality (measured)
+
+{quality}
+"""
+    tmp = card.with_name("README.md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, card)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    state_dir = out / "_train_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_path = state_dir / "state.pt"
+    command = "python scripts/train_shapes_teacher.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    tokenizer, text_encoder, unet, scheduler = build_models(args)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    ema_params = [p.detach().clone() for p in params]
+    step, elapsed, recent = 0, 0.0, []
+
+    if state_path.exists() and not args.fresh:
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(st["unet"])
+        text_encoder.load_state_dict(st["text_encoder"])
+        opt.load_state_dict(st["opt"])
+        for e, v in zip(ema_params, st["ema"]):
+            e.copy_(v)
+        step, elapsed, recent = st["step"], st["elapsed"], st.get("recent", [])
+        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
+    elif args.fresh:
+        log = out / "train_log.csv"
+        if log.exists():
+            log.unlink()
+
+    unet_params = sum(p.numel() for p in unet.parameters())
+    text_params = sum(p.numel() for p in text_encoder.parameters())
+    print(f"unet {unet_params:,} params, text encoder {text_params:,} params, threads {torch.get_num_threads()}", flush=True)
+
+    log_path = out / "train_log.csv"
+    new_log = not log_path.exists()
+    log_f = open(log_path, "a", newline="")
+    writer = csv.writer(log_f)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+    else:  # drop rows past the resumed step (written after the last save)
+        log_f.close()
+        rows = list(csv.reader(open(log_path)))
+        rows = [rows[0]] + [r for r in rows[1:] if int(r[0]) < step]
+        tmp = log_path.with_name("train_log.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(tmp, log_path)
+        log_f = open(log_path, "a", newline="")
+        writer = csv.writer(log_f)
+
+    def info():
+        return dict(
+            command=command, channels=args.channels, unet_params=unet_params, text_params=text_params,
+            text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
+            step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+            wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
+        )
+
+    def save():
+        atomic_torch_save(
+            {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
+             "ema": ema_params, "step": step, "elapsed": elapsed, "recent": recent[-200:], "args": vars(args)},
+            state_path,
+        )
+        export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
+        write_card(out, info())
+
+    unet.train()
+    text_encoder.train()
+    t_run0 = time.time()
+    elapsed0 = elapsed
+    last_save = time.time()
+    pbar = tqdm(total=args.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=5)
+    while step < args.steps:
+        xt, t, noise, caps = make_batch(step, args, alphas_cumprod)
+        lr = lr_at(step, args)
+        for gparam in opt.param_groups:
+            gparam["lr"] = lr
+        emb = encode(tokenizer, text_encoder, caps)
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        step += 1
+        elapsed = elapsed0 + (time.time() - t_run0)
+        recent.append(loss.item())
+        recent = recent[-200:]
+        if step % args.log_every == 0 or step == args.steps:
+            writer.writerow([step, f"{np.mean(recent[-args.log_every:]):.5f}", f"{lr:.6g}", f"{elapsed:.1f}"])
+            log_f.flush()
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{np.mean(recent[-50:]):.4f}", lr=f"{lr:.2e}")
+        if time.time() - last_save > args.save_every_min * 60:
+            save()
+            last_save = time.time()
+        if args.time_limit_min and (time.time() - t_run0) > args.time_limit_min * 60:
+            print(f"time limit reached at step {step}", flush=True)
+            break
+    pbar.close()
+    save()
+    log_f.close()
+    i = info()
+    print(f"done: step {step}, wall {i['wall_min']:.1f} min, final loss {i['final_loss']:.4f}; exported to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
