@@ -1,0 +1,180 @@
+"""The single-pass translation network: ``z_out = z_in + residual(z_in, condition)``.
+
+The backbone is a diffusers ``UNet2DConditionModel`` run at a fixed timestep (0). The residual's last layer
+(``conv_out``) is zero-initialised, so an untrained generator is exactly the identity.
+
+Conditioning (``conditioning`` in the config):
+
+- ``task_id``: a learned embedding per task, fed both as the UNet's class embedding (added to the time
+  embedding: FiLM-like modulation of every ResNet block) and as ``num_task_tokens`` learned tokens seen by
+  cross-attention.
+- ``text``: the teacher's source and target prompt embeddings, concatenated along the token axis (with a
+  learned segment embedding telling source from target tokens), through cross-attention. The exported model can
+  then be asked for prompt pairs it never saw in training. ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
+
+The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+CONDITIONINGS = ("task_id", "text")
+TEXT_MODES = ("concat", "delta")
+
+
+class TranslationUNet(ModelMixin, ConfigMixin):
+    """Latent (or pixel) in, latent out; identity at initialisation."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        sample_size: int = 64,
+        conditioning: str = "task_id",
+        num_tasks: int = 1,
+        num_task_tokens: int = 1,
+        text_mode: str = "concat",
+        cross_attention_dim: int = 768,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        attention_head_dim: int | tuple[int, ...] = 8,
+        norm_num_groups: int = 32,
+    ):
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        if text_mode not in TEXT_MODES:
+            raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+        if conditioning == "task_id" and num_tasks < 1:
+            raise ValueError("task_id conditioning needs num_tasks >= 1")
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types),
+            mid_block_type=mid_block_type,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            num_class_embeds=num_tasks if conditioning == "task_id" else None,
+        )
+        if conditioning == "task_id":
+            self.task_tokens = nn.Embedding(num_tasks, num_task_tokens * cross_attention_dim)
+            nn.init.normal_(self.task_tokens.weight, std=0.02)
+        else:
+            self.segment = nn.Parameter(torch.randn(2, cross_attention_dim) * 0.02)
+        self.zero_residual_()
+
+    # ------------------------------------------------------------------ init
+    def zero_residual_(self) -> TranslationUNet:
+        """Zero the last layer: the generator becomes the identity."""
+        nn.init.zeros_(self.unet.conv_out.weight)
+        nn.init.zeros_(self.unet.conv_out.bias)
+        return self
+
+    def load_teacher_weights_(self, teacher_unet: nn.Module) -> dict:
+        """Copy every teacher UNet tensor whose name and shape match; re-zero the residual's last layer.
+
+        Returns ``{"copied": n, "skipped": [names]}``.
+        """
+        own = self.unet.state_dict()
+        copied, skipped = {}, []
+        for k, v in teacher_unet.state_dict().items():
+            if k in own and own[k].shape == v.shape:
+                copied[k] = v.to(own[k].dtype)
+            else:
+                skipped.append(k)
+        self.unet.load_state_dict(copied, strict=False)
+        self.zero_residual_()
+        return {"copied": len(copied), "skipped": skipped}
+
+    # ------------------------------------------------------------------ forward
+    def context(
+        self,
+        batch_size: int,
+        task_ids: torch.Tensor | None = None,
+        src_emb: torch.Tensor | None = None,
+        tgt_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The cross-attention tokens for this conditioning mode, (B, L, D)."""
+        cfg = self.config
+        dtype = self.unet.conv_in.weight.dtype
+        if cfg.conditioning == "task_id":
+            if task_ids is None:
+                raise ValueError("task_id conditioning needs task_ids")
+            return self.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
+        if src_emb is None or tgt_emb is None:
+            raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
+        src, tgt = src_emb.to(dtype), tgt_emb.to(dtype)
+        first = tgt if cfg.text_mode == "delta" else src
+        second = tgt - src if cfg.text_mode == "delta" else tgt
+        seg = self.segment.to(dtype)
+        return torch.cat([first + seg[0], second + seg[1]], dim=1)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        task_ids: torch.Tensor | None = None,
+        src_emb: torch.Tensor | None = None,
+        tgt_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b = z.shape[0]
+        ctx = self.context(b, task_ids, src_emb, tgt_emb)
+        t = torch.zeros(b, device=z.device, dtype=torch.long)
+        class_labels = task_ids if self.config.conditioning == "task_id" else None
+        x = z.to(self.unet.conv_in.weight.dtype)
+        residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
+        return z + residual.to(z.dtype)
+
+
+def build_generator(
+    *,
+    teacher=None,
+    num_tasks: int = 1,
+    conditioning: str = "task_id",
+    init_from_teacher: bool = False,
+    gradient_checkpointing: bool = False,
+    copy_teacher_architecture: bool = False,
+    **kwargs,
+) -> TranslationUNet:
+    """Build a generator matched to a teacher (channels, cross-attention width, sample size).
+
+    ``copy_teacher_architecture=True`` takes the teacher UNet's block layout (SD-scale generator);
+    ``init_from_teacher=True`` then copies its weights wherever names and shapes match.
+    Hydra configs call this with ``_partial_: true``; the LightningModule supplies ``teacher`` and ``num_tasks``.
+    """
+    if teacher is not None:
+        tcfg = teacher.unet.config
+        kwargs.setdefault("in_channels", tcfg.in_channels)
+        kwargs.setdefault("sample_size", tcfg.sample_size)
+        kwargs["cross_attention_dim"] = tcfg.cross_attention_dim
+        if copy_teacher_architecture or init_from_teacher:
+            for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                        "mid_block_type", "attention_head_dim", "norm_num_groups"):
+                kwargs[key] = tcfg[key]
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}
+    gen = TranslationUNet(conditioning=conditioning, num_tasks=num_tasks, **kwargs)
+    if init_from_teacher:
+        if teacher is None:
+            raise ValueError("init_from_teacher needs the teacher")
+        gen.load_teacher_weights_(teacher.unet)
+    if gradient_checkpointing:
+        gen.enable_gradient_checkpointing()
+    return gen

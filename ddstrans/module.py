@@ -1,0 +1,363 @@
+"""``DDSTranslationModule``: trains a ``TranslationUNet`` with Delta Denoising Score against a frozen teacher.
+
+One training step: source images (or cached latents) -> teacher VAE encode -> per-sample task ids (sampled here,
+seeded per rank) -> generator -> ``dds_grad`` with the task's source prompt as the reference branch (or
+``sds_grad``) -> surrogate loss -> backward through the generator only.
+
+The teacher is a plain attribute (``ddstrans.Teacher`` is not an ``nn.Module``), so it is not in the
+``state_dict``, not in checkpoints and not wrapped by DDP; each process moves its own replica to its device in
+``on_fit_start`` (half precision on GPU). Only ``generator.*`` tensors are in the ``state_dict``; the EMA weights
+and the task table travel in the checkpoint through ``on_save_checkpoint``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ddstrans.generator import TranslationUNet
+from ddstrans.schedules import guidance_at, t_range_at
+from ddstrans.scores import dds_grad, sds_grad, surrogate_loss
+from ddstrans.tasks import TaskTable
+
+CHECKPOINT_KEY = "ddstrans"
+CHECKPOINT_FORMAT = 1
+
+DEFAULT_LOSS = {
+    "type": "dds",
+    "guidance": 7.5,
+    "guidance_start": None,
+    "warmup_steps": 0,
+    "warmup_kind": "linear",
+    "source_guidance": None,
+    "t_range": (50, 950),
+    "t_range_end": None,
+    "t_range_steps": 0,
+    "weighting": "uniform",
+    "reduction": "hw",
+    "weight": 1.0,
+}
+DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
+               "inv_gamma": 1.0, "power": 2 / 3}
+DEFAULT_VALIDATION = {"num_images": 4, "save_png": True, "log_images": True, "seed": 1234}
+
+
+def _resolve_dtype(name: str | torch.dtype | None, device: torch.device, precision: str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if "bf16" in str(precision) else torch.float16
+    return getattr(torch, str(name))
+
+
+class DDSTranslationModule(L.LightningModule):
+    """Args:
+    teacher: a loaded ``ddstrans.Teacher`` (kept outside ``state_dict``).
+    tasks: a ``TaskTable`` or a list of ``{name, source, target}`` (encoded with the teacher).
+    generator: a ``TranslationUNet`` or a factory ``f(teacher=, num_tasks=) -> TranslationUNet``
+        (Hydra ``_partial_: true`` of ``ddstrans.generator.build_generator``).
+    loss: see ``DEFAULT_LOSS`` (``type`` dds|sds, guidance warm-up, t-range schedule, weighting).
+    optimizer: factory ``f(params) -> Optimizer`` (Hydra ``_partial_``); scheduler: ``f(optimizer=) -> LRScheduler``.
+    ema: see ``DEFAULT_EMA`` (``diffusers.training_utils.EMAModel``).
+    validation: see ``DEFAULT_VALIDATION``.
+    teacher_dtype: ``auto`` (float32 on CPU; bf16 with bf16 precision, else fp16 on GPU) or a torch dtype name.
+    run_config: the resolved run config (a plain dict), stored in checkpoints for the export's model card.
+    """
+
+    def __init__(
+        self,
+        teacher,
+        tasks: TaskTable | list,
+        generator: TranslationUNet | Callable[..., TranslationUNet],
+        loss: Mapping | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        scheduler_interval: str = "step",
+        ema: Mapping | None = None,
+        validation: Mapping | None = None,
+        teacher_dtype: str | torch.dtype | None = "auto",
+        seed: int = 0,
+        run_config: Mapping | None = None,
+    ):
+        super().__init__()
+        self.teacher = teacher  # plain attribute: not an nn.Module, so never in state_dict / DDP / checkpoints
+        self.task_table = tasks if isinstance(tasks, TaskTable) else TaskTable.build(tasks, teacher)
+        if not isinstance(generator, torch.nn.Module):
+            generator = generator(teacher=teacher, num_tasks=len(self.task_table))
+        self.generator = generator
+        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
+        if self.loss_cfg["type"] not in ("dds", "sds"):
+            raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.ema_cfg = {**DEFAULT_EMA, **dict(ema or {})}
+        self.val_cfg = {**DEFAULT_VALIDATION, **dict(validation or {})}
+        self.teacher_dtype_name = teacher_dtype
+        self.seed = int(seed)
+        self.run_config = dict(run_config or {})
+        self.ema = None
+        if self.ema_cfg["enabled"]:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(
+                self.generator.parameters(), decay=self.ema_cfg["decay"],
+                update_after_step=self.ema_cfg["update_after_step"], use_ema_warmup=self.ema_cfg["use_ema_warmup"],
+                inv_gamma=self.ema_cfg["inv_gamma"], power=self.ema_cfg["power"],
+            )
+        self._rng: torch.Generator | None = None
+        self._skip_step = False
+        self._stepped = False
+        self.skipped_steps = 0
+        self._ema_swapped = False
+        self._val_grid_rows: list = []
+
+    # ------------------------------------------------------------------ devices
+    def _place_teacher(self) -> None:
+        """Move this process's teacher replica (and the task embeddings, EMA) to the module's device."""
+        device = self.device
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        dtype = _resolve_dtype(self.teacher_dtype_name, device, precision)
+        if self.teacher.device != device or self.teacher.dtype != dtype:
+            self.teacher.to(device, dtype)
+        if self.task_table.source.device != device:
+            self.task_table.to(device)
+        self._ema_to_device()
+
+    def _ema_to_device(self) -> None:
+        if self.ema is not None and self.ema.shadow_params and self.ema.shadow_params[0].device != self.device:
+            self.ema.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_teacher()
+
+    def on_validation_start(self) -> None:
+        self._place_teacher()
+
+    def _generator_rng(self) -> torch.Generator:
+        """Per-rank task/timestep/noise RNG, seeded from (seed, rank, global step at start)."""
+        if self._rng is None:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._rng = torch.Generator().manual_seed(self.seed * 1_000_003 + rank * 7919 + self.global_step)
+        return self._rng
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: Mapping) -> torch.Tensor:
+        if "latents" in batch and batch["latents"] is not None:
+            return batch["latents"].to(self.device, torch.float32)
+        return self.teacher.encode_images(batch["pixels"].to(self.device)).float()
+
+    def forward(self, z: torch.Tensor, task_ids: torch.Tensor, src_emb=None, tgt_emb=None) -> torch.Tensor:
+        if src_emb is None and self.generator.config.conditioning == "text":
+            src_emb, tgt_emb = self.task_table.first(task_ids)
+        return self.generator(z, task_ids=task_ids, src_emb=src_emb, tgt_emb=tgt_emb)
+
+    def current_guidance(self, step: int | None = None) -> float:
+        c = self.loss_cfg
+        step = self.global_step if step is None else step
+        return guidance_at(step, c["guidance"], c["guidance_start"], c["warmup_steps"], c["warmup_kind"])
+
+    def current_t_range(self, step: int | None = None) -> tuple[int, int]:
+        c = self.loss_cfg
+        step = self.global_step if step is None else step
+        return t_range_at(step, tuple(c["t_range"]), c["t_range_end"], c["t_range_steps"])
+
+    def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
+        c = self.loss_cfg
+        tdt = self.teacher.dtype
+        if c["type"] == "sds":
+            return sds_grad(self.teacher, z_tgt, emb_tgt.to(tdt), t=t, noise=noise, guidance_scale=guidance,
+                            weighting=c["weighting"], t_range=t_range, generator=rng, return_info=True)
+        return dds_grad(self.teacher, z_src, z_tgt, emb_src.to(tdt), emb_tgt.to(tdt), t=t, noise=noise,
+                        guidance_scale=guidance, source_guidance_scale=c["source_guidance"],
+                        weighting=c["weighting"], t_range=t_range, generator=rng, return_info=True)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        self._place_teacher()
+        rng = self._generator_rng()
+        z_src = self.encode(batch)
+        b = z_src.shape[0]
+        task_ids = torch.randint(len(self.task_table), (b,), generator=rng).to(self.device)
+        emb_src, emb_tgt = self.task_table.sample(task_ids, rng)
+        z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
+        guidance = self.current_guidance()
+        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng)
+        loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
+
+        # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
+        # sync per step; everything logged below stays a tensor.
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        self._skip_step = bool(bad.item() > 0)
+        if self._skip_step:
+            self.skipped_steps += 1
+        name = f"train/loss_{self.loss_cfg['type']}"
+        self.log(name, torch.nan_to_num(loss.detach()), prog_bar=True)
+        self.log("train/guidance", float(guidance))
+        self.log("train/nonfinite", info.nonfinite.float())
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log("train/delta", (z_tgt.detach() - z_src).abs().mean())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.generator.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(grads)))
+        if self._skip_step:
+            # Grad None => torch optimizers leave the parameter and its state (moments, step) untouched.
+            for p in self.generator.parameters():
+                p.grad = None
+        self._stepped = not self._skip_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None and self._stepped:
+            self._ema_to_device()
+            self.ema.step(self.generator.parameters())
+        self._stepped = False
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(params=[p for p in self.generator.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
+
+    # ------------------------------------------------------------------ EMA
+    def swap_in_ema(self) -> None:
+        if self.ema is not None and not self._ema_swapped:
+            self._ema_to_device()
+            self.ema.store(self.generator.parameters())
+            self.ema.copy_to(self.generator.parameters())
+            self._ema_swapped = True
+
+    def swap_out_ema(self) -> None:
+        if self.ema is not None and self._ema_swapped:
+            self.ema.restore(self.generator.parameters())
+            self._ema_swapped = False
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's ``state_dict`` with EMA weights (the raw weights when EMA is off)."""
+        sd = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
+        if self.ema is None:
+            return sd
+        names = [n for n, _ in self.generator.named_parameters()]
+        for n, s in zip(names, self.ema.shadow_params):
+            sd[n] = s.detach().clone().to(sd[n].dtype)
+        return sd
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.swap_in_ema()
+        self._val_grid_rows = []
+
+    def validation_step(self, batch, batch_idx):
+        z_src = self.encode(batch)
+        b = z_src.shape[0]
+        g = torch.Generator().manual_seed(int(self.val_cfg["seed"]) + batch_idx)
+        noise = torch.randn(z_src.shape, generator=g).to(self.device)
+        t = torch.full((b,), sum(self.current_t_range(10**9)) // 2, dtype=torch.long, device=self.device)
+        norms, deltas, outs = [], [], []
+        for k in range(len(self.task_table)):
+            ids = torch.full((b,), k, dtype=torch.long, device=self.device)
+            emb_src, emb_tgt = self.task_table.first(ids)
+            z_tgt = self.generator(z_src, task_ids=ids, src_emb=emb_src, tgt_emb=emb_tgt).float()
+            grad, _ = self.score(z_src, z_tgt, emb_src, emb_tgt, self.loss_cfg["guidance"], None, None, t=t, noise=noise)
+            norms.append(grad.pow(2).mean())
+            deltas.append((z_tgt - z_src).abs().mean())
+            outs.append(z_tgt)
+        self.log("val/dds_norm", torch.stack(norms).mean(), sync_dist=True, batch_size=b)
+        self.log("val/delta", torch.stack(deltas).mean(), sync_dist=True, batch_size=b)
+        if self.global_rank == 0 and self.val_cfg["num_images"] > 0:
+            have = sum(len(r) for r in self._val_grid_rows)
+            take = max(0, int(self.val_cfg["num_images"]) - have)
+            if take:
+                src = self.teacher.decode_latents(z_src[:take])
+                trans = [self.teacher.decode_latents(o[:take]) for o in outs]
+                self._val_grid_rows.append([src, *trans])
+
+    def on_validation_epoch_end(self) -> None:
+        self.swap_out_ema()
+        if self.global_rank == 0 and self._val_grid_rows and not self.trainer.sanity_checking:
+            self._write_grid()
+        self._val_grid_rows = []
+
+    @rank_zero_only
+    def _write_grid(self) -> None:
+        from ddstrans.images import image_grid, tensor_to_pil
+
+        cols = [torch.cat(parts) for parts in zip(*self._val_grid_rows)]  # [src, task1, task2, ...]
+        columns = [tensor_to_pil(c) for c in cols]
+        rows = [list(r) for r in zip(*columns)]
+        grid = image_grid(rows)
+        caption = "source | " + " | ".join(self.task_table.names)
+        step = self.global_step
+        if self.val_cfg["save_png"]:
+            out = Path(self.trainer.default_root_dir) / "val"
+            out.mkdir(parents=True, exist_ok=True)
+            grid.save(out / f"step_{step:07d}.png")
+        if self.val_cfg["log_images"]:
+            log_grid(self.loggers, grid, step, caption)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        metrics = {}
+        if self._trainer is not None:
+            for k, v in self.trainer.callback_metrics.items():
+                try:
+                    metrics[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "generator_class": "TranslationUNet",
+            "generator_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.generator.config.items()
+                                 if not k.startswith("_")},
+            "tasks": self.task_table.to_dict(),
+            "task_tensors": self.task_table.tensors(),
+            "teacher": {"source": getattr(self.teacher, "source", None),
+                        "root": str(getattr(self.teacher, "root", "")) or None,
+                        **self.teacher.describe()},
+            "run_config": self.run_config,
+            "metrics": metrics,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            if self._ema_swapped:  # never save EMA weights as the raw weights
+                raise RuntimeError("checkpoint requested while EMA weights are swapped in")
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_payload()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.to(self.device)
+        payload = checkpoint.get(CHECKPOINT_KEY, {})
+        self.skipped_steps = int(payload.get("skipped_steps", 0))
+
+
+def log_grid(loggers, grid, step: int, caption: str = "") -> None:
+    """Log a PIL image to whatever loggers are attached (wandb, tensorboard; CSV has no images)."""
+    import numpy as np
+
+    for lg in loggers:
+        name = type(lg).__name__
+        try:
+            if name == "WandbLogger":
+                lg.log_image(key="val/grid", images=[grid], step=step, caption=[caption])
+            elif name == "TensorBoardLogger":
+                lg.experiment.add_image("val/grid", np.asarray(grid), step, dataformats="HWC")
+        except Exception as e:  # noqa: BLE001 - a logger failing must not kill training
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"could not log the validation grid to {name}: {e}")

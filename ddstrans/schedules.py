@@ -1,0 +1,51 @@
+"""Step-dependent schedules as pure functions: classifier-free-guidance warm-up and the timestep range.
+
+The DDS paper needed a CFG warm-up against mode collapse: guidance starts low and reaches its target over
+``warmup_steps``. The timestep range can likewise move from ``start`` to ``end`` over ``steps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+KINDS = ("constant", "linear", "cosine")
+
+
+def _progress(step: int, steps: int) -> float:
+    if steps <= 0:
+        return 1.0
+    return min(max(step / steps, 0.0), 1.0)
+
+
+def _ramp(p: float, kind: str) -> float:
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return p
+    if kind == "cosine":
+        return 0.5 - 0.5 * math.cos(math.pi * p)
+    raise ValueError(f"unknown schedule kind {kind!r}; choose one of {KINDS}")
+
+
+def guidance_at(step: int, target: float, start: float | None = None, warmup_steps: int = 0, kind: str = "linear") -> float:
+    """Guidance scale at ``step``: from ``start`` (default: ``target``) to ``target`` over ``warmup_steps``."""
+    if start is None or warmup_steps <= 0:
+        return float(target)
+    return float(start + (target - start) * _ramp(_progress(step, warmup_steps), kind))
+
+
+def t_range_at(
+    step: int,
+    start: tuple[int, int] = (50, 950),
+    end: tuple[int, int] | None = None,
+    steps: int = 0,
+    kind: str = "linear",
+) -> tuple[int, int]:
+    """Timestep range ``[t_min, t_max)`` at ``step``, interpolated from ``start`` to ``end`` over ``steps``."""
+    lo, hi = int(start[0]), int(start[1])
+    if end is None or steps <= 0:
+        return lo, hi
+    r = _ramp(_progress(step, steps), kind)
+    lo = round(lo + (int(end[0]) - lo) * r)
+    hi = round(hi + (int(end[1]) - hi) * r)
+    return lo, max(hi, lo + 1)

@@ -1,0 +1,141 @@
+"""Tasks as source/target prompt pairs, and their cached teacher embeddings.
+
+A ``Task`` has a name and one or more source and target prompt variants; each training step samples one
+variant per sample. ``TaskTable`` holds the embeddings of every variant as padded tensors
+``(T, V, L, D)`` plus variant counts, computed once with the teacher's text encoder (which caches them on disk
+too). The table saves to ``tasks.safetensors`` (tensors) + a JSON-able dict (names, prompts) for export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Task:
+    name: str
+    source: list[str]
+    target: list[str]
+
+    def __post_init__(self):
+        self.source = [self.source] if isinstance(self.source, str) else list(self.source)
+        self.target = [self.target] if isinstance(self.target, str) else list(self.target)
+        if not self.name or not self.source or not self.target:
+            raise ValueError(f"task {self.name!r} needs a name and at least one source and one target prompt")
+
+
+def as_tasks(items: Iterable) -> list[Task]:
+    """Tasks from dicts/DictConfigs ``{name, source, target}`` (or ``Task`` objects); names must be unique."""
+    tasks = [t if isinstance(t, Task) else Task(str(t["name"]), t["source"], t["target"]) for t in items]
+    names = [t.name for t in tasks]
+    if not tasks:
+        raise ValueError("at least one task is needed")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    return tasks
+
+
+def _pad_variants(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (V_i, L, D) -> (T, Vmax, L, D) padded by repeating the first variant, and counts (T,)."""
+    vmax = max(e.shape[0] for e in embs)
+    out = torch.stack([torch.cat([e, e[:1].expand(vmax - e.shape[0], *e.shape[1:])]) for e in embs])
+    return out, torch.tensor([e.shape[0] for e in embs])
+
+
+@dataclass
+class TaskTable:
+    tasks: list[Task]
+    source: torch.Tensor  # (T, V, L, D) float32
+    target: torch.Tensor  # (T, V, L, D)
+    n_source: torch.Tensor  # (T,)
+    n_target: torch.Tensor  # (T,)
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, tasks: Iterable, teacher) -> TaskTable:
+        """Encode every prompt variant with the teacher (memory + disk cached by the teacher)."""
+        tasks = as_tasks(tasks)
+        src, tgt = [], []
+        for t in tasks:
+            src.append(teacher.encode_prompts(t.source).float().cpu())
+            tgt.append(teacher.encode_prompts(t.target).float().cpu())
+        s, ns = _pad_variants(src)
+        g, ng = _pad_variants(tgt)
+        meta = {"teacher": getattr(teacher, "source", None)}
+        return cls(tasks, s, g, ns, ng, meta)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(self.names)}") from None
+
+    def to(self, device=None, dtype=None) -> TaskTable:
+        self.source = self.source.to(device=device, dtype=dtype)
+        self.target = self.target.to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, task_ids: torch.Tensor, generator: torch.Generator | None = None):
+        """One random source and target variant per sample: (B, L, D) each."""
+        ids = task_ids.cpu()
+        u = torch.rand(2, ids.shape[0], generator=generator)
+        vs = (u[0] * self.n_source[ids]).long()
+        vt = (u[1] * self.n_target[ids]).long()
+        dev = self.source.device
+        return self.source[ids.to(dev), vs.to(dev)], self.target[ids.to(dev), vt.to(dev)]
+
+    def first(self, task_ids: torch.Tensor):
+        """The first (canonical) variant per sample: used for validation and export."""
+        ids = task_ids.to(self.source.device)
+        return self.source[ids, 0], self.target[ids, 0]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        """Names, prompts, metadata (JSON-able)."""
+        return {"tasks": [asdict(t) for t in self.tasks], "meta": dict(self.meta)}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "source": self.source.detach().float().cpu().contiguous(),
+            "target": self.target.detach().float().cpu().contiguous(),
+            "n_source": self.n_source.cpu().contiguous(),
+            "n_target": self.n_target.cpu().contiguous(),
+        }
+
+    @classmethod
+    def from_parts(cls, info: Mapping, tensors: Mapping[str, torch.Tensor]) -> TaskTable:
+        tasks = as_tasks(info["tasks"])
+        table = cls(tasks, tensors["source"].float(), tensors["target"].float(), tensors["n_source"].long(),
+                    tensors["n_target"].long(), dict(info.get("meta", {})))
+        if table.source.shape[0] != len(tasks) or table.target.shape[0] != len(tasks):
+            raise ValueError(f"task table has {len(tasks)} tasks but embeddings for {table.source.shape[0]}")
+        return table
+
+    def save(self, tensors_path: str | Path, json_path: str | Path | None = None) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.tensors(), str(tensors_path), metadata={"format": "ddstrans.tasks/1"})
+        if json_path is not None:
+            Path(json_path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, tensors_path: str | Path, info: Mapping | str | Path) -> TaskTable:
+        from safetensors.torch import load_file
+
+        if not isinstance(info, Mapping):
+            info = json.loads(Path(info).read_text())
+        return cls.from_parts(info, load_file(str(tensors_path)))
