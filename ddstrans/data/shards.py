@@ -37,7 +37,6 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -537,8 +536,10 @@ class ShardDataModule(_lightning_base()):
         why = "" if ok else f"not every shard directory has latents at resolution {self.resolution} in its manifest"
         if ok and teacher is not None:
             ids = {str(m.get("teacher")) for m in manifests}
-            src = str(getattr(teacher, "source", ""))
-            if src and not any(i == src or os.path.abspath(i) == os.path.abspath(src) for i in ids):
+            from ddstrans.data.writer import teacher_id
+
+            src = teacher_id(teacher)
+            if src and src not in ids:
                 ok, why = False, f"latents were made with teacher {sorted(ids)}, training uses {src!r}"
         channels = int(manifests[0].get("latent_channels", 4)) if manifests else 4
         shape = (channels, self.resolution // f, self.resolution // f)

@@ -41,6 +41,14 @@ FORMAT_VERSION = "ddstrans-shards/1"
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
+def teacher_id(teacher) -> str | None:
+    """The teacher's source as recorded in manifests: absolute path for local directories, else the hub id."""
+    src = getattr(teacher, "source", None)
+    if src is None:
+        return None
+    return os.path.abspath(os.path.expanduser(src)) if os.path.isdir(os.path.expanduser(src)) else str(src)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -277,7 +285,7 @@ def write_from_folder(
     info = {
         "kind": "folder", "source": str(Path(src).resolve()), "resolution": resolution, "max_side": max_side,
         "image_format": image_format, "pixels": True, "latents": teacher is not None,
-        "teacher": getattr(teacher, "source", None) if teacher is not None else None,
+        "teacher": teacher_id(teacher) if teacher is not None else None,
     }
     if teacher is not None:
         info.update(latent_channels=teacher.latent_channels, latent_scale=teacher.latent_scale,
@@ -294,7 +302,7 @@ def write_from_folder(
             if teacher is not None:
                 x = torch.cat([pil_to_tensor(Image.open(io.BytesIO(b)).convert("RGB")) for _, _, b in pending])
                 z = teacher.encode_images(x).cpu().to(torch.float16).numpy()
-                for (idx, s, _), zi in zip(pending, z):
+                for (_idx, s, _), zi in zip(pending, z):
                     s["latents.npy"] = npy_bytes(zi)
             for idx, s, _ in pending:
                 shards.write(s, idx)
@@ -365,7 +373,7 @@ def write_from_teacher(
     if resolution % f:
         raise ValueError(f"--resolution {resolution} must be a multiple of the teacher's VAE factor {f}")
     generation = {
-        "teacher": teacher.source if hasattr(teacher, "source") else None, "prompts": list(prompts), "seed": seed,
+        "teacher": teacher_id(teacher), "prompts": list(prompts), "seed": seed,
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,
         "image_format": image_format, "latents": bool(latents),
     }
