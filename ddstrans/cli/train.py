@@ -1,0 +1,248 @@
+"""``ddstrans-train``: the Hydra training app.
+
+Configs live in the repository's ``configs/`` directory, found from this file's location (``../../configs``), so an
+editable install from a clone finds them wherever it is launched from. ``--config-dir DIR`` adds more.
+
+    ddstrans-train experiment=smoke
+    ddstrans-train experiment=smoke trainer=ddp trainer.devices=2 trainer.accelerator=cpu
+    ddstrans-train -m experiment=smoke optim.lr=1e-4,3e-4
+    ddstrans-train experiment=smoke ckpt_path=last hydra.run.dir=logs/smoke/runs/<old run>
+
+Runs write into ``logs/<task_name>/runs/<time>/`` (checkpoints/, val/, csv/ or wandb/, .hydra/).
+The main function returns ``cfg.optimized_metric`` (for the Optuna sweeper).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+# The repository's configs/, as an absolute path computed from this file (a relative config_path would be
+# resolved by Hydra as a *package* path when the app runs as the installed console script).
+CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs")
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK", "GROUP_RANK")
+
+
+# ---------------------------------------------------------------------- Hydra targets used by configs
+def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_vae: bool = True, seed: int = 0):
+    """Load the tiny random teacher from ``cache_dir``, writing it first if absent (atomic: safe when several
+    DDP processes start at once)."""
+    from ddstrans.teacher import Teacher
+    from ddstrans.testing import make_tiny_sd
+
+    root = Path(cache_dir).expanduser() / f"{prediction_type}{'' if with_vae else '-pixel'}-s{seed}"
+    if not (root / "unet").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+        make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
+                     sample_size=8 if with_vae else 16, seed=seed)
+        try:
+            os.replace(tmp / "t", root)
+        except OSError:  # another process won the race
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Teacher.from_pretrained(root)
+
+
+# ---------------------------------------------------------------------- helpers
+def _rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+        return bool(auth and auth[2])
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_wandb(lg_cfg: DictConfig) -> None:
+    """Online with credentials, else offline with one clear message (rank 0 only)."""
+    forced = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
+    if lg_cfg.get("offline") or forced:
+        with open_dict(lg_cfg):
+            lg_cfg.offline = True
+        return
+    if not wandb_has_credentials():
+        with open_dict(lg_cfg):
+            lg_cfg.offline = True
+        if _rank_zero():
+            print(f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging OFFLINE to {lg_cfg.save_dir}/wandb; "
+                  "upload later with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr)
+
+
+def instantiate_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for _, lg_cfg in (cfg.get("logger") or {}).items():
+        if isinstance(lg_cfg, DictConfig) and "_target_" in lg_cfg:
+            if lg_cfg._target_.endswith("WandbLogger"):
+                configure_wandb(lg_cfg)
+            loggers.append(hydra.utils.instantiate(lg_cfg))
+    return loggers
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list:
+    return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+            if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``null`` -> None; ``last`` -> <run dir>/checkpoints/last.ckpt (must exist); else a file path."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "", "null"):
+        return None
+    if str(ckpt) == "last":
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last: no {path}. 'last' is looked up in this run's directory; to resume a run pass "
+                "its directory too (hydra.run.dir=<old run dir>) or give ckpt_path=<path to .ckpt>")
+        return str(path)
+    path = Path(hydra.utils.to_absolute_path(str(ckpt)))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt}: no such file")
+    return str(path)
+
+
+def _uses_subprocess_ddp(cfg: DictConfig) -> bool:
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = cfg.trainer.get("devices", 1)
+    n = devices if isinstance(devices, int) else (len(devices) if hasattr(devices, "__len__") else 2)
+    return strategy.startswith("ddp") and "spawn" not in strategy and "fork" not in strategy and n not in (0, 1)
+
+
+def prepare_multirun_ddp(cfg: DictConfig) -> bool:
+    """The Hydra-multirun + Lightning-DDP trap: Lightning's subprocess launcher re-executes ``sys.argv``; in a
+    sweep that is ``-m a=1,2`` -> each child would launch the whole sweep and the next job's rendezvous fails.
+    Here, in multirun mode, the command line becomes this job's own overrides and ``hydra.run.dir`` this job's
+    directory, so each child runs exactly this job (in RUN mode) in the same directory. Returns True when the
+    caller must tear the process group down after the job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return False
+    if _uses_subprocess_ddp(cfg) and os.environ.get("LOCAL_RANK") is None:
+        sys.argv = [sys.argv[0], *[o for o in hc.overrides.task if not o.startswith("hydra.")], "hydra.mode=RUN"]
+        with read_write(hc), open_dict(hc):
+            hc.run.dir = hc.runtime.output_dir
+    return True
+
+
+def _teardown_distributed(saved_env: dict) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k in _DIST_ENV:
+        if saved_env.get(k) is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = saved_env[k]
+
+
+def build_module(cfg: DictConfig, teacher=None):
+    """The LightningModule from a composed config (teacher loaded unless given)."""
+    from ddstrans.module import DDSTranslationModule
+
+    teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
+    inst = hydra.utils.instantiate
+    optim = cfg.optim
+    try:
+        run_config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - e.g. hydra resolvers outside a Hydra run
+        run_config = OmegaConf.to_container(cfg, resolve=False)
+    return DDSTranslationModule(
+        teacher=teacher,
+        tasks=OmegaConf.to_container(cfg.tasks.tasks, resolve=True),
+        generator=inst(cfg.generator),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optimizer=inst(optim.optimizer),
+        scheduler=inst(optim.scheduler) if optim.get("scheduler") else None,
+        scheduler_interval=optim.get("scheduler_interval", "step"),
+        ema=OmegaConf.to_container(optim.ema, resolve=True) if optim.get("ema") else {"enabled": False},
+        validation=OmegaConf.to_container(cfg.model.validation, resolve=True),
+        teacher_dtype=cfg.model.get("teacher_dtype", "auto"),
+        seed=cfg.seed,
+        run_config=run_config,
+    )
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit a generator as configured; returns the value of ``cfg.optimized_metric`` (or None)."""
+    import lightning as L
+    import torch
+
+    from ddstrans.cli.common import quiet_libraries
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.*LeafSpec.*")
+    saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
+    in_multirun = prepare_multirun_ddp(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    module = build_module(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    loggers = instantiate_loggers(cfg)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=loggers or False)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metric = None
+        name = cfg.get("optimized_metric")
+        if name and name in trainer.callback_metrics:
+            metric = float(trainer.callback_metrics[name])
+        if cfg.get("export_after_fit") and trainer.is_global_zero:
+            _export_after_fit(cfg, trainer)
+    finally:
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()
+        if in_multirun:
+            _teardown_distributed(saved_env)
+    return metric
+
+
+def _export_after_fit(cfg: DictConfig, trainer) -> None:
+    from datetime import datetime
+
+    from ddstrans.export import export_checkpoint
+
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
+    if not ckpt:
+        print("export_after_fit: no checkpoint was written (callbacks off?); nothing exported", file=sys.stderr)
+        return
+    out = Path(cfg.paths.checkpoint_dir) / f"{cfg.task_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    export_checkpoint(ckpt, out)
+    print(f"exported translator to {out}")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
