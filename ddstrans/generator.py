@@ -71,7 +71,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             up_block_types=tuple(up_block_types),
             mid_block_type=mid_block_type,
             cross_attention_dim=cross_attention_dim,
-            attention_head_dim=attention_head_dim,
+            attention_head_dim=tuple(attention_head_dim) if isinstance(attention_head_dim, list) else attention_head_dim,
             norm_num_groups=norm_num_groups,
             num_class_embeds=num_tasks if conditioning == "task_id" else None,
         )
@@ -169,7 +169,9 @@ def build_generator(
             for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                         "mid_block_type", "attention_head_dim", "norm_num_groups"):
                 kwargs[key] = tcfg[key]
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}
+    # Hydra passes ListConfig: make every sequence a plain tuple (the config must stay JSON-serialisable)
+    kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v)
+              for k, v in kwargs.items()}
     gen = TranslationUNet(conditioning=conditioning, num_tasks=num_tasks, **kwargs)
     if init_from_teacher:
         if teacher is None:

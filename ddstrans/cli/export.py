@@ -1,0 +1,45 @@
+"""``ddstrans export``: a training checkpoint -> a self-contained translator directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ddstrans.cli.common import CLIError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a training checkpoint to a translator directory (safetensors + JSON)",
+        description="Write generator weights (EMA by default), the task table, the teacher's VAE (and text "
+        "encoder for text-conditioned generators), translator.json with file hashes, and a model card.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="a .ckpt written by ddstrans-train (e.g. <run>/checkpoints/last.ckpt)")
+    p.add_argument("out_dir", type=Path, nargs="?", default=None,
+                   help="output directory (default: checkpoints/<run name>-step<N> under the current directory)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--reference-teacher", action="store_true",
+                   help="reference the teacher directory by path instead of copying its VAE/text encoder")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher directory, if it moved since training")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ddstrans.export import ExportError, export_checkpoint, load_training_checkpoint
+
+    out = args.out_dir
+    if out is None:
+        ckpt = load_training_checkpoint(args.checkpoint)
+        name = (ckpt["ddstrans"].get("run_config") or {}).get("task_name") or "translator"
+        out = Path("checkpoints") / f"{name}-step{ckpt.get('global_step', 0)}"
+    try:
+        path = export_checkpoint(args.checkpoint, out, use_ema=not args.no_ema,
+                                 copy_teacher=not args.reference_teacher, teacher_path=args.teacher,
+                                 overwrite=args.overwrite)
+    except ExportError as e:
+        raise CLIError(str(e)) from None
+    print(f"exported translator to {path}")
+    return 0

@@ -1,0 +1,183 @@
+"""Export a training checkpoint to a self-contained translator directory (see ``ddstrans.translator``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ddstrans.translator import FORMAT, FORMAT_VERSION, hash_tree
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint written by ``ddstrans-train`` (the user's own file: full unpickling is allowed
+    here; the exported translator itself is safetensors + JSON only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if "ddstrans" not in ckpt or "state_dict" not in ckpt:
+        raise ExportError(f"{path}: not a ddstrans training checkpoint (no 'ddstrans' section)")
+    return ckpt
+
+
+def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
+    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available)."""
+    from ddstrans.generator import TranslationUNet
+
+    payload = ckpt["ddstrans"]
+    gen = TranslationUNet.from_config(payload["generator_config"])
+    sd = {k[len("generator."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
+    gen.load_state_dict(sd)
+    used_ema = False
+    if use_ema:
+        ema = ckpt.get("ema")
+        if ema is None:
+            raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); pass --no-ema")
+        params = list(gen.parameters())
+        shadow = ema["shadow_params"]
+        if len(shadow) != len(params):
+            raise ExportError(f"EMA has {len(shadow)} tensors but the generator {len(params)}")
+        with torch.no_grad():
+            for p, s in zip(params, shadow):
+                p.copy_(s.to(p.dtype))
+        used_ema = True
+    return gen.eval(), used_ema
+
+
+def _model_card(info: dict, run_config: dict | None) -> str:
+    import yaml
+
+    rows = "\n".join(
+        f"| `{t['name']}` | {' / '.join(t['source'])} | {' / '.join(t['target'])} |" for t in info["tasks"])
+    metrics = info.get("training", {}).get("metrics", {})
+    metric_lines = "\n".join(f"- `{k}`: {v:.6g}" for k, v in sorted(metrics.items())) or "- (none recorded)"
+    first = info["tasks"][0]["name"]
+    text_usage = ""
+    if info["conditioning"] == "text":
+        text_usage = '\nimages = tr(pil_images, source="a photo of a cat", target="a photo of a fox")  # new prompt pair\n'
+    cfg_yaml = yaml.safe_dump(run_config or {}, sort_keys=False, default_flow_style=False) if run_config else "{}\n"
+    return f"""# ddstrans translator
+
+Single-pass image translation network trained with Delta Denoising Score (DDS) against a frozen
+text-to-image diffusion teacher (`{info['teacher'].get('source')}`).
+
+- conditioning: **{info['conditioning']}**
+- resolution: {info['resolution']} px (latents {info['latent_channels']} x {info['resolution'] // info['downsample_factor']}^2)
+- weights: {info['weights']} (training step {info.get('training', {}).get('global_step')})
+
+## Tasks
+
+| task | source prompts | target prompts |
+|---|---|---|
+{rows}
+
+## Metrics at export
+
+{metric_lines}
+
+## Usage
+
+```python
+import ddstrans
+from PIL import Image
+
+tr = ddstrans.Translator.from_pretrained("path/to/this/dir")
+print(tr.tasks)
+images = tr([Image.open("cat.jpg")], task="{first}")   # one generator forward pass per batch
+{text_usage}```
+
+```bash
+ddstrans translate path/to/this/dir --task {first} photos/*.jpg -o translated/
+```
+
+Files are safetensors + JSON; `translator.json` lists the sha256 of every file and loading refuses tampered files.
+
+## Training configuration
+
+```yaml
+{cfg_yaml}```
+"""
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    use_ema: bool = True,
+    copy_teacher: bool = True,
+    teacher_path: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the translator directory; returns its path.
+
+    ``copy_teacher``: copy the VAE (and, for text conditioning, text encoder + tokenizer) into the directory;
+    otherwise reference the teacher directory by absolute path. ``teacher_path`` overrides the teacher
+    location recorded in the checkpoint (e.g. when it moved)."""
+    from ddstrans.tasks import TaskTable
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    ckpt = load_training_checkpoint(ckpt_path)
+    payload = ckpt["ddstrans"]
+    gen, used_ema = generator_from_checkpoint(ckpt, use_ema)
+    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
+    teacher = payload["teacher"]
+    conditioning = gen.config.conditioning
+    root = Path(teacher_path) if teacher_path else (Path(teacher["root"]) if teacher.get("root") else None)
+    needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
+    if needs and (root is None or not all((root / n).is_dir() for n in needs)):
+        raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
+                          "pass --teacher PATH to the teacher's diffusers directory")
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen.save_pretrained(tmp / "generator", safe_serialization=True)
+    table.save(tmp / "tasks.safetensors")
+    if copy_teacher and needs:
+        if teacher.get("has_vae"):
+            from diffusers import AutoencoderKL
+
+            AutoencoderKL.from_pretrained(root, subfolder="vae").save_pretrained(tmp / "vae", safe_serialization=True)
+        if conditioning == "text":
+            from transformers import AutoTokenizer, CLIPTextModel
+
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder").save_pretrained(tmp / "text_encoder")
+            AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(tmp / "tokenizer")
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "conditioning": conditioning,
+        "resolution": int(teacher["image_size"]),
+        "latent_channels": int(teacher["latent_channels"]),
+        "downsample_factor": int(teacher["downsample_factor"]),
+        "latent_scale": float(teacher["latent_scale"]),
+        "has_vae": bool(teacher.get("has_vae")),
+        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type")},
+        "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
+        "weights": "ema" if used_ema else "raw",
+        "tasks": table.to_dict()["tasks"],
+        "training": {"global_step": ckpt.get("global_step"), "metrics": payload.get("metrics", {}),
+                     "checkpoint": str(Path(ckpt_path).resolve())},
+    }
+    (tmp / "README.md").write_text(_model_card(info, payload.get("run_config")))
+    info["files"] = hash_tree(tmp)
+    (tmp / "translator.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
