@@ -218,7 +218,10 @@ class DDSTranslationModule(L.LightningModule):
                 p.grad = None
         self._stepped = not self._skip_step
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the optimizer step: before callbacks' on_train_batch_end (ModelCheckpoint), so a
+        # checkpoint written at this step holds this step's EMA and resume continues it exactly.
         if self.ema is not None and self._stepped:
             self._ema_to_device()
             self.ema.step(self.generator.parameters())

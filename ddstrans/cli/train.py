@@ -239,6 +239,28 @@ def _export_after_fit(cfg: DictConfig, trainer) -> None:
     print(f"exported translator to {out}")
 
 
+def compose(overrides: list[str] | None = None, output_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Compose the training config in Python (tests, notebooks), as ``ddstrans-train`` would.
+
+    With ``output_dir``, ``${hydra:runtime.output_dir}`` resolves to it (HydraConfig is set), so
+    ``train(compose([...], tmp))`` runs a whole training job in-process."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides or []), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(Path(output_dir).resolve())
+            cfg.hydra.runtime.cwd = os.getcwd()
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)

@@ -1,0 +1,117 @@
+"""TranslationUNet (identity at init, both conditionings, save/load, teacher init), TaskTable, schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddstrans.generator import TranslationUNet, build_generator
+from ddstrans.schedules import guidance_at, t_range_at
+from ddstrans.tasks import Task, TaskTable, as_tasks
+
+TINY = dict(
+    sample_size=8, cross_attention_dim=32, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4, norm_num_groups=8,
+)
+
+
+def _cond(b, L=12, D=32):
+    g = torch.Generator().manual_seed(0)
+    return dict(task_ids=torch.arange(b) % 3, src_emb=torch.randn(b, L, D, generator=g), tgt_emb=torch.randn(b, L, D, generator=g))
+
+
+@pytest.mark.parametrize("conditioning,channels", [("task_id", 4), ("text", 4), ("task_id", 3)])
+def test_identity_at_init(conditioning, channels):
+    torch.manual_seed(0)
+    g = TranslationUNet(in_channels=channels, conditioning=conditioning, num_tasks=3, **TINY)
+    z = torch.randn(2, channels, 8, 8)
+    assert torch.equal(g(z, **_cond(2)), z)
+
+
+def test_conditioning_changes_output_after_residual_is_nonzero():
+    torch.manual_seed(0)
+    g = TranslationUNet(conditioning="task_id", num_tasks=3, **TINY)
+    torch.nn.init.normal_(g.unet.conv_out.weight, std=0.1)
+    z = torch.randn(1, 4, 8, 8)
+    a = g(z, task_ids=torch.tensor([0]))
+    b = g(z, task_ids=torch.tensor([1]))
+    assert not torch.allclose(a, b)
+    t = TranslationUNet(conditioning="text", **TINY)
+    torch.nn.init.normal_(t.unet.conv_out.weight, std=0.1)
+    c = _cond(1)
+    assert not torch.allclose(t(z, src_emb=c["src_emb"], tgt_emb=c["tgt_emb"]), t(z, src_emb=c["tgt_emb"], tgt_emb=c["src_emb"]))
+    with pytest.raises(ValueError, match="src_emb"):
+        t(z)
+
+
+def test_save_load_roundtrip_safetensors(tmp_path):
+    torch.manual_seed(0)
+    g = TranslationUNet(conditioning="text", text_mode="delta", **TINY)
+    torch.nn.init.normal_(g.unet.conv_out.weight, std=0.1)
+    g.save_pretrained(tmp_path / "g")
+    assert (tmp_path / "g" / "diffusion_pytorch_model.safetensors").is_file()
+    g2 = TranslationUNet.from_pretrained(tmp_path / "g", use_safetensors=True)
+    z, c = torch.randn(2, 4, 8, 8), _cond(2)
+    assert g2.config.text_mode == "delta"
+    torch.testing.assert_close(g(z, **c), g2(z, **c))
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    g = TranslationUNet(conditioning="task_id", num_tasks=3, **TINY)
+    torch.nn.init.normal_(g.unet.conv_out.weight, std=0.1)
+    z, c = torch.randn(2, 4, 8, 8), _cond(2)
+    g.train()
+    g(z, **c).square().sum().backward()
+    ref = [p.grad.clone() for p in g.parameters()]
+    g.zero_grad()
+    g.enable_gradient_checkpointing()
+    assert g.is_gradient_checkpointing
+    g(z, **c).square().sum().backward()
+    for a, p in zip(ref, g.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_build_from_teacher_copies_weights_and_stays_identity(tiny_teacher):
+    g = build_generator(teacher=tiny_teacher, num_tasks=2, conditioning="task_id", init_from_teacher=True)
+    tsd = tiny_teacher.unet.state_dict()
+    gsd = g.unet.state_dict()
+    assert torch.equal(gsd["down_blocks.1.attentions.0.proj_in.weight"], tsd["down_blocks.1.attentions.0.proj_in.weight"])
+    assert g.config.cross_attention_dim == tiny_teacher.unet.config.cross_attention_dim
+    z = torch.randn(1, 4, 8, 8)
+    assert torch.equal(g(z, task_ids=torch.tensor([1])), z)
+
+
+def test_task_table_build_sample_save_load(tiny_teacher, tmp_path):
+    tasks = [{"name": "cat2lion", "source": ["a cat", "a photo of a cat"], "target": "a lion"},
+             Task("cat2dog", "a cat", ["a dog", "a photo of a dog", "the dog"])]
+    table = TaskTable.build(tasks, tiny_teacher)
+    assert table.names == ["cat2lion", "cat2dog"]
+    assert table.source.shape[:2] == (2, 2) and table.target.shape[:2] == (2, 3)
+    torch.testing.assert_close(table.target[1, 2], tiny_teacher.encode_prompts(["the dog"])[0].float())
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        s, t = table.sample(torch.tensor([1, 1]), g)
+        for row in t:
+            seen.add(min(range(3), key=lambda k: (table.target[1, k] - row).abs().sum().item()))
+    assert seen == {0, 1, 2}  # every target variant of cat2dog is sampled
+    table.save(tmp_path / "t.safetensors", tmp_path / "t.json")
+    back = TaskTable.load(tmp_path / "t.safetensors", tmp_path / "t.json")
+    assert back.names == table.names and torch.equal(back.source, table.source)
+    with pytest.raises(KeyError, match="cat2dog"):
+        back.index("nope")
+    with pytest.raises(ValueError, match="unique"):
+        as_tasks([{"name": "a", "source": "x", "target": "y"}] * 2)
+
+
+def test_schedules():
+    assert guidance_at(0, 7.5, 1.0, 100) == 1.0
+    assert guidance_at(50, 7.5, 1.0, 100) == pytest.approx(4.25)
+    assert guidance_at(100, 7.5, 1.0, 100) == 7.5 == guidance_at(10**6, 7.5, 1.0, 100)
+    assert guidance_at(0, 7.5) == 7.5
+    assert guidance_at(50, 7.5, 1.0, 100, "cosine") == pytest.approx(4.25)
+    assert t_range_at(0, (50, 950)) == (50, 950)
+    assert t_range_at(5, (200, 950), (50, 500), 10) == (125, 725)
+    assert t_range_at(99, (200, 950), (50, 500), 10) == (50, 500)

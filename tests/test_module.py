@@ -1,0 +1,127 @@
+"""DDSTranslationModule: teacher outside state_dict/checkpoints, DDS steps train the generator, EMA in
+checkpoints, non-finite steps skipped, validation grid."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+
+from ddstrans.data.procedural import ProceduralDataModule
+from ddstrans.generator import build_generator
+from ddstrans.module import DDSTranslationModule, _resolve_dtype
+
+TINY = dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=8)
+TASKS = [{"name": "cat2lion", "source": ["a photo of a cat", "a cat"], "target": "a photo of a lion"},
+         {"name": "cat2dog", "source": "a photo of a cat", "target": "a photo of a dog"}]
+
+
+def make_module(teacher, conditioning="task_id", **kw):
+    torch.manual_seed(0)
+    kw.setdefault("optimizer", functools.partial(torch.optim.AdamW, lr=1e-3))
+    kw.setdefault("ema", {"decay": 0.9})
+    kw.setdefault("loss", {"warmup_steps": 2, "guidance_start": 1.0})
+    return DDSTranslationModule(teacher, TASKS, functools.partial(build_generator, conditioning=conditioning, **TINY), **kw)
+
+
+def make_trainer(tmp_path, steps=3, **kw):
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, val_check_interval=steps, check_val_every_n_epoch=None,
+                     num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(tmp_path), **kw)
+
+
+def dm():
+    return ProceduralDataModule(image_size=16, batch_size=2, num_train=16, num_val=2)
+
+
+def test_teacher_outside_state_dict(tiny_teacher):
+    m = make_module(tiny_teacher)
+    keys = list(m.state_dict())
+    assert keys and all(k.startswith("generator.") for k in keys)
+    assert not any(p is q for p in m.parameters() for q in tiny_teacher.unet.parameters())
+    assert "teacher" not in dict(m.named_children())
+    n_teacher = sum(p.numel() for p in tiny_teacher.unet.parameters())
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in m.generator.parameters())
+    assert n_teacher > 0
+
+
+@pytest.mark.parametrize("conditioning", ["task_id", "text"])
+def test_dds_steps_change_generator_and_checkpoint_has_no_teacher(tiny_teacher, tmp_path, conditioning):
+    m = make_module(tiny_teacher, conditioning)
+    z = torch.randn(2, 4, 8, 8)
+    ids = torch.tensor([0, 1])
+    assert torch.equal(m(z, ids), z)  # identity at init
+    trainer = make_trainer(tmp_path)
+    trainer.fit(m, datamodule=dm())
+    m.eval()
+    assert not torch.allclose(m(z, ids), z)
+    assert m.generator.unet.conv_out.weight.abs().sum() > 0
+    metrics = trainer.callback_metrics
+    for k in ("train/loss_dds", "train/grad_norm", "train/guidance", "train/nonfinite", "val/dds_norm"):
+        assert k in metrics, k
+    assert float(metrics["train/guidance"]) == pytest.approx(7.5)  # warm-up (2 steps) finished
+    assert list((tmp_path / "val").glob("step_*.png"))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ck = torch.load(tmp_path / "m.ckpt", weights_only=False)
+    assert all(k.startswith("generator.") for k in ck["state_dict"])
+    assert "ema" in ck and ck["ddstrans"]["tasks"]["tasks"][0]["name"] == "cat2lion"
+    n_teacher = len(tiny_teacher.unet.state_dict())
+    assert len(ck["state_dict"]) < n_teacher + len(m.generator.state_dict())
+
+
+def test_sds_logs_its_own_loss(tiny_teacher, tmp_path):
+    m = make_module(tiny_teacher, loss={"type": "sds"})
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.fit(m, datamodule=dm())
+    assert "train/loss_sds" in trainer.callback_metrics
+
+
+def test_nonfinite_steps_are_skipped(tiny_teacher, tmp_path):
+    m = make_module(tiny_teacher)
+    before = {k: v.clone() for k, v in m.generator.state_dict().items()}
+
+    def nan_score(*a, **k):
+        z = a[1]
+        return torch.full_like(z, float("nan")), type("I", (), {"nonfinite": torch.tensor(0)})()
+
+    m.score = nan_score
+    trainer = make_trainer(tmp_path, steps=2, limit_val_batches=0)
+    trainer.fit(m, datamodule=dm())
+    assert m.skipped_steps == 2
+    for k, v in m.generator.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ema_saved_and_restored(tiny_teacher, tmp_path):
+    m = make_module(tiny_teacher)
+    trainer = make_trainer(tmp_path, steps=3)
+    trainer.fit(m, datamodule=dm())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    ema_sd = m.ema_state_dict()
+    raw_sd = m.generator.state_dict()
+    assert any(not torch.equal(ema_sd[k], raw_sd[k]) for k in raw_sd)
+    m2 = make_module(tiny_teacher)
+    ck = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    m2.load_state_dict(ck["state_dict"])
+    m2.on_load_checkpoint(ck)
+    for k, v in m2.ema_state_dict().items():
+        torch.testing.assert_close(v, ema_sd[k])
+
+
+def test_latents_in_batch_skip_the_vae(tiny_teacher):
+    m = make_module(tiny_teacher)
+    z = torch.randn(2, 4, 8, 8)
+    assert torch.equal(m.encode({"latents": z, "pixels": None}), z)
+
+
+def test_teacher_dtype_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _resolve_dtype("auto", cpu, "bf16-mixed") == torch.float32
+    assert _resolve_dtype("auto", cuda, "bf16-mixed") == torch.bfloat16
+    assert _resolve_dtype("auto", cuda, "16-mixed") == torch.float16
+    assert _resolve_dtype("float16", cpu, "32") == torch.float16
