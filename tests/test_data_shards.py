@@ -182,3 +182,33 @@ def test_cached_latents_equal_on_the_fly_encoding(tmp_path, tiny_teacher):
     # a resolution that differs from the cached one falls back to pixels
     other = _dm(str(out), resolution=32, batch_size=2, batches_per_epoch=1)
     assert "pixels" in next(iter(other.train_dataloader())) and not other.use_latents
+
+
+def test_under_a_trainer_workers_ship_uint8_and_the_step_sees_float(tmp_path):
+    import lightning as L
+
+    urls = _write_shards(tmp_path, [4, 4])
+    seen = []
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, _):
+            seen.append((batch["pixels"].clone(), list(batch["key"])))
+            return (self.w * batch["pixels"].mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    dm = _dm(urls, batches_per_epoch=2, num_workers=1, persistent_workers=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Probe(), datamodule=dm)
+    assert dm.train_stream.pixels_uint8 and len(seen) == 2
+    ref = {k: p for b in _dm(urls, batch_size=1, batches_per_epoch=8).train_dataloader() for k, p in zip(b["key"], b["pixels"])}
+    for pixels, keys in seen:
+        assert pixels.dtype == torch.float32 and pixels.min() >= -1 and pixels.max() <= 1
+        for k, p in zip(keys, pixels):
+            assert torch.equal(p, ref[k])
