@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--time-limit-min", type=float, default=0.0, help="stop (and export) after this many minutes; 0 = none")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--fresh", action="store_true", help="ignore an existing _train_state and start over")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite README.md from the saved state (pass the training command's arguments)")
     return p.parse_args(argv)
 
 
@@ -229,7 +231,7 @@ There is no VAE: latents are pixels in [-1, 1].
 
 | part | class | notes |
 |---|---|---|
-| `unet/` | `diffusers.UNet2DConditionModel` | in/out 3 channels, 32x32, blocks {info['channels']}, cross-attention only at 16x16 and 8x8, {info['unet_params']:,} params |
+| `unet/` | `diffusers.UNet2DConditionModel` | in/out 3 channels, 32x32, blocks {info['channels']}, {info['attn']}, {info['unet_params']:,} params |
 | `text_encoder/` | `transformers.CLIPTextModel` | {info['text_layers']} layers, width {info['text_dim']}, trained jointly, {info['text_params']:,} params |
 | `tokenizer/` | `transformers.CLIPTokenizer` | `ddstrans.word_tokenizer.make_word_tokenizer` over the grammar's words, max length 16 |
 | `scheduler/` | `diffusers.DDPMScheduler` | epsilon prediction, 1000 steps, linear betas 1e-4..0.02 |
@@ -264,7 +266,8 @@ def main(argv=None):
     state_dir = out / "_train_state"
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path = state_dir / "state.pt"
-    command = "python scripts/train_shapes_teacher.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    cli = argv if argv is not None else sys.argv[1:]
+    command = "python scripts/train_shapes_teacher.py " + " ".join(shlex.quote(a) for a in cli if a != "--card-only")
 
     tokenizer, text_encoder, unet, scheduler = build_models(args)
     alphas_cumprod = scheduler.alphas_cumprod.float()
@@ -287,9 +290,33 @@ def main(argv=None):
         if log.exists():
             log.unlink()
 
+    n_levels = len(args.channels.split(","))
+    res = [32 >> i for i in range(args.attn_from, n_levels)]
+    attn_desc = ("self- and cross-attention only at " + " and ".join(f"{r}x{r}" for r in res)
+                 + f" (and the {32 >> (n_levels - 1)}x{32 >> (n_levels - 1)} mid block)")
     unet_params = sum(p.numel() for p in unet.parameters())
     text_params = sum(p.numel() for p in text_encoder.parameters())
     print(f"unet {unet_params:,} params, text encoder {text_params:,} params, threads {torch.get_num_threads()}", flush=True)
+
+    def info_for(step, elapsed, recent):
+        return dict(
+            command=command, channels=args.channels, attn=attn_desc, unet_params=unet_params, text_params=text_params,
+            text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
+            step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+            wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
+        )
+
+    def info():
+        return info_for(step, elapsed, recent)
+
+    if args.card_only:
+        if not state_path.exists():
+            raise SystemExit(f"no training state at {state_path}")
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        command = saved.get("command", command)
+        write_card(out, info_for(saved["step"], saved["elapsed"], saved.get("recent", [])))
+        print(f"wrote {out / 'README.md'}")
+        return
 
     log_path = out / "train_log.csv"
     new_log = not log_path.exists()
@@ -300,7 +327,7 @@ def main(argv=None):
     else:  # drop rows past the resumed step (written after the last save)
         log_f.close()
         rows = list(csv.reader(open(log_path)))
-        rows = [rows[0]] + [r for r in rows[1:] if int(r[0]) < step]
+        rows = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
         tmp = log_path.with_name("train_log.csv.tmp")
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(rows)
@@ -308,18 +335,11 @@ def main(argv=None):
         log_f = open(log_path, "a", newline="")
         writer = csv.writer(log_f)
 
-    def info():
-        return dict(
-            command=command, channels=args.channels, unet_params=unet_params, text_params=text_params,
-            text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
-            step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-            wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
-        )
-
     def save():
         atomic_torch_save(
             {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
-             "ema": ema_params, "step": step, "elapsed": elapsed, "recent": recent[-200:], "args": vars(args)},
+             "ema": ema_params, "step": step, "elapsed": elapsed, "recent": recent[-200:], "args": vars(args),
+             "command": command},
             state_path,
         )
         export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Measure the shapes teacher against the quality bar of issue 5 and print a table.
+
+1. Conditional sampling: ``--sample-n`` samples per caption (all 24 captions, DDIM, CFG); the
+   fraction with the right color, shape, background, and color *and* shape, read by
+   ``ddstrans.shapes.metrics`` (bar: color and shape right in >= 95% for every caption).
+2. Zero-shot editing of ``--n`` rendered inputs per color task (seeds 0.., the input's color forced
+   to the task's source color; source prompt = the input's caption, target prompt = the same caption
+   with the target color), with DDS and SDS (``ddstrans.editing.edit_latents``), beside identity:
+   target accuracy, mask IoU against the input's ground-truth mask, background PSNR outside it
+   ([0, 1] images, dB) and diversity (bar for DDS: >= 90%, >= 0.85, >= 25 dB).
+
+``--write-card`` replaces the quality section of ``<teacher>/README.md`` with the tables.
+
+    python scripts/eval_shapes_teacher.py --teacher checkpoints/shapes-teacher --write-card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ddstrans.shapes import BACKGROUNDS, COLOR_NAMES, SHAPES, caption, render_batch, sample_scene, to_model  # noqa: E402
+from ddstrans.shapes import metrics as M  # noqa: E402
+
+QUALITY_BEGIN = "<!-- quality:begin -->"
+QUALITY_END = "<!-- quality:end -->"
+COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="checkpoints/shapes-teacher")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sample-n", type=int, default=32, help="samples per caption (0 = skip)")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--sample-guidance", type=float, default=4.0)
+    p.add_argument("--n", type=int, default=64, help="inputs per color task (0 = skip editing)")
+    p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
+    p.add_argument("--methods", default="dds,sds")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
+    p.add_argument("--loss-scale", type=float, default=2000.0)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--t-min", type=int, default=50)
+    p.add_argument("--t-max", type=int, default=950)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default="", help="write a PNG grid of the first 8 edits per task here")
+    p.add_argument("--json", default="", help="write all figures as JSON here")
+    p.add_argument("--write-card", action="store_true")
+    return p.parse_args(argv)
+
+
+def eval_sampling(teacher, args):
+    caps = [caption(c, s, b) for c in COLOR_NAMES for s in SHAPES for b in BACKGROUNDS]
+    rows = []
+    g = torch.Generator().manual_seed(args.seed)
+    for cap in caps:
+        col, shp, bg = cap.split()[1], cap.split()[2], cap.split()[4]
+        x = teacher.sample([cap] * args.sample_n, num_inference_steps=args.sample_steps,
+                           guidance_scale=args.sample_guidance, generator=g)
+        c = M.classify_color(x)
+        s = M.classify_shape(x)
+        b = M.classify_background(x)
+        rows.append({
+            "caption": cap,
+            "color": float(np.mean([v == col for v in c])),
+            "shape": float(np.mean([v == shp for v in s])),
+            "background": float(np.mean([v == bg for v in b])),
+            "color_and_shape": float(np.mean([a == col and v == shp for a, v in zip(c, s)])),
+        })
+        print(f"  {cap:45s} color {rows[-1]['color']:.2f} shape {rows[-1]['shape']:.2f} "
+              f"bg {rows[-1]['background']:.2f}", flush=True)
+    return rows
+
+
+def task_inputs(src: str, tgt: str, n: int, offset: int):
+    seeds = list(range(offset, offset + n))
+    imgs, masks, caps = render_batch(seeds, color=src)
+    tcaps = [sample_scene(s, color=tgt).caption for s in seeds]
+    return imgs, masks, caps, tcaps
+
+
+def eval_editing(teacher, args):
+    from ddstrans.editing import EditConfig, edit_latents
+
+    results, grids = [], []
+    tasks = [tuple(t.split(">")) for t in args.tasks.split(",") if t]
+    for k, (src, tgt) in enumerate(tasks):
+        imgs, masks, caps, tcaps = task_inputs(src, tgt, args.n, offset=1000 * k)
+        x = to_model(imgs)
+        outs = {"identity": (x, 0.0)}
+        emb_s, emb_t = teacher.encode_prompts(caps), teacher.encode_prompts(tcaps)
+        z_src = teacher.encode_images(x)
+        for method in [m for m in args.methods.split(",") if m]:
+            cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
+                             t_range=(args.t_min, args.t_max), method=method, seed=args.seed)
+            t0 = time.time()
+            z = edit_latents(teacher, z_src, emb_s, emb_t, cfg)
+            outs[method] = (teacher.decode_latents(z), (time.time() - t0) / len(x))
+        for name, (y, sec) in outs.items():
+            r = M.evaluate_edit(y, imgs, masks, "color", tgt)
+            r.update(task=f"{src}->{tgt}", method=name, sec_per_image=sec)
+            results.append(r)
+            print(f"  {src:>6s}->{tgt:<6s} {name:8s} acc {r['target_acc']:.3f} iou {r['mask_iou']:.3f} "
+                  f"psnr {r['bg_psnr']:.1f} div {r['diversity']:.2f} ({sec:.2f} s/img)", flush=True)
+        grids.append([M.as_unit(outs[m][0][:8]) for m in outs])
+    return results, grids
+
+
+def save_grid(grids, path):
+    from PIL import Image
+
+    rows = []
+    for task in grids:
+        for imgs in task:
+            rows.append(np.concatenate(list(imgs), axis=1))
+    g = np.concatenate(rows, axis=0)
+    Image.fromarray((g * 255).round().astype(np.uint8)).resize((g.shape[1] * 4, g.shape[0] * 4), Image.NEAREST).save(path)
+
+
+def tables(args, sampling, editing, wall):
+    lines = []
+    cmd = "python scripts/eval_shapes_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines.append(f"Measured by `{cmd}` ({wall / 60:.1f} min, {args.threads} CPU thread(s)).\n")
+    if sampling:
+        cs = [r["color_and_shape"] for r in sampling]
+        lines.append(f"**Conditional sampling** ({args.sample_n} samples per caption, DDIM {args.sample_steps} steps, "
+                     f"guidance {args.sample_guidance}; bar: color and shape right in >= 95% for each caption): "
+                     f"color and shape right in {np.mean(cs):.1%} overall, worst caption {min(cs):.1%}; "
+                     f"captions meeting the bar: {sum(c >= 0.95 for c in cs)}/{len(cs)}.\n")
+        lines.append("| caption | color | shape | background | color and shape |")
+        lines.append("|---|---|---|---|---|")
+        for r in sampling:
+            lines.append(f"| {r['caption']} | {r['color']:.2f} | {r['shape']:.2f} | {r['background']:.2f} | {r['color_and_shape']:.2f} |")
+        lines.append("")
+    if editing:
+        lines.append(f"**Zero-shot editing** ({args.n} rendered inputs per task; SGD lr {args.lr} on {args.loss_scale:g} x "
+                     f"surrogate loss (raw-gradient step {args.lr * args.loss_scale / 1024:.3f}), {args.steps} steps, "
+                     f"guidance {args.guidance}, t in [{args.t_min}, {args.t_max}); bar for DDS: target accuracy >= 0.90, "
+                     f"mask IoU >= 0.85, background PSNR >= 25 dB; images in [0, 1]).\n")
+        lines.append("| task | method | target acc | mask IoU | bg PSNR (dB) | diversity | s/image |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in editing:
+            lines.append(f"| {r['task']} | {r['method']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
+                         f"{r['bg_psnr']:.1f} | {r['diversity']:.2f} | {r['sec_per_image']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_card(teacher_dir: Path, text: str):
+    card = teacher_dir / "README.md"
+    old = card.read_text() if card.exists() else f"# shapes-teacher\n\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
+    if QUALITY_BEGIN not in old:
+        old += f"\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
+    a, b = old.index(QUALITY_BEGIN), old.index(QUALITY_END) + len(QUALITY_END)
+    new = old[:a] + f"{QUALITY_BEGIN}\n{text}\n{QUALITY_END}" + old[b:]
+    tmp = card.with_name("README.md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, card)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from ddstrans import Teacher
+
+    t0 = time.time()
+    teacher = Teacher.from_pretrained(args.teacher)
+    sampling = eval_sampling(teacher, args) if args.sample_n > 0 else []
+    editing, grids = eval_editing(teacher, args) if args.n > 0 else ([], [])
+    text = tables(args, sampling, editing, time.time() - t0)
+    print(text)
+    if args.grid and grids:
+        save_grid(grids, args.grid)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sampling": sampling, "editing": editing, "args": vars(args)}, indent=2))
+    if args.write_card:
+        write_card(Path(args.teacher), text)
+
+
+if __name__ == "__main__":
+    main()
