@@ -99,7 +99,8 @@ def _report(manifest: dict, out: str) -> None:
           + (f"; converted {manifest['converted']}" if manifest.get("converted") else ""))
     n = manifest.get("num_shards", 0)
     if n:
-        print(f"train with: data=shards data.urls='{out.rstrip('/')}/shards-{{000000..{n - 1:06d}}}.tar'")
+        pattern = f"{out.rstrip('/')}/shards-{{000000..{n - 1:06d}}}.tar"
+        print(f"""train with: ddstrans-train data=shards 'data.urls="{pattern}"'""")
 
 
 def _setup_logging() -> None:

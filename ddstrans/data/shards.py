@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -497,6 +498,8 @@ class ShardDataModule(_lightning_base()):
         uint8_transfer: bool = True,
     ):
         super().__init__()
+        # our __len__ is exact: every worker of every rank is cut at its own share of batches_per_epoch
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
         self.urls_arg, self.val_urls_arg = urls, val_urls
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.resolution = int(resolution)
