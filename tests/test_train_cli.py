@@ -1,0 +1,120 @@
+"""The Hydra app: offline experiments smoke-run, resume from `last`, multirun sweeps (also with DDP), Optuna."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ddstrans.cli.train import CONFIG_PATH, compose, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_PATH) / "experiment").glob("*.yaml"))
+QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
+
+
+def _runs_offline(cfg) -> bool:
+    t = cfg.teacher
+    return t._target_.endswith("tiny_random_teacher") or Path(str(t.get("path_or_hub_id", ""))).is_dir()
+
+
+def _cmd():
+    exe = Path(sys.executable).with_name("ddstrans-train")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ddstrans.cli.train"]
+
+
+def run_app(args, cwd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    t0 = time.time()
+    out = subprocess.run([*_cmd(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+    return out, time.time() - t0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_offline_experiments_smoke_run(experiment, tmp_path):
+    cfg = compose([f"experiment={experiment}", *QUIET], tmp_path / "run")
+    if not _runs_offline(cfg):
+        pytest.skip(f"experiment={experiment} needs its teacher ({cfg.teacher.get('path_or_hub_id')}) locally")
+    cfg = compose([f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "callbacks.model_checkpoint.every_n_train_steps=2", *QUIET], tmp_path / "run")
+    metric = train(cfg)
+    assert metric is not None and metric == metric  # finite float returned for Optuna
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "run" / "val").glob("*.png"))
+
+
+def test_resume_from_last_continues_step_optimizer_and_ema(tmp_path):
+    run = tmp_path / "run"
+    base = ["experiment=smoke", "callbacks.model_checkpoint.every_n_train_steps=2", *QUIET]
+    train(compose([*base, "trainer.max_steps=4"], run))
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 4
+    train(compose([*base, "trainer.max_steps=6", "ckpt_path=last"], run))
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 6
+    assert float(ck["optimizer_states"][0]["state"][0]["step"]) == 6  # Adam state carried over, not restarted
+    assert ck["ema"]["optimization_step"] == 6
+    assert ck["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_ckpt_path_last_without_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
+        train(compose(["experiment=smoke", "ckpt_path=last", *QUIET], tmp_path / "fresh"))
+
+
+@pytest.mark.slow
+def test_smoke_cli_under_a_minute(tmp_path):
+    out, seconds = run_app(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    run = tmp_path / "run"
+    assert seconds < 60, seconds
+    assert (run / ".hydra" / "config.yaml").is_file()  # resolved config in every run dir
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "val").glob("step_*.png"))) == 2
+    assert list(run.glob("csv/version_*/metrics.csv"))
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_two_run_dirs(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_app(["-m", "experiment=smoke", "optim.lr=1e-4,3e-4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             f"hydra.sweep.dir={sweep}"], tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = set()
+    for j in jobs:
+        assert (j / "checkpoints" / "last.ckpt").is_file()
+        lrs.add(yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["optim"]["lr"])
+    assert lrs == {1e-4, 3e-4}
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_multirun_with_ddp_runs_each_job_once(tmp_path):
+    """The Hydra-multirun + Lightning-DDP trap: children must run their own job, not the sweep again."""
+    sweep = tmp_path / "sweep"
+    run_app(["-m", "experiment=smoke", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+             "optim.lr=1e-4,3e-4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             f"hydra.sweep.dir={sweep}"], tmp_path, timeout=300)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]  # no extra sweeps launched by the DDP children
+    for j in jobs:
+        ck = torch.load(sweep / j / "checkpoints" / "last.ckpt", weights_only=False)
+        assert ck["global_step"] == 2
+        assert (sweep / j / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's directory
+    assert not (tmp_path / "logs").exists()  # nothing escaped into a default run dir
+
+
+@pytest.mark.slow
+def test_optuna_search_optimises_returned_metric(tmp_path):
+    sweep = tmp_path / "optuna"
+    run_app(["hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=2",
+             "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+             f"hydra.sweep.dir={sweep}"], tmp_path)
+    res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert "optim.lr" in res["best_params"] and isinstance(res["best_value"], float)
