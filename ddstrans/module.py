@@ -103,21 +103,24 @@ class DDSTranslationModule(L.LightningModule):
         self.teacher_dtype_name = teacher_dtype
         self.seed = int(seed)
         self.run_config = dict(run_config or {})
-        self.ema = None
-        if self.ema_cfg["enabled"]:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(
-                self.generator.parameters(), decay=self.ema_cfg["decay"],
-                update_after_step=self.ema_cfg["update_after_step"], use_ema_warmup=self.ema_cfg["use_ema_warmup"],
-                inv_gamma=self.ema_cfg["inv_gamma"], power=self.ema_cfg["power"],
-            )
+        self.ema = self._new_ema()
+        self._ema_from_checkpoint = False
         self._rng: torch.Generator | None = None
         self._skip_step = False
         self._stepped = False
         self.skipped_steps = 0
         self._ema_swapped = False
         self._val_grid_rows: list = []
+
+    def _new_ema(self):
+        """EMA of the generator weights (``diffusers.training_utils.EMAModel``), or None when disabled."""
+        if not self.ema_cfg["enabled"]:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        c = self.ema_cfg
+        return EMAModel(self.generator.parameters(), decay=c["decay"], update_after_step=c["update_after_step"],
+                        use_ema_warmup=c["use_ema_warmup"], inv_gamma=c["inv_gamma"], power=c["power"])
 
     # ------------------------------------------------------------------ devices
     def _place_teacher(self) -> None:
@@ -136,6 +139,10 @@ class DDSTranslationModule(L.LightningModule):
             self.ema.to(self.device)
 
     def on_fit_start(self) -> None:
+        # Under DDP the weights were just broadcast from rank 0 (ranks may have built different random inits):
+        # start the EMA from them unless a checkpoint restored it.
+        if self.ema is not None and not self._ema_from_checkpoint and self.global_step == 0:
+            self.ema = self._new_ema()
         self._place_teacher()
 
     def on_validation_start(self) -> None:
@@ -345,6 +352,7 @@ class DDSTranslationModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
             self.ema.to(self.device)
+            self._ema_from_checkpoint = True
         payload = checkpoint.get(CHECKPOINT_KEY, {})
         self.skipped_steps = int(payload.get("skipped_steps", 0))
 
