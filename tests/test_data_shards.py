@@ -199,6 +199,9 @@ def test_under_a_trainer_workers_ship_uint8_and_the_step_sees_float(tmp_path):
             seen.append((batch["pixels"].clone(), list(batch["key"])))
             return (self.w * batch["pixels"].mean()).sum()
 
+        def validation_step(self, batch, _):
+            pass
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
