@@ -205,7 +205,7 @@ def test_under_a_trainer_workers_ship_uint8_and_the_step_sees_float(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    dm = _dm(urls, batches_per_epoch=2, num_workers=1, persistent_workers=False)
+    dm = _dm(urls, batches_per_epoch=2, num_workers=1, persistent_workers=False, val_samples=2)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Probe(), datamodule=dm)
