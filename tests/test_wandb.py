@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -47,11 +48,18 @@ def test_wandb_offline_run_writes_scalars_and_image(monkeypatch, tmp_path):
     assert list(runs[0].glob("run-*.wandb"))
     images = list(files.rglob("media/images/val/grid_*.png"))
     assert images, sorted(p.as_posix() for p in files.rglob("*"))
-    # the run log (protobuf records) holds history items: key, then value_json (field 16: 0x82 0x01, length)
-    data = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in ("train/loss_dds", "train/grad_norm", "train/guidance", "val/dds_norm"):
-        m = re.search(re.escape(key.encode()) + rb"\x82\x01(.)", data, re.S)
-        assert m, key
+    # the run log (protobuf records) holds history items: key, then value_json (field 16: 0x82 0x01, length).
+    # wandb's service may still be flushing right after finish(): poll briefly.
+    keys = ("train/loss_dds", "train/grad_norm", "train/guidance", "val/dds_norm")
+    pattern = {k: re.escape(k.encode()) + rb"\x82\x01(.)" for k in keys}
+    for _ in range(40):
+        data = next(runs[0].glob("run-*.wandb")).read_bytes()
+        if all(re.search(p, data, re.S) for p in pattern.values()):
+            break
+        time.sleep(0.5)
+    for key in keys:
+        m = re.search(pattern[key], data, re.S)
+        assert m, (key, len(data))
         value = data[m.end():m.end() + m.group(1)[0]]
         assert float(value) == float(value), (key, value)  # a finite number was logged
     assert b"images/separated" in data and b"val/grid" in data
