@@ -49,6 +49,17 @@ def test_offline_experiments_smoke_run(experiment, tmp_path):
     assert list((tmp_path / "run" / "val").glob("*.png"))
 
 
+@pytest.mark.parametrize("variant", [
+    ["trainer.precision=bf16-mixed", "model.teacher_dtype=bfloat16"],  # mixed precision, half-precision teacher
+    ["generator=tiny_text", "loss=sds", "logger=tensorboard"],
+    ["generator.gradient_checkpointing=true", "optim=sgd", "logger=none", "callbacks=none"],
+])
+def test_config_variants_train(variant, tmp_path):
+    cfg = compose(["experiment=smoke", "trainer.max_steps=2", "trainer.val_check_interval=2", *QUIET, *variant],
+                  tmp_path / "run")
+    assert train(cfg) is not None
+
+
 def test_resume_from_last_continues_step_optimizer_and_ema(tmp_path):
     run = tmp_path / "run"
     base = ["experiment=smoke", "callbacks.model_checkpoint.every_n_train_steps=2", *QUIET]

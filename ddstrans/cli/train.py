@@ -173,7 +173,7 @@ def build_module(cfg: DictConfig, teacher=None):
         generator=inst(cfg.generator),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
         optimizer=inst(optim.optimizer),
-        scheduler=inst(optim.scheduler) if optim.get("scheduler") else None,
+        scheduler=inst(optim.scheduler) if optim.get("scheduler") and "_target_" in optim.scheduler else None,
         scheduler_interval=optim.get("scheduler_interval", "step"),
         ema=OmegaConf.to_container(optim.ema, resolve=True) if optim.get("ema") else {"enabled": False},
         validation=OmegaConf.to_container(cfg.model.validation, resolve=True),
