@@ -129,3 +129,17 @@ def test_optuna_search_optimises_returned_metric(tmp_path):
              f"hydra.sweep.dir={sweep}"], tmp_path)
     res = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert "optim.lr" in res["best_params"] and isinstance(res["best_value"], float)
+
+
+def test_export_after_fit_writes_translator_under_checkpoint_dir(tmp_path):
+    from ddstrans.translator import Translator
+
+    cfg = compose(["experiment=smoke", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "callbacks.model_checkpoint.every_n_train_steps=2", "export_after_fit=true",
+                   f"paths.checkpoint_dir={tmp_path / 'exported'}", *QUIET], tmp_path / "run")
+    train(cfg)
+    (out,) = list((tmp_path / "exported").iterdir())
+    assert out.name.startswith("smoke-")
+    tr = Translator.from_pretrained(out)
+    assert tr.tasks == ["cat2lion", "cat2dog"] and tr.info["training"]["global_step"] == 2
+    assert "task_name: smoke" in (out / "README.md").read_text()
