@@ -183,6 +183,20 @@ def build_module(cfg: DictConfig, teacher=None):
     )
 
 
+def _single_log_handler() -> None:
+    """Lightning adds its own console handler; under Hydra (root handlers: console + run-dir log file) every
+    Lightning message would print twice. Let Hydra's handlers alone print them (and log them to the file)."""
+    import logging
+
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+            lg.propagate = True
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit a generator as configured; returns the value of ``cfg.optimized_metric`` (or None)."""
     import lightning as L
@@ -191,6 +205,7 @@ def train(cfg: DictConfig) -> float | None:
     from ddstrans.cli.common import quiet_libraries
 
     quiet_libraries()
+    _single_log_handler()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*LeafSpec.*")
     saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
