@@ -84,7 +84,9 @@ def test_smoke_cli_under_a_minute(tmp_path):
     out, seconds = run_app(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     run = tmp_path / "run"
     assert seconds < 60, seconds
-    assert (run / ".hydra" / "config.yaml").is_file()  # resolved config in every run dir
+    assert (run / ".hydra" / "config.yaml").is_file()  # Hydra's config + overrides in every run dir
+    resolved = yaml.safe_load((run / "config_resolved.yaml").read_text())
+    assert resolved["paths"]["output_dir"] == str(run.resolve()) and "${" not in (run / "config_resolved.yaml").read_text()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "val").glob("step_*.png"))) == 2
     assert list(run.glob("csv/version_*/metrics.csv"))

@@ -53,7 +53,21 @@ def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_v
 
 # ---------------------------------------------------------------------- helpers
 def _rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
+
+
+def save_resolved_config(cfg: DictConfig) -> Path | None:
+    """``<run dir>/config_resolved.yaml``: the config with every interpolation resolved (Hydra's
+    ``.hydra/config.yaml`` keeps them), written by rank 0 only."""
+    if not _rank_zero():
+        return None
+    out = Path(cfg.paths.output_dir) / "config_resolved.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    except Exception as e:  # noqa: BLE001 - e.g. a missing mandatory value the run itself never reads
+        out.write_text(f"# could not resolve every value ({e}); unresolved config follows\n" + OmegaConf.to_yaml(cfg))
+    return out
 
 
 def wandb_has_credentials() -> bool:
@@ -217,6 +231,7 @@ def train(cfg: DictConfig) -> float | None:
         torch.backends.cudnn.allow_tf32 = True
 
     ckpt_path = resolve_ckpt_path(cfg)
+    save_resolved_config(cfg)
     module = build_module(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_loggers(cfg)
