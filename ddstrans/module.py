@@ -193,7 +193,7 @@ class DDSTranslationModule(L.LightningModule):
         z_src = self.encode(batch)
         b = z_src.shape[0]
         task_ids = torch.randint(len(self.task_table), (b,), generator=rng).to(self.device)
-        emb_src, emb_tgt = self.task_table.sample(task_ids, rng)
+        emb_src, emb_tgt = self.task_table.embeddings_for(task_ids, batch.get("caption"), self.teacher, rng)
         z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
         guidance = self.current_guidance()
         grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng)
@@ -278,7 +278,7 @@ class DDSTranslationModule(L.LightningModule):
         norms, deltas, outs = [], [], []
         for k in range(len(self.task_table)):
             ids = torch.full((b,), k, dtype=torch.long, device=self.device)
-            emb_src, emb_tgt = self.task_table.first(ids)
+            emb_src, emb_tgt = self.task_table.embeddings_for(ids, batch.get("caption"), self.teacher)
             z_tgt = self.generator(z_src, task_ids=ids, src_emb=emb_src, tgt_emb=emb_tgt).float()
             grad, _ = self.score(z_src, z_tgt, emb_src, emb_tgt, self.loss_cfg["guidance"], None, None, t=t, noise=noise)
             norms.append(grad.pow(2).mean())

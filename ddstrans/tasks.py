@@ -4,6 +4,11 @@ A ``Task`` has a name and one or more source and target prompt variants; each tr
 variant per sample. ``TaskTable`` holds the embeddings of every variant as padded tensors
 ``(T, V, L, D)`` plus variant counts, computed once with the teacher's text encoder (which caches them on disk
 too). The table saves to ``tasks.safetensors`` (tensors) + a JSON-able dict (names, prompts) for export.
+
+A task may also describe each image by its caption (``source: "{caption}"``) and derive the target with a
+``rewrite`` (a regular expression and its replacement, e.g. every color word -> "blue"): a *per-image* task.
+Its prompts are filled per sample from the batch's ``caption`` and encoded through the teacher's cache;
+the table then holds the template's embedding as a placeholder.
 """
 
 from __future__ import annotations
@@ -15,23 +20,44 @@ from pathlib import Path
 
 import torch
 
+from ddstrans.prompts import Rewrite, fill, uses_caption
+
 
 @dataclass
 class Task:
     name: str
     source: list[str]
     target: list[str]
+    rewrite: dict | None = None  # {pattern, replacement}: applied to the filled target prompt
 
     def __post_init__(self):
         self.source = [self.source] if isinstance(self.source, str) else list(self.source)
         self.target = [self.target] if isinstance(self.target, str) else list(self.target)
         if not self.name or not self.source or not self.target:
             raise ValueError(f"task {self.name!r} needs a name and at least one source and one target prompt")
+        if self.rewrite is not None:
+            self.rewrite = dict(self.rewrite)
+            if set(self.rewrite) != {"pattern", "replacement"}:
+                raise ValueError(f"task {self.name!r}: rewrite needs exactly 'pattern' and 'replacement'")
+            Rewrite(**self.rewrite)  # validates the pattern
+
+    @property
+    def per_image(self) -> bool:
+        """True when the prompts depend on each image's caption."""
+        return any(uses_caption(p) for p in (*self.source, *self.target))
+
+    def source_for(self, caption: str | None, variant: int = 0) -> str:
+        return fill(self.source[variant % len(self.source)], caption)
+
+    def target_for(self, caption: str | None, variant: int = 0) -> str:
+        text = fill(self.target[variant % len(self.target)], caption)
+        return Rewrite(**self.rewrite)(text) if self.rewrite else text
 
 
 def as_tasks(items: Iterable) -> list[Task]:
     """Tasks from dicts/DictConfigs ``{name, source, target}`` (or ``Task`` objects); names must be unique."""
-    tasks = [t if isinstance(t, Task) else Task(str(t["name"]), t["source"], t["target"]) for t in items]
+    tasks = [t if isinstance(t, Task) else Task(str(t["name"]), t["source"], t["target"], t.get("rewrite"))
+             for t in items]
     names = [t.name for t in tasks]
     if not tasks:
         raise ValueError("at least one task is needed")
@@ -97,6 +123,33 @@ class TaskTable:
         vt = (u[1] * self.n_target[ids]).long()
         dev = self.source.device
         return self.source[ids.to(dev), vs.to(dev)], self.target[ids.to(dev), vt.to(dev)]
+
+    @property
+    def per_image(self) -> bool:
+        return any(t.per_image for t in self.tasks)
+
+    def embeddings_for(self, task_ids: torch.Tensor, captions, teacher, generator: torch.Generator | None = None):
+        """Per-sample (source, target) embeddings: sampled variants of fixed prompts, and for per-image tasks
+        the prompts filled with each sample's caption (encoded through the teacher's prompt cache).
+        ``generator=None`` takes the first variant (validation, export)."""
+        src, tgt = self.sample(task_ids, generator) if generator is not None else self.first(task_ids)
+        if not self.per_image:
+            return src, tgt
+        ids = task_ids.tolist()
+        rows = [i for i, k in enumerate(ids) if self.tasks[k].per_image]
+        if not rows:
+            return src, tgt
+        if captions is None:
+            names = sorted({self.tasks[ids[i]].name for i in rows})
+            raise ValueError(f"task(s) {', '.join(names)} fill their prompts from each image's caption, "
+                             "but the batch has no 'caption'")
+        src_p = [self.tasks[ids[i]].source_for(captions[i]) for i in rows]
+        tgt_p = [self.tasks[ids[i]].target_for(captions[i]) for i in rows]
+        enc = teacher.encode_prompts(src_p + tgt_p).to(device=src.device, dtype=src.dtype)
+        src, tgt = src.clone(), tgt.clone()
+        index = torch.tensor(rows, device=src.device)
+        src[index], tgt[index] = enc[: len(rows)], enc[len(rows) :]
+        return src, tgt
 
     def first(self, task_ids: torch.Tensor):
         """The first (canonical) variant per sample: used for validation and export."""

@@ -1,0 +1,54 @@
+"""Shapes-world evaluation: held-out inputs, ground-truth scoring, the ``ddstrans eval`` table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ddstrans.cli.main import main
+from ddstrans.data.shapes import HELD_OUT_SEED
+from ddstrans.evaluation import build_eval_set, evaluate, format_table, score
+from ddstrans.shapes import parse_caption, render_scene, to_model
+from ddstrans.shapes.defaults import shapes_tasks
+
+TASKS = {t.name: t for t in shapes_tasks()}
+
+
+def test_eval_set_is_held_out_and_excludes_inputs_already_at_target():
+    es = build_eval_set(TASKS["to_blue"], 12)
+    assert es.attribute == "color" and len(es.seeds) == 12
+    assert min(es.seeds) >= HELD_OUT_SEED
+    assert all(parse_caption(c)["color"] != "blue" for c in es.src_captions)
+    assert es.targets == ["blue"] * 12
+    es_shape = build_eval_set(TASKS["to_square"], 6)
+    assert es_shape.attribute == "shape"
+    # the target mask of a shape change is the square's, not the input's
+    assert not np.array_equal(es_shape.tgt_masks, es_shape.src_masks)
+
+
+def test_identity_scores_zero_accuracy_and_full_iou():
+    rows = evaluate([TASKS["to_blue"], TASKS["to_checkered"]], 8, methods=["identity"])
+    for r in rows:
+        assert r["target_acc"] == 0.0 and r["diversity"] == 1.0
+    assert rows[0]["mask_iou"] == 1.0
+    assert "| to_blue | identity | 8 | 0.000 | 1.000 |" in format_table(rows)
+
+
+def test_a_perfect_edit_scores_full_accuracy():
+    for name in ("to_blue", "to_square", "to_checkered"):
+        es = build_eval_set(TASKS[name], 8)
+        perfect = to_model(np.stack([render_scene(s, **{es.attribute: v})["image"] for s, v in zip(es.seeds, es.targets)]))
+        m = score(es, perfect)
+        assert m["target_acc"] == 1.0, name
+        assert m["mask_iou"] > 0.99, name
+
+
+def test_eval_cli_identity_table(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["eval", "--methods", "identity", "--n", "4", "--tasks", "to_red,to_square", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| to_red | identity | 4 |" in table and "| to_square | identity | 4 |" in table
+    assert [r["task"] for r in json.loads(out.read_text())] == ["to_red", "to_square"]
+    assert main(["eval", "--methods", "network", "--n", "4"]) == 1  # needs a translator
+    assert main(["eval", "--methods", "identity", "--tasks", "nope"]) == 1
