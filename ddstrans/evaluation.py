@@ -113,8 +113,10 @@ def score(es: EvalSet, outputs: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = METHODS, *, translator=None, teacher=None,
-             edit_config: dict | None = None, batch_size: int = 64, progress: bool = False) -> list[dict]:
-    """One row per (task, method): the metrics plus ``ms_per_image``."""
+             edit_config: dict | None = None, batch_size: int = 64, progress: bool = False,
+             examples: dict | None = None, num_examples: int = 4) -> list[dict]:
+    """One row per (task, method): the metrics plus ``ms_per_image``. With ``examples`` (a dict), the first
+    ``num_examples`` inputs and outputs are stored there as ``examples[task] = [inputs, out_m1, ...]``."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -126,7 +128,23 @@ def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = METHODS, *, trans
                               batch_size=batch_size)
         rows.append({"task": task.name, "attribute": es.attribute, "method": method, "n": len(es.seeds),
                      **score(es, out), "ms_per_image": 1000 * sec})
+        if examples is not None:
+            examples.setdefault(task.name, [es.inputs[:num_examples]]).append(out[:num_examples])
     return rows
+
+
+def examples_grid(examples: dict, methods: Sequence[str], scale: int = 4):
+    """A PIL grid: per task, one row per example with input | output of each method (upscaled ``scale`` x)."""
+    from PIL import Image
+
+    from ddstrans.images import image_grid, tensor_to_pil
+
+    rows = []
+    for parts in examples.values():
+        columns = [tensor_to_pil(p) for p in parts]
+        for row in zip(*columns):
+            rows.append([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row])
+    return image_grid(rows)
 
 
 def format_table(rows: Sequence[dict]) -> str:

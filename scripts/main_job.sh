@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Main job (placeholder until the shapes experiment lands): zero-shot DDS edit on a tiny random teacher.
+# The main job on the embedded default (CPU, about 15 minutes): train a multi-task translator on the shapes
+# world against the shipped teacher, export it to checkpoints/, translate sample inputs, write a before/after
+# grid and print the metrics table. Extra arguments are Hydra overrides of the training run.
 set -euo pipefail
 out=${OUT_DIR:-outputs/main}
+translator=${TRANSLATOR_DIR:-checkpoints/shapes-translator}
+export WANDB_MODE=${WANDB_MODE:-offline}
 mkdir -p "$out"
-python - "$out" <<'PY'
-import sys, numpy as np
-from PIL import Image
-from ddstrans.testing import make_tiny_sd
-out = sys.argv[1]
-make_tiny_sd(f"{out}/tiny-teacher")
-Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")).save(f"{out}/input.png")
-PY
-ddstrans edit "$out/input.png" --teacher "$out/tiny-teacher" --source "a photo of a cat" --target "a photo of a lion" \
-  -o "$out/edited.png" --steps 20 --overwrite
+
+echo "== 1/4 train (experiment=shapes) -> $out/train"
+ddstrans-train experiment=shapes hydra.run.dir="$out/train" export_after_fit=false "$@"
+
+echo "== 2/4 export -> $translator"
+ddstrans export "$out/train/checkpoints/last.ckpt" "$translator" --overwrite
+
+echo "== 3/4 translate held-out renders -> $out/translated"
+python scripts/render_shapes.py "$out/inputs" --n 8
+for task in to_blue to_square to_checkered; do
+  ddstrans translate "$translator" --task "$task" "$out"/inputs/*.png -o "$out/translated/$task" --overwrite
+done
+
+echo "== 4/4 evaluate (64 held-out inputs per task) -> $out/eval.json, $out/before_after.png"
+ddstrans eval "$translator" --methods identity,network --n 64 --json "$out/eval.json" --grid "$out/before_after.png"

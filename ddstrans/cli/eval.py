@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="write a before/after PNG here: per task, rows of input | output of each method")
+    p.add_argument("--grid-examples", type=int, default=4, help="inputs per task in the grid")
     p.set_defaults(func=run)
 
 
@@ -66,9 +69,16 @@ def run(args) -> int:
             raise CLIError(f"unknown task(s) {', '.join(missing)}; known: {', '.join(known)}")
         tasks = [known[w] for w in wanted]
     edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance_scale": args.guidance}
+    examples = {} if args.grid else None
     rows = evaluate(tasks, args.n, methods, translator=translator, teacher=teacher, edit_config=edit,
-                    batch_size=args.batch_size, progress=True)
+                    batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples)
     print(format_table(rows))
+    if args.grid:
+        from ddstrans.evaluation import examples_grid
+
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        examples_grid(examples, methods).save(args.grid)
+        print(f"wrote {args.grid} (per task: input | {' | '.join(methods)})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
