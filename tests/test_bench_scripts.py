@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end with tiny settings and keep their machine-readable last lines."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> list[str]:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_train_step_last_line(tmp_path):
+    out = tmp_path / "res.json"
+    lines = _run("bench_train_step.py", "--arch", "tiny", "--batch", "2", "--steps", "3", "--warmup", "1",
+                 "--json", str(out), tmp_path=tmp_path)
+    assert re.fullmatch(r"overhead=\d+\.\d\d vs_plain=\d+\.\d\d", lines[-1]), lines[-1]
+    assert any(line.startswith("| (a) Lightning step") for line in lines)
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["steps"] == 3 and not res["teacher_call"]["has_graph"]  # the teacher keeps no autograd graph
+
+
+@pytest.mark.slow
+def test_bench_translate_last_line(tmp_path):
+    lines = _run("bench_translate.py", "--arch", "tiny", "--quick", "--batch", "2", "--measure-steps", "2",
+                 "--rounds", "1", tmp_path=tmp_path)
+    assert re.fullmatch(r"edit_over_single_pass=\d+\.\d", lines[-1]), lines[-1]
+    assert any("EXTRAPOLATED from 2 measured steps to 200" in line for line in lines)
+
+
+def test_gpu_check_script_syntax():
+    proc = subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_teacher_channels_last_gives_the_same_scores(tiny_teacher):
+    """The opt-in ``Teacher.set_channels_last()`` (a performance option) changes no result."""
+    import torch
+
+    from ddstrans.scores import dds_grad
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    zt = z + 0.3 * torch.randn(2, 4, 8, 8, generator=g)
+    src, tgt = tiny_teacher.encode_prompts(["a cat"] * 2), tiny_teacher.encode_prompts(["a lion"] * 2)
+    t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8, generator=g)
+    ref = dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise)
+    tiny_teacher.set_channels_last()
+    assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    tiny_teacher.to("cpu", torch.float32)  # to() keeps the format
+    assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise), ref, rtol=1e-3, atol=1e-4)
