@@ -78,6 +78,8 @@ def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_
     """Outputs (N, 3, H, W) in [-1, 1] of one method on an eval set, and seconds per image."""
     from ddstrans.editing import EditConfig, edit_latents
 
+    if method == "network" and translator is not None and translator.conditioning != "text":
+        translator.translate_tensor(es.inputs[:1], es.task)  # warm-up: lazy initialisation is not the method's cost
     start = time.perf_counter()
     outs = []
     for sl in _batches(len(es.seeds), batch_size):

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Translation quality on the shapes world: the single-pass network vs per-image DDS/SDS editing, and ablations.
+
+For each variant (a set of Hydra overrides of ``experiment=shapes``) this trains a translator, exports it and
+scores it on held-out inputs; per-image DDS and SDS editing of the same inputs run beside it. Results are
+aggregated per task family (color / shape / background) into one markdown table, written to
+``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on this machine.
+
+    python scripts/bench_quality.py                       # all variants (about an hour on 2 CPU cores)
+    python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
+
+Variants: main (DDS, CFG warm-up, task-id, EMA), no_warmup, sds, text (text conditioning), no_ema, and
+unseen (text conditioning trained on to_blue/to_red only, evaluated on those and on the unseen to_yellow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS: dict[str, list[str]] = {
+    "main": [],
+    "no_warmup": ["loss.warmup_steps=0"],
+    "sds": ["loss.type=sds"],
+    "text": ["generator.conditioning=text"],
+    "no_ema": ["optim.ema.enabled=false"],
+    "unseen": ["generator.conditioning=text", "tasks=shapes_seen"],
+}
+FAMILY = {"color": "color", "shape": "shape", "background": "background"}
+
+
+def train_and_export(name: str, overrides: list[str], args) -> Path:
+    run = args.out / name
+    tr = run / "translator"
+    if (tr / "translator.json").is_file() and not args.retrain:
+        return tr
+    cmd = [sys.executable, "-m", "ddstrans.cli.train", "experiment=shapes", f"hydra.run.dir={run / 'train'}",
+           "export_after_fit=false", f"trainer.max_steps={args.steps}", "trainer.max_time=null",
+           f"trainer.val_check_interval={args.steps}", f"callbacks.model_checkpoint.every_n_train_steps={args.steps}",
+           "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "offline"}
+    t0 = time.time()
+    with open(run.with_suffix(".log"), "w") as log:
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(run / "train/checkpoints/last.ckpt"),
+                        str(tr), "--overwrite"], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"[{name}] trained {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
+    return tr
+
+
+def family_rows(rows: list[dict], label: str) -> list[dict]:
+    """Average rows over the tasks of each family (color / shape / background)."""
+    out = []
+    for fam in ("color", "shape", "background"):
+        part = [r for r in rows if r["attribute"] == fam]
+        if part:
+            agg = {k: mean(r[k] for r in part) for k in ("target_acc", "mask_iou", "bg_psnr", "diversity", "ms_per_image")}
+            out.append({"variant": label, "family": fam, "tasks": ",".join(r["task"] for r in part), **agg})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | family | tasks | target acc | mask IoU | bg PSNR (dB) | diversity | ms / image |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['family']} | {r['tasks']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
+                     f"{r['bg_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=600, help="training steps per variant")
+    p.add_argument("--n", type=int, default=64, help="held-out inputs per task for the networks")
+    p.add_argument("--edit-n", type=int, default=16, help="held-out inputs per task for per-image DDS/SDS editing")
+    p.add_argument("--edit-steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality")
+    p.add_argument("--retrain", action="store_true", help="train again even if a variant's translator exists")
+    p.add_argument("--skip-editing", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ddstrans.evaluation import evaluate
+    from ddstrans.shapes.defaults import load_shapes_teacher, shapes_tasks
+    from ddstrans.translator import Translator
+
+    all_tasks = {t.name: t for t in shapes_tasks()}
+    results: list[dict] = []
+    raw: dict[str, list[dict]] = {}
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        tr = Translator.from_pretrained(train_and_export(name, VARIANTS[name], args))
+        if name == "unseen":
+            seen = tr.tasks
+            rows = evaluate([all_tasks[t] for t in seen], args.n, ["network"], translator=tr)
+            results += family_rows(rows, f"unseen: trained pairs ({','.join(seen)})")
+            rows_u = evaluate([all_tasks["to_yellow"]], args.n, ["network"], translator=tr)
+            results += family_rows(rows_u, "unseen: new pair (to_yellow)")
+            rows += rows_u
+        else:
+            rows = evaluate([all_tasks[t] for t in tr.tasks], args.n, ["network"], translator=tr)
+            results += family_rows(rows, f"network: {name}")
+        raw[name] = rows
+        print(table(results[-3:]), flush=True)
+    if not args.skip_editing:
+        teacher = load_shapes_teacher()
+        edit = {"steps": args.edit_steps}
+        for method in ("dds", "sds"):
+            rows = evaluate(list(all_tasks.values()), args.edit_n, [method], teacher=teacher, edit_config=edit,
+                            progress=True)
+            raw[f"edit_{method}"] = rows
+            results += family_rows(rows, f"per-image {method.upper()} ({args.edit_steps} steps)")
+    text = table(results)
+    net = [r for r in results if r["variant"] == "network: main"]
+    dds = [r for r in results if r["variant"].startswith("per-image DDS")]
+    if net and dds:
+        ratio = mean(r["ms_per_image"] for r in dds) / mean(r["ms_per_image"] for r in net)
+        text += f"\n\nPer-image DDS editing takes {ratio:.0f}x the time per image of the network (same run, same machine)."
+    (args.out / "quality.md").write_text(text + "\n")
+    (args.out / "quality.json").write_text(json.dumps({"summary": results, "rows": raw, "args": vars(args)}, indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
