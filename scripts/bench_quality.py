@@ -51,7 +51,7 @@ def train_and_export(name: str, overrides: list[str], args) -> Path:
     with open(run.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(run / "train/checkpoints/last.ckpt"),
-                        str(tr), "--overwrite"], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                        str(tr), "--overwrite", *(["--no-ema"] if "optim.ema.enabled=false" in overrides else [])], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"[{name}] trained {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
     return tr
 
