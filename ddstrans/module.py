@@ -41,10 +41,15 @@ DEFAULT_LOSS = {
     "weighting": "uniform",
     "reduction": "hw",
     "weight": 1.0,
+    "max_consecutive_nonfinite": 20,
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
 DEFAULT_VALIDATION = {"num_images": 4, "save_png": True, "log_images": True, "seed": 1234}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss: training stops instead of spinning on skipped steps."""
 
 
 def _resolve_dtype(name: str | torch.dtype | None, device: torch.device, precision: str) -> torch.dtype:
@@ -109,6 +114,7 @@ class DDSTranslationModule(L.LightningModule):
         self._skip_step = False
         self._stepped = False
         self.skipped_steps = 0
+        self.consecutive_skipped = 0
         self._ema_swapped = False
         self._val_grid_rows: list = []
 
@@ -207,13 +213,38 @@ class DDSTranslationModule(L.LightningModule):
         self._skip_step = bool(bad.item() > 0)
         if self._skip_step:
             self.skipped_steps += 1
+            self.consecutive_skipped += 1
+            self._check_nonfinite_streak()
+        else:
+            self.consecutive_skipped = 0
         name = f"train/loss_{self.loss_cfg['type']}"
         self.log(name, torch.nan_to_num(loss.detach()), prog_bar=True)
         self.log("train/guidance", float(guidance))
         self.log("train/nonfinite", info.nonfinite.float())
         self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log("train/consecutive_skipped", float(self.consecutive_skipped))
         self.log("train/delta", (z_tgt.detach() - z_src).abs().mean())
         return loss
+
+    def _check_nonfinite_streak(self) -> None:
+        """Raise ``NonFiniteLossError`` after ``loss.max_consecutive_nonfinite`` skipped steps in a row (0: never).
+        The skip flag is reduced over ranks, so every rank raises at the same step."""
+        limit = int(self.loss_cfg.get("max_consecutive_nonfinite") or 0)
+        if limit <= 0 or self.consecutive_skipped < limit:
+            return
+        lr = None
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0].get("lr")
+        tdt = str(self.teacher.dtype).replace("torch.", "")
+        lr_now = f"optim.lr, now {lr:g}" if isinstance(lr, (int, float)) else "optim.lr"
+        half = " - try model.teacher_dtype=bfloat16 or float32" if tdt == "float16" else ""
+        raise NonFiniteLossError(
+            f"the {self.loss_cfg['type'].upper()} loss was non-finite (NaN/inf) for {self.consecutive_skipped} "
+            f"consecutive steps (up to global step {self.global_step}; {self.skipped_steps} skipped in all). "
+            f"Likely causes: learning rate too high ({lr_now}: lower it, or set trainer.gradient_clip_val); "
+            f"teacher overflow in {tdt}{half}; bad inputs (NaN/inf pixels or latents). Skipped steps did not "
+            "change the weights, so the last checkpoint is usable. loss.max_consecutive_nonfinite sets the "
+            "limit (0: never stop)")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().float().norm() for p in self.generator.parameters() if p.grad is not None]
@@ -339,6 +370,7 @@ class DDSTranslationModule(L.LightningModule):
             "run_config": self.run_config,
             "metrics": metrics,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skipped": self.consecutive_skipped,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -355,6 +387,7 @@ class DDSTranslationModule(L.LightningModule):
             self._ema_from_checkpoint = True
         payload = checkpoint.get(CHECKPOINT_KEY, {})
         self.skipped_steps = int(payload.get("skipped_steps", 0))
+        self.consecutive_skipped = int(payload.get("consecutive_skipped", 0))
 
 
 def log_grid(loggers, grid, step: int, caption: str = "") -> None:

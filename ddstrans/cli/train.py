@@ -15,6 +15,7 @@ The main function returns ``cfg.optimized_metric`` (for the Optuna sweeper).
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -113,6 +114,8 @@ def instantiate_callbacks(cfg: DictConfig) -> list:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    from ddstrans.validation import MissingCheckpointError
+
     """``null`` -> None; ``last`` -> <run dir>/checkpoints/last.ckpt (must exist); else a file path."""
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "", "null"):
@@ -120,13 +123,13 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if str(ckpt) == "last":
         path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingCheckpointError(
                 f"ckpt_path=last: no {path}. 'last' is looked up in this run's directory; to resume a run pass "
                 "its directory too (hydra.run.dir=<old run dir>) or give ckpt_path=<path to .ckpt>")
         return str(path)
     path = Path(hydra.utils.to_absolute_path(str(ckpt)))
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt}: no such file")
+        raise MissingCheckpointError(f"ckpt_path={ckpt}: no such file")
     return str(path)
 
 
@@ -171,10 +174,12 @@ def _teardown_distributed(saved_env: dict) -> None:
 
 
 def build_module(cfg: DictConfig, teacher=None):
-    """The LightningModule from a composed config (teacher loaded unless given)."""
+    """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
+    from ddstrans.validation import validate_with_teacher
 
     teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
+    validate_with_teacher(cfg, teacher)
     inst = hydra.utils.instantiate
     optim = cfg.optim
     try:
@@ -230,14 +235,30 @@ def train(cfg: DictConfig) -> float | None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ddstrans.validation import ConfigError, validate_config
+
+    validate_config(cfg)  # before any heavy work: one clear ConfigError line
     ckpt_path = resolve_ckpt_path(cfg)
     save_resolved_config(cfg)
     module = build_module(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_loggers(cfg)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=loggers or False,
+                                      **checkpoint_io_plugins(cfg))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            # weights_only: resuming unpickles no code (tensors, containers and primitives only)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:
+            raise Preempted(_preempted_message(cfg, trainer)) from None
+        except pickle.UnpicklingError as e:
+            if ckpt_path is None:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"ckpt_path={ckpt_path}: refusing to unpickle it (resume loads checkpoints with "
+                              f"weights_only=True; it holds other objects: {first})") from None
         metric = None
         name = cfg.get("optimized_metric")
         if name and name in trainer.callback_metrics:
@@ -253,6 +274,34 @@ def train(cfg: DictConfig) -> float | None:
         if in_multirun:
             _teardown_distributed(saved_env)
     return metric
+
+
+class Preempted(SystemExit):
+    """SIGTERM ended the run (after writing last.ckpt when checkpoints are on); exit status 143."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+
+def _preempted_message(cfg: DictConfig, trainer) -> str:
+    saved = [c.saved_path for c in trainer.callbacks if type(c).__name__ == "SaveLastCheckpoint" and c.saved_path]
+    where = f"saved {saved[0]}" if saved else "no checkpoint written (callbacks without a checkpoint directory)"
+    return (f"preempted (SIGTERM) at step {trainer.global_step}: {where}; resume with "
+            f"ckpt_path=last hydra.run.dir={cfg.paths.output_dir}")
+
+
+def checkpoint_io_plugins(cfg: DictConfig) -> dict:
+    """``plugins=[AtomicCheckpointIO()]`` for the trainer unless the config brings its own plugins or a strategy
+    with its own checkpoint format (FSDP/DeepSpeed)."""
+    from ddstrans.callbacks import AtomicCheckpointIO
+
+    if cfg.trainer.get("plugins") is not None:
+        return {}
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if not (strategy == "auto" or strategy.startswith("ddp") or strategy in ("single_device", "dp")):
+        return {}
+    return {"plugins": [AtomicCheckpointIO()]}
 
 
 def _export_after_fit(cfg: DictConfig, trainer) -> None:
@@ -291,9 +340,33 @@ def compose(overrides: list[str] | None = None, output_dir: str | os.PathLike | 
     return cfg
 
 
+def _show_traces() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HYDRA_FULL_ERROR", "DDSTRANS_DEBUG"))
+
+
+def run_reporting_errors(cfg: DictConfig) -> float | None:
+    """``train(cfg)``; user errors (bad config, missing teacher or checkpoint, a run stopped by non-finite losses)
+    become one ``error: ...`` line and exit status 2 (1 for a stopped run); SIGTERM exits 143 after the save.
+    ``HYDRA_FULL_ERROR=1`` or ``DDSTRANS_DEBUG=1`` re-raise with the stack trace."""
+    from ddstrans.module import NonFiniteLossError
+    from ddstrans.teacher import TeacherLoadError
+    from ddstrans.validation import ConfigError
+
+    try:
+        return train(cfg)
+    except Preempted as e:
+        print(e.message, file=sys.stderr)
+        raise SystemExit(143) from None
+    except (ConfigError, TeacherLoadError, NonFiniteLossError) as e:
+        if _show_traces():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, NonFiniteLossError) else 2) from None
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    return run_reporting_errors(cfg)
 
 
 if __name__ == "__main__":

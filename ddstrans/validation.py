@@ -1,0 +1,179 @@
+"""Checks of a composed training config that run before any heavy work (before the teacher is loaded).
+
+``validate_config(cfg)`` raises ``ConfigError`` (a ``ValueError``) with one line that says what is wrong and what
+to write instead; ``ddstrans-train`` prints it as ``error: ...`` and exits with status 2 (``HYDRA_FULL_ERROR=1`` or
+``DDSTRANS_DEBUG=1`` show the stack trace). ``validate_with_teacher(cfg, teacher)`` runs the checks that need the
+loaded teacher (resolution vs. the VAE's downsampling factor), still before any training step.
+
+``data.batch_size`` is **per device**. A config may instead give ``data.global_batch_size``: it must then be
+divisible by world size x ``trainer.accumulate_grad_batches``, and the per-device batch size is derived from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+
+class ConfigError(ValueError):
+    """A training config that cannot work; the message is one line meant for the user."""
+
+
+class MissingCheckpointError(ConfigError, FileNotFoundError):
+    """``ckpt_path`` names a checkpoint that does not exist."""
+
+
+def _get(cfg, key: str, default=None):
+    try:
+        return OmegaConf.select(cfg, key, default=default, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{key} is required (it is '???' in the config): pass {key}=...") from None
+
+
+def world_size(cfg) -> int:
+    """Processes the trainer config asks for (devices x nodes); ``auto``/-1 count visible GPUs for GPU runs."""
+    t = cfg.get("trainer") or {}
+    devices = t.get("devices", 1)
+    accel = str(t.get("accelerator", "auto"))
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    elif OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif devices in ("auto", -1) or devices is None:
+        n = 1
+        if accel in ("gpu", "cuda", "auto"):
+            try:
+                import torch
+
+                n = max(1, torch.cuda.device_count())
+            except Exception:  # noqa: BLE001
+                n = 1
+    else:
+        n = int(devices)
+    return max(1, n) * max(1, int(t.get("num_nodes", 1) or 1))
+
+
+def _check_tasks(cfg) -> None:
+    tasks_cfg = cfg.get("tasks")
+    tasks = tasks_cfg.get("tasks") if isinstance(tasks_cfg, DictConfig) else None
+    if tasks is None or len(tasks) == 0:
+        raise ConfigError("no tasks: tasks.tasks is empty; pick a task list (tasks=smoke, tasks=cat2animals, ...) "
+                          "or give at least one {name, source, target}")
+    names = []
+    for i, t in enumerate(tasks):
+        if not isinstance(t, DictConfig):
+            raise ConfigError(f"tasks.tasks[{i}] must be a mapping {{name, source, target}}, got {t!r}")
+        missing = [k for k in ("name", "source", "target") if t.get(k) in (None, "", [])]
+        if missing:
+            raise ConfigError(f"tasks.tasks[{i}] ({t.get('name', '?')!r}) lacks {', '.join(missing)}")
+        names.append(str(t.name))
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise ConfigError(f"duplicate task name(s) {', '.join(map(repr, dup))} in tasks.tasks: names must be unique "
+                          "(they select the task at export/translate time)")
+
+
+def _check_positive(cfg) -> None:
+    max_steps = _get(cfg, "trainer.max_steps", -1)
+    max_epochs = _get(cfg, "trainer.max_epochs", None)
+    if max_steps is not None and (int(max_steps) == 0 or int(max_steps) < -1):
+        raise ConfigError(f"trainer.max_steps={max_steps}: must be a positive number of optimizer steps "
+                          "(or -1 with trainer.max_epochs)")
+    if (max_steps is None or int(max_steps) == -1) and (max_epochs is None or int(max_epochs) <= 0):
+        raise ConfigError("trainer.max_steps=-1 and no positive trainer.max_epochs: the run would never end; "
+                          "set trainer.max_steps=N")
+    lr = _get(cfg, "optim.lr", None)
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"optim.lr={lr}: the learning rate must be > 0")
+    for key in ("optim.optimizer.lr",):
+        v = _get(cfg, key, None)
+        if v is not None and not float(v) > 0:
+            raise ConfigError(f"{key}={v}: the learning rate must be > 0")
+    for key in ("data.batch_size", "trainer.accumulate_grad_batches"):
+        v = _get(cfg, key, None)
+        if v is not None and int(v) <= 0:
+            raise ConfigError(f"{key}={v}: must be >= 1")
+    val = _get(cfg, "trainer.val_check_interval", None)
+    if isinstance(val, (int, float)) and val <= 0:
+        raise ConfigError(f"trainer.val_check_interval={val}: must be > 0 (steps, or a fraction of an epoch)")
+    every = _get(cfg, "callbacks.model_checkpoint.every_n_train_steps", None)
+    if every is not None and int(every) < 0:
+        raise ConfigError(f"callbacks.model_checkpoint.every_n_train_steps={every}: must be >= 0")
+    n = _get(cfg, "loss.max_consecutive_nonfinite", None)
+    if n is not None and int(n) < 0:
+        raise ConfigError(f"loss.max_consecutive_nonfinite={n}: must be >= 0 (0: never stop)")
+
+
+def _check_global_batch(cfg) -> None:
+    gbs = _get(cfg, "data.global_batch_size", None)
+    if gbs is None:
+        return
+    gbs = int(gbs)
+    ws = world_size(cfg)
+    accum = int(_get(cfg, "trainer.accumulate_grad_batches", 1) or 1)
+    if gbs <= 0 or gbs % (ws * accum):
+        lo = max(1, gbs // (ws * accum)) * ws * accum
+        raise ConfigError(f"data.global_batch_size={gbs} is not divisible by world size {ws} x "
+                          f"accumulate_grad_batches {accum}; use e.g. {lo} or {lo + ws * accum}, or set the "
+                          "per-device data.batch_size instead")
+    per_device = gbs // (ws * accum)
+    bs = _get(cfg, "data.batch_size", None)
+    with open_dict(cfg.data):
+        cfg.data.batch_size = per_device
+    if bs is not None and int(bs) != per_device and os.environ.get("LOCAL_RANK") in (None, "0"):
+        print(f"data.global_batch_size={gbs} over {ws} process(es) x {accum} accumulation: "
+              f"per-device data.batch_size={per_device} (was {bs})")
+
+
+def _check_teacher_path(cfg) -> None:
+    t = cfg.get("teacher")
+    if not isinstance(t, DictConfig) or "path_or_hub_id" not in t.keys():  # `in t` is False for ???
+        return
+    name = _get(cfg, "teacher.path_or_hub_id", None)
+    if name is None:
+        return  # loaders with a default location (e.g. the shapes teacher) check it themselves
+    from ddstrans.teacher import REQUIRED_COMPONENTS, _looks_like_hub_id
+
+    local = Path(str(name)).expanduser()
+    if local.is_dir():
+        missing = [c for c in REQUIRED_COMPONENTS if not (local / c).is_dir()]
+        if missing:
+            raise ConfigError(f"teacher.path_or_hub_id={name}: the directory lacks {', '.join(missing)} "
+                              f"(a diffusers-format teacher has {', '.join(REQUIRED_COMPONENTS)} and optionally vae)")
+    elif local.exists():
+        raise ConfigError(f"teacher.path_or_hub_id={name} is a file; give the teacher's diffusers-format directory")
+    elif not _looks_like_hub_id(str(name)):
+        raise ConfigError(f"teacher.path_or_hub_id={name}: no such directory (and not a hub id like 'org/model')")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks before the teacher is loaded; raises ``ConfigError``."""
+    _check_tasks(cfg)
+    _check_positive(cfg)
+    _check_global_batch(cfg)
+    _check_teacher_path(cfg)
+
+
+def data_resolution(cfg) -> int | None:
+    for key in ("data.resolution", "data.image_size"):
+        v = _get(cfg, key, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def validate_with_teacher(cfg: DictConfig, teacher) -> None:
+    """Checks that need the loaded teacher; raises ``ConfigError``."""
+    f = int(getattr(teacher, "downsample_factor", 1) or 1)
+    res = data_resolution(cfg)
+    if res is not None and f > 1 and res % f:
+        key = "data.resolution" if _get(cfg, "data.resolution", None) is not None else "data.image_size"
+        lo = max(f, res // f * f)
+        raise ConfigError(f"{key}={res} is not divisible by the teacher's VAE downsampling factor {f}; "
+                          f"use {lo} or {lo + f}")
