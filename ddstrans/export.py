@@ -15,19 +15,31 @@ class ExportError(RuntimeError):
     pass
 
 
-def load_training_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint written by ``ddstrans-train`` (the user's own file: full unpickling is allowed
-    here; the exported translator itself is safetensors + JSON only)."""
+def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
+    """A Lightning checkpoint written by ``ddstrans-train``, read with ``torch.load(weights_only=True)``: tensors,
+    containers and primitives only, so a planted checkpoint cannot run code. ``trust=True`` (CLI
+    ``--trust-checkpoint``) allows full unpickling of a file you trust that holds other objects."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if trust:
+            raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
+        raise ExportError(f"{path}: holds objects other than tensors and plain containers ({_first_line(e)}); "
+                          "refusing to unpickle it. If you trust this file, pass --trust-checkpoint") from None
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if "ddstrans" not in ckpt or "state_dict" not in ckpt:
+        raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)}); truncated or not a torch file?") from None
+    if not isinstance(ckpt, dict) or "ddstrans" not in ckpt or "state_dict" not in ckpt:
         raise ExportError(f"{path}: not a ddstrans training checkpoint (no 'ddstrans' section)")
     return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
@@ -117,6 +129,7 @@ def export_checkpoint(
     copy_teacher: bool = True,
     teacher_path: str | Path | None = None,
     overwrite: bool = False,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the translator directory; returns its path.
 
@@ -130,7 +143,7 @@ def export_checkpoint(
         if not overwrite:
             raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
-    ckpt = load_training_checkpoint(ckpt_path)
+    ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
     gen, used_ema = generator_from_checkpoint(ckpt, use_ema)
     table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])

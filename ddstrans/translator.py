@@ -24,6 +24,7 @@ from PIL import Image
 
 FORMAT = "ddstrans.translator"
 FORMAT_VERSION = 1
+REQUIRED_FILES = ("generator/config.json", "generator/diffusion_pytorch_model.safetensors", "tasks.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -51,13 +52,19 @@ def hash_tree(root: Path, exclude: Sequence[str] = ("translator.json",)) -> dict
 
 def verify_tree(root: Path, files: dict[str, str]) -> None:
     """Raise ``TranslatorLoadError`` unless every listed file exists with its hash and no pickle file was added."""
+    if not files:
+        raise TranslatorLoadError(f"{root}: translator.json lists no file hashes; refusing to load unverified files "
+                                  "(re-export it with `ddstrans export`)")
+    unlisted = [r for r in REQUIRED_FILES if r not in files]
+    if unlisted:
+        raise TranslatorLoadError(f"{root}: translator.json does not list {', '.join(unlisted)}; refusing to load")
     for rel, digest in files.items():
         p = root / rel
         if not p.is_file():
             raise TranslatorLoadError(f"{root}: file {rel} listed in translator.json is missing")
         if sha256_file(p) != digest:
             raise TranslatorLoadError(
-                f"{root}: {rel} does not match its sha256 in translator.json (tampered or corrupted); refusing to load")
+                f"{root}: {rel} does not match its sha256 in translator.json (tampered, truncated or corrupted); refusing to load")
     for p in root.rglob("*"):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and p.suffix in PICKLE_SUFFIXES and rel not in files:

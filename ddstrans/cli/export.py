@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                    help="reference the teacher directory by path instead of copying its VAE/text encoder")
     p.add_argument("--teacher", type=Path, default=None, help="teacher directory, if it moved since training")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (only for files you trust; by default it is read "
+                   "with torch.load(weights_only=True))")
     p.set_defaults(func=run)
 
 
@@ -32,13 +35,16 @@ def run(args) -> int:
 
     out = args.out_dir
     if out is None:
-        ckpt = load_training_checkpoint(args.checkpoint)
+        try:
+            ckpt = load_training_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        except ExportError as e:
+            raise CLIError(str(e)) from None
         name = (ckpt["ddstrans"].get("run_config") or {}).get("task_name") or "translator"
         out = Path("checkpoints") / f"{name}-step{ckpt.get('global_step', 0)}"
     try:
         path = export_checkpoint(args.checkpoint, out, use_ema=not args.no_ema,
                                  copy_teacher=not args.reference_teacher, teacher_path=args.teacher,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
     except ExportError as e:
         raise CLIError(str(e)) from None
     print(f"exported translator to {path}")
