@@ -158,6 +158,27 @@ def test_sigterm_saves_last_checkpoint_then_exits_143(tmp_path):
     assert _load(last)["global_step"] == step + 2
 
 
+@pytest.mark.slow
+def test_sigterm_under_two_process_ddp_saves_once_without_hanging(tmp_path):
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_long_run(run, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", every=5),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(last, proc, timeout=90)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # rank 0; Lightning forwards it to rank 1
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("preempted (SIGTERM) at step")]
+    assert len(lines) == 1, err[-2000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert _load(last)["global_step"] == step
+
+
 def test_save_on_sigterm_ignores_other_exceptions(tmp_path):
     cb = SaveLastCheckpoint()
 

@@ -355,13 +355,24 @@ def run_reporting_errors(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except Preempted as e:
-        print(e.message, file=sys.stderr)
+        if _rank_zero():
+            print(e.message, file=sys.stderr)
         raise SystemExit(143) from None
     except (ConfigError, TeacherLoadError, NonFiniteLossError) as e:
         if _show_traces():
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if _rank_zero():
+            print(f"error: {e}", file=sys.stderr)
+        if _in_multirun():
+            raise  # a sweep records the failed job (Optuna: a failed trial) and goes on
         raise SystemExit(1 if isinstance(e, NonFiniteLossError) else 2) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
