@@ -45,7 +45,9 @@ def test_from_folder_converts_skips_and_writes_manifest(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     _bad_folder(src)
     rc = main(["make-shards", "from-folder", str(src), str(out), "--max-side", "32", "--maxcount", "3", "--no-progress"])
-    assert rc == 0
+    assert rc == 1  # unreadable inputs make the exit status non-zero; the readable ones are still written
+    printed = capsys.readouterr()
+    assert "4 input file(s) could not be read" in printed.err
     m = json.loads((out / "manifest.json").read_text())
     assert m["count"] == 7 and m["num_shards"] == 3 and m["found_images"] == 11
     assert sum(m["skipped"].values()) == 5  # tiny, corrupt, truncated, empty, readme.md
@@ -61,11 +63,14 @@ def test_from_folder_converts_skips_and_writes_manifest(tmp_path, capsys):
         assert im.mode == "RGB" and max(im.size) <= 32
     caps = [s["txt"].decode() for s in samples.values() if "txt" in s]
     assert caps == ["a cat on a sofa"]
-    assert "shards-{000000..000002}.tar" in capsys.readouterr().out
+    assert "shards-{000000..000002}.tar" in printed.out
     # a second run does not silently mix into existing shards
     assert main(["make-shards", "from-folder", str(src), str(out), "--no-progress"]) == 1
-    assert main(["make-shards", "from-folder", str(src), str(out), "--no-progress", "--overwrite", "--maxcount", "100"]) == 0
+    assert main(["make-shards", "from-folder", str(src), str(out), "--no-progress", "--overwrite", "--maxcount", "100"]) == 1
     assert json.loads((out / "manifest.json").read_text())["num_shards"] == 1
+    for bad in ("corrupt.jpg", "truncated.png", "empty.png", "readme.md"):
+        (src / bad).unlink()
+    assert main(["make-shards", "from-folder", str(src), str(out), "--no-progress", "--overwrite"]) == 0  # only "too small" left
 
 
 def _gen(out, teacher_dir, count, *extra):

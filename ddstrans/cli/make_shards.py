@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 
 from ddstrans.cli.common import CLIError, pick_device
 
@@ -92,6 +93,11 @@ def _load_teacher(args):
     return Teacher.from_pretrained(args.teacher, torch_dtype=getattr(torch, dtype), device=device)
 
 
+def _failed_inputs(manifest: dict) -> int:
+    """Inputs that could not be read (corrupt, truncated, empty, not an image); 'too small' is a filter, not a failure."""
+    return sum(n for reason, n in (manifest.get("skipped") or {}).items() if not reason.startswith("too small"))
+
+
 def _report(manifest: dict, out: str) -> None:
     skipped = manifest.get("skipped") or {}
     print(f"{out}: {manifest.get('count', 0)} samples in {manifest.get('num_shards', 0)} shard(s)"
@@ -128,6 +134,11 @@ def run_from_folder(args) -> int:
     except FileExistsError as e:
         raise CLIError(str(e)) from None
     _report(manifest, args.out)
+    failed = _failed_inputs(manifest)
+    if failed:
+        print(f"error: {failed} input file(s) could not be read (named above, reasons in manifest.json); "
+              "the rest were written", file=sys.stderr)
+        return 1
     return 0
 
 
