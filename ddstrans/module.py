@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ddstrans.generator import TranslationUNet
 from ddstrans.schedules import guidance_at, t_range_at
-from ddstrans.scores import dds_grad, sds_grad, surrogate_loss
+from ddstrans.scores import dds_grad, identity_loss, sds_grad, surrogate_loss
 from ddstrans.tasks import TaskTable
 
 CHECKPOINT_KEY = "ddstrans"
@@ -42,6 +42,7 @@ DEFAULT_LOSS = {
     "reduction": "hw",
     "weight": 1.0,
     "max_consecutive_nonfinite": 20,
+    "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -205,6 +206,10 @@ class DDSTranslationModule(L.LightningModule):
         guidance = self.current_guidance()
         grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
+        if self.loss_cfg["identity_weight"]:
+            ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])
+            self.log("train/loss_identity", ident.detach())
+            loss = loss + self.loss_cfg["identity_weight"] * ident
 
         # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
         # sync per step; everything logged below stays a tensor.

@@ -123,6 +123,30 @@ def surrogate_loss(z: torch.Tensor, grad: torch.Tensor, reduction: str = "hw") -
     raise ValueError(f"unknown reduction {reduction!r}; choose hw, sum or mean")
 
 
+def edit_mask(grad: torch.Tensor) -> torch.Tensor:
+    """Where the score does *not* ask for change: ``1 - |grad| / max |grad|`` per sample (channel mean), in [0, 1].
+
+    Near 0 where the prompt edit pulls hardest, near 1 where the score is flat (regions that should stay).
+    """
+    mag = grad.detach().abs().mean(dim=1, keepdim=True)
+    peak = mag.flatten(1).amax(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+    return 1 - mag / peak
+
+
+def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, reduction: str = "hw") -> torch.Tensor:
+    """Structure-preserving term beyond the DDS paper: squared change of the edited latent, weighted by
+    :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
+    Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W))."""
+    sq = (edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum()
+    if reduction == "hw":
+        return sq / (z_tgt.shape[-1] * z_tgt.shape[-2])
+    if reduction == "sum":
+        return sq
+    if reduction == "mean":
+        return sq / z_tgt.numel()
+    raise ValueError(f"unknown reduction {reduction!r}; choose hw, sum or mean")
+
+
 def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
     if t is None:
         t = sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)

@@ -9,8 +9,9 @@ aggregated per task family (color / shape / background) into one markdown table,
     python scripts/bench_quality.py                       # all variants (about an hour on 2 CPU cores)
     python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
 
-Variants: main (DDS, CFG warm-up, task-id, EMA), no_warmup, sds, text (text conditioning), no_ema, and
-unseen (text conditioning trained on to_blue/to_red only, evaluated on those and on the unseen to_yellow).
+Variants: main (DDS, CFG warm-up, task-id, EMA), no_warmup, sds, text (text conditioning), no_ema,
+unseen (text conditioning trained on to_blue/to_red only, evaluated on those and on the unseen to_yellow), and
+identity (beyond the paper: + an identity term on regions the DDS score does not call to change).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "text": ["generator.conditioning=text"],
     "no_ema": ["optim.ema.enabled=false"],
     "unseen": ["generator.conditioning=text", "tasks=shapes_seen"],
+    "identity": ["loss.identity_weight=1.0"],
 }
 FAMILY = {"color": "color", "shape": "shape", "background": "background"}
 

@@ -172,3 +172,21 @@ def test_shape_mismatch_is_a_clear_error(tiny_teacher):
         ddstrans.dds_grad(tiny_teacher, z, torch.randn(1, 4, 4, 4), emb, emb)
     with pytest.raises(ValueError, match="noise shape"):
         ddstrans.sds_grad(tiny_teacher, z, emb, noise=torch.randn(1, 4, 4, 4))
+
+
+def test_identity_loss_holds_only_where_the_score_is_flat():
+    grad = torch.zeros(1, 2, 4, 4)
+    grad[..., 0, 0] = 3.0  # the edit pulls at pixel (0, 0) only
+    mask = scores.edit_mask(grad)
+    assert mask[0, 0, 0, 0] == 0 and torch.all(mask[0, 0].flatten()[1:] == 1)
+    z_src = torch.zeros(1, 2, 4, 4)
+    z = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        z[..., 0, 0] = 1.0  # change where the edit asks: free
+    assert scores.identity_loss(z, z_src, grad) == 0
+    with torch.no_grad():
+        z[..., 3, 3] = 1.0  # change elsewhere: penalised, sum / (H*W)
+    loss = scores.identity_loss(z, z_src, grad)
+    assert loss.item() == pytest.approx(2 / 16)
+    loss.backward()
+    assert z.grad[0, 0, 3, 3] == pytest.approx(2 / 16) and z.grad[0, 0, 0, 0] == 0
