@@ -113,13 +113,17 @@ def surrogate_loss(z: torch.Tensor, grad: torch.Tensor, reduction: str = "hw") -
     ``reduction="hw"`` is the reference's ``(z * grad).sum() / (H * W)`` (gradient = grad / (H*W));
     ``"sum"`` gives exactly ``grad``; ``"mean"`` divides by the number of elements.
     """
-    prod = (z * grad.detach()).sum()
+    return _reduce((z * grad.detach()).sum(), z, reduction)
+
+
+def _reduce(total: torch.Tensor, z: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``hw``: total / (H*W) (the reference); ``sum``: total; ``mean``: total / numel."""
     if reduction == "hw":
-        return prod / (z.shape[-1] * z.shape[-2])
+        return total / (z.shape[-1] * z.shape[-2])
     if reduction == "sum":
-        return prod
+        return total
     if reduction == "mean":
-        return prod / z.numel()
+        return total / z.numel()
     raise ValueError(f"unknown reduction {reduction!r}; choose hw, sum or mean")
 
 
@@ -137,14 +141,7 @@ def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, 
     """Structure-preserving term beyond the DDS paper: squared change of the edited latent, weighted by
     :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
     Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W))."""
-    sq = (edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum()
-    if reduction == "hw":
-        return sq / (z_tgt.shape[-1] * z_tgt.shape[-2])
-    if reduction == "sum":
-        return sq
-    if reduction == "mean":
-        return sq / z_tgt.numel()
-    raise ValueError(f"unknown reduction {reduction!r}; choose hw, sum or mean")
+    return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
 
 
 def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
