@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddstrans.shapes import BACKGROUNDS, COLOR_NAMES, SHAPES, caption, render_batch, sample_scene, to_model  # noqa: E402
+from ddstrans.shapes import BACKGROUNDS, COLOR_NAMES, SHAPES, caption, parse_caption, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
@@ -68,7 +68,8 @@ def eval_sampling(teacher, args):
     rows = []
     g = torch.Generator().manual_seed(args.seed)
     for cap in caps:
-        col, shp, bg = cap.split()[1], cap.split()[2], cap.split()[4]
+        a = parse_caption(cap)
+        col, shp, bg = a["color"], a["shape"], a["background"]
         x = teacher.sample([cap] * args.sample_n, num_inference_steps=args.sample_steps,
                            guidance_scale=args.sample_guidance, generator=g)
         c = M.classify_color(x)
