@@ -85,7 +85,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task for the networks")
     p.add_argument("--edit-n", type=int, default=16, help="held-out inputs per task for per-image DDS/SDS editing")
     p.add_argument("--edit-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality")
     p.add_argument("--retrain", action="store_true", help="train again even if a variant's translator exists")
     p.add_argument("--skip-editing", action="store_true")
@@ -102,10 +103,16 @@ def main() -> None:
     all_tasks = {t.name: t for t in shapes_tasks()}
     results: list[dict] = []
     raw: dict[str, list[dict]] = {}
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-        tr = Translator.from_pretrained(train_and_export(name, VARIANTS[name], args))
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # training runs are subprocesses
+        dirs = dict(zip(names, pool.map(lambda n: train_and_export(n, VARIANTS[n], args), names)))
+    for name in names:
+        tr = Translator.from_pretrained(dirs[name])
         if name == "unseen":
             seen = tr.tasks
             rows = evaluate([all_tasks[t] for t in seen], args.n, ["network"], translator=tr)
