@@ -56,7 +56,8 @@ def _resolve(path_or_hub_id: str | os.PathLike) -> tuple[Path, str]:
 
 
 def _fingerprint(root: Path, identity: str) -> str:
-    """Cache key of the text encoding: identity + tokenizer/text-encoder configs and weight sizes."""
+    """Cache key of the text encoding: identity + tokenizer/text-encoder configs and weight sizes and mtimes, so
+    a teacher retrained in place (same architecture, same path) never reads the old embeddings."""
     h = hashlib.sha256(identity.encode())
     for sub in ("tokenizer", "text_encoder"):
         d = root / sub
@@ -64,8 +65,9 @@ def _fingerprint(root: Path, identity: str) -> str:
             h.update(f.name.encode())
             if f.suffix in (".json", ".txt"):
                 h.update(f.read_bytes())
-            else:
-                h.update(str(f.stat().st_size).encode())
+            else:  # weights: size and modification time (hashing GBs of weights at every load is too slow)
+                st = f.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

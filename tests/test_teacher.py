@@ -105,3 +105,19 @@ def test_a_file_instead_of_a_directory(tmp_path):
     f.write_text("x")
     with pytest.raises(TeacherLoadError, match="is a file"):
         Teacher.from_pretrained(f)
+
+
+def test_prompt_cache_is_invalidated_when_the_text_encoder_is_retrained_in_place(tiny_teacher_dir, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, root)
+    first = Teacher.from_pretrained(root, cache_dir=tmp_path / "cache")
+    first.encode_prompts(["a photo of a cat"])
+    weights = root / "text_encoder" / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, rewritten later
+    again = Teacher.from_pretrained(root, cache_dir=tmp_path / "cache")
+    again.encode_prompts(["a photo of a cat"])
+    assert again.text_encoder_calls == 1  # not served from the stale disk cache
