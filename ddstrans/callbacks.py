@@ -95,6 +95,9 @@ class SaveLastCheckpoint(Callback):
 
     def _save(self, trainer, path: Path, cb: ModelCheckpoint | None) -> None:
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank calls it, rank 0 writes
+        self._mark_saved(trainer, path, cb)
+
+    def _mark_saved(self, trainer, path: Path, cb: ModelCheckpoint | None) -> None:
         self.saved_path = str(path)
         if cb is not None:
             cb.last_model_path = str(path)
@@ -111,9 +114,16 @@ class SaveLastCheckpoint(Callback):
         if path is None:
             rank_zero_info("SIGTERM: no checkpoint directory configured; nothing saved")
             return
-        # every rank gets here at the same step (Lightning broadcasts the SIGTERM flag), so the collective
-        # save (barrier inside) cannot hang
-        self._save(trainer, path, cb)
+        if trainer.world_size > 1:
+            # Ranks may raise at different steps (Lightning forwards SIGTERM to the children, which check it at
+            # their own step boundary), so a collective save (barrier) can deadlock: rank 0 writes alone. DDP
+            # replicas hold identical weights after every optimizer step.
+            if trainer.is_global_zero:
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+                self._mark_saved(trainer, path, cb)
+        else:
+            self._save(trainer, path, cb)
         rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
