@@ -71,6 +71,31 @@ def _fingerprint(root: Path, identity: str) -> str:
     return h.hexdigest()[:16]
 
 
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Stable Diffusion prompt encoding: pad to the tokenizer's max length, truncate, last hidden state."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def vae_encode(vae, images: torch.Tensor, scale: float, *, sample: bool = False, generator=None) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (float32); ``vae=None`` (pixel space) returns the images."""
+    if vae is None:
+        return images.float()
+    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return (dist.sample(generator) if sample else dist.mean).float() * scale
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1] (float32, clamped); ``vae=None`` returns the latents clamped."""
+    if vae is None:
+        return latents.float().clamp(-1, 1)
+    return vae.decode((latents / scale).to(device=vae.device, dtype=vae.dtype)).sample.float().clamp(-1, 1)
+
+
 class Teacher:
     """A frozen diffusion model that gives noise predictions, prompt embeddings and (de)coding.
 
@@ -238,14 +263,7 @@ class Teacher:
             prompts = [prompts]
         missing = [p for p in dict.fromkeys(prompts) if self._load_cached(p) is None]
         if missing:
-            tokens = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+            hidden = encode_text(self.tokenizer, self.text_encoder, missing)
             self.text_encoder_calls += 1
             for p, h in zip(missing, hidden):
                 self._store(p, h.to(self.dtype))
@@ -282,19 +300,12 @@ class Teacher:
         f = self.downsample_factor
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be divisible by {f} for this teacher's VAE")
-        if self.vae is None:
-            return images.float()
-        dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mean
-        return z.float() * self.latent_scale
+        return vae_encode(self.vae, images, self.latent_scale, sample=sample, generator=generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32, clamped)."""
-        if self.vae is None:
-            return latents.float().clamp(-1, 1)
-        x = self.vae.decode((latents / self.latent_scale).to(device=self.device, dtype=self.vae.dtype)).sample
-        return x.float().clamp(-1, 1)
+        return vae_decode(self.vae, latents, self.latent_scale)
 
     @property
     def image_size(self) -> int:

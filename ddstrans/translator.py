@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ddstrans.teacher import encode_text, vae_decode, vae_encode
+
 FORMAT = "ddstrans.translator"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("generator/config.json", "generator/diffusion_pytorch_model.safetensors", "tasks.safetensors")
@@ -69,14 +71,6 @@ def verify_tree(root: Path, files: dict[str, str]) -> None:
         rel = p.relative_to(root).as_posix()
         if p.is_file() and p.suffix in PICKLE_SUFFIXES and rel not in files:
             raise TranslatorLoadError(f"{root}: unexpected file {rel} (not in translator.json); refusing to load")
-
-
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Stable Diffusion prompt encoding (as ``Teacher.encode_prompts``): padded, last hidden state."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    with torch.no_grad():
-        return text_encoder(tokens.input_ids.to(text_encoder.device))[0].float()
 
 
 class Translator:
@@ -151,16 +145,11 @@ class Translator:
     # ------------------------------------------------------------------ images <-> latents
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return x.float().to(self.device)
-        x = x.to(self.device, self.vae.dtype)
-        return self.vae.encode(x).latent_dist.mean.float() * self.latent_scale
+        return vae_encode(self.vae, x.to(self.device), self.latent_scale)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return z.float().clamp(-1, 1)
-        return self.vae.decode((z / self.latent_scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return vae_decode(self.vae, z, self.latent_scale)
 
     # ------------------------------------------------------------------ translation
     def _condition(self, b: int, task: str | None, source: str | None, target: str | None):
@@ -177,7 +166,7 @@ class Translator:
                              f"use task= (one of {', '.join(self.tasks)})")
         if self.text_encoder is None:
             raise ValueError("this translator was exported without its text encoder; it can only run its tasks")
-        emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).to(self.device)
+        emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
         return None, emb[:1].expand(b, -1, -1), emb[1:].expand(b, -1, -1)
 
     @torch.no_grad()
