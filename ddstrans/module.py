@@ -174,6 +174,17 @@ class DDSTranslationModule(L.LightningModule):
             src_emb, tgt_emb = self.task_table.first(task_ids)
         return self.generator(z, task_ids=task_ids, src_emb=src_emb, tgt_emb=tgt_emb)
 
+    def _translate(self, z_src: torch.Tensor, task_index: int, captions=None):
+        ids = torch.full((z_src.shape[0],), task_index, dtype=torch.long, device=self.device)
+        emb_src, emb_tgt = self.task_table.embeddings_for(ids, captions, self.teacher)
+        return self.generator(z_src, task_ids=ids, src_emb=emb_src, tgt_emb=emb_tgt).float(), emb_src, emb_tgt
+
+    @torch.no_grad()
+    def translate_pixels(self, pixels: torch.Tensor, task_index: int, captions=None) -> torch.Tensor:
+        """Images in [-1, 1] through the current generator (the EMA weights during validation) for one task."""
+        z = self.teacher.encode_images(pixels.to(self.device)).float()
+        return self.teacher.decode_latents(self._translate(z, task_index, captions)[0]).float()
+
     def current_guidance(self, step: int | None = None) -> float:
         c = self.loss_cfg
         step = self.global_step if step is None else step
@@ -314,9 +325,7 @@ class DDSTranslationModule(L.LightningModule):
         t = torch.full((b,), sum(self.current_t_range(10**9)) // 2, dtype=torch.long, device=self.device)
         norms, deltas, outs = [], [], []
         for k in range(len(self.task_table)):
-            ids = torch.full((b,), k, dtype=torch.long, device=self.device)
-            emb_src, emb_tgt = self.task_table.embeddings_for(ids, batch.get("caption"), self.teacher)
-            z_tgt = self.generator(z_src, task_ids=ids, src_emb=emb_src, tgt_emb=emb_tgt).float()
+            z_tgt, emb_src, emb_tgt = self._translate(z_src, k, batch.get("caption"))
             grad, _ = self.score(z_src, z_tgt, emb_src, emb_tgt, self.loss_cfg["guidance"], None, None, t=t, noise=noise)
             norms.append(grad.pow(2).mean())
             deltas.append((z_tgt - z_src).abs().mean())

@@ -9,7 +9,7 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 mkdir -p "$out"
 
 echo "== 1/4 train (experiment=shapes) -> $out/train"
-ddstrans-train experiment=shapes hydra.run.dir="$out/train" export_after_fit=false "$@"
+ddstrans-train experiment=shapes logger=csv_wandb hydra.run.dir="$out/train" export_after_fit=false "$@"
 
 echo "== 2/4 export -> $translator"
 ddstrans export "$out/train/checkpoints/last.ckpt" "$translator" --overwrite
@@ -22,3 +22,9 @@ done
 
 echo "== 4/4 evaluate (64 held-out inputs per task) -> $out/eval.json, $out/before_after.png"
 ddstrans eval "$translator" --methods identity,network --n 64 --json "$out/eval.json" --grid "$out/before_after.png"
+
+echo "== done"
+echo "validation metrics during training (val/<task>/target_acc, mask_iou, bg_psnr, diversity): $out/train/csv/version_*/metrics.csv"
+for run in "$out"/train/wandb/offline-run-*; do
+  [ -d "$run" ] && echo "wandb offline run (grids + metrics; upload with: wandb sync $run)"
+done

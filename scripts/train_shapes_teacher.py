@@ -72,6 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--text-time-embed", action="store_true",
+                   help="also add an attention-pooled caption embedding to the time embedding (diffusers "
+                        "addition_embed_type='text'), so every ResNet block at every resolution sees the caption; "
+                        "binds global attributes (color) that cross-attention only at 8x8 did not")
+    p.add_argument("--probe-every", type=int, default=0,
+                   help="every N steps sample --probe-n images per caption with the EMA weights and export only "
+                        "when color-and-shape accuracy improves (best snapshot kept); 0 = export the last weights")
+    p.add_argument("--probe-n", type=int, default=4)
     p.add_argument("--t-low-frac", type=float, default=0.0,
                    help="fraction of timesteps drawn from [0, 500) instead of [0, 1000)")
     p.add_argument("--save-every-min", type=float, default=5.0)
@@ -120,6 +128,7 @@ def build_models(args):
         cross_attention_dim=args.text_dim,
         attention_head_dim=args.head_dim,
         norm_num_groups=8,
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=2) if args.text_time_embed else {}),
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -163,6 +172,60 @@ def make_batch(step, args, alphas_cumprod):
     return xt, t, noise, caps
 
 
+@torch.no_grad()
+def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, guidance: float = 4.0) -> float:
+    """Fraction of samples with the right color *and* shape, ``--probe-n`` per caption (all 24).
+
+    Fixed noise (seeded by ``--seed``) so that probes at different steps compare like with like.
+    """
+    from diffusers import DDIMScheduler
+
+    from ddstrans.shapes import all_captions, parse_caption
+    from ddstrans.shapes import metrics as M
+
+    was_training = unet.training
+    unet.eval()
+    text_encoder.eval()
+    caps = [c for c in all_captions() for _ in range(args.probe_n)]
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(n_steps)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    z = torch.randn(len(caps), 3, 32, 32, generator=g)
+    emb = encode(tokenizer, text_encoder, caps)
+    unc = encode(tokenizer, text_encoder, [""]).expand_as(emb)
+    for t in sched.timesteps:
+        tt = t.reshape(1).expand(len(caps))
+        eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([unc, emb])).sample.chunk(2)
+        z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z).prev_sample
+    x = ((z.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    colors, shapes = M.classify_color(x), M.classify_shape(x)
+    right = [parse_caption(c)["color"] == col and parse_caption(c)["shape"] == shp for c, col, shp in zip(caps, colors, shapes)]
+    if was_training:
+        unet.train()
+        text_encoder.train()
+    return float(np.mean(right))
+
+
+def swapped_in(params, ema_params):
+    """Context manager: the EMA weights in ``params`` for the duration (probe, export)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, ema_params):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+    return cm()
+
+
 def atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -171,11 +234,7 @@ def atomic_torch_save(obj, path: Path):
 
 def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, params):
     """Write the diffusers folder with the EMA weights; each subfolder is swapped in atomically."""
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema_params):
-            p.copy_(e)
-    try:
+    with swapped_in(params, ema_params):
         stage = out / "_train_state" / "export"
         if stage.exists():
             shutil.rmtree(stage)
@@ -207,14 +266,21 @@ def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, para
             os.replace(stage / name, dst)
             if old.exists():
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
 
 
 def write_card(out: Path, info: dict):
     """Model card; keeps an existing quality section (written by scripts/eval_shapes_teacher.py)."""
+    info = dict(info)
+    info["conditioning"] = (
+        "\nThe caption reaches the UNet twice: cross-attention (at 8x8) and an attention-pooled caption embedding "
+        "added to the time embedding (`addition_embed_type=\"text\"`), which every ResNet block sees."
+        if info.get("text_time_embed") else "")
+    best = info.get("best")
+    info["snapshot"] = (
+        f"\nThe exported weights are the EMA at step {best['step']}, the best of the probes run every "
+        f"few hundred steps ({info['probe_n']} DDIM-10 samples per caption, guidance 4: color and shape right in "
+        f"{best['score']:.1%}; log in `probe_log.csv`), not necessarily the last step's."
+        if best and best.get("step") else "")
     card = out / "README.md"
     quality = f"{QUALITY_BEGIN}\n_Not measured yet: run `python scripts/eval_shapes_teacher.py`._\n{QUALITY_END}"
     if card.exists():
@@ -237,7 +303,7 @@ There is no VAE: latents are pixels in [-1, 1].
 | `scheduler/` | `diffusers.DDPMScheduler` | epsilon prediction, 1000 steps, linear betas 1e-4..0.02 |
 
 The unconditional prompt is `""` (captions were dropped with probability {info['cond_drop']} in training).
-Weights are an EMA (decay {info['ema']}) of the trained weights.
+Weights are an EMA (decay {info['ema']}) of the trained weights.{info['conditioning']}{info['snapshot']}
 
 ## Training
 
@@ -275,6 +341,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     ema_params = [p.detach().clone() for p in params]
     step, elapsed, recent = 0, 0.0, []
+    best = {"score": -1.0, "step": 0}
 
     if state_path.exists() and not args.fresh:
         st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -284,11 +351,12 @@ def main(argv=None):
         for e, v in zip(ema_params, st["ema"]):
             e.copy_(v)
         step, elapsed, recent = st["step"], st["elapsed"], st.get("recent", [])
+        best = st.get("best", best)
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
     elif args.fresh:
-        log = out / "train_log.csv"
-        if log.exists():
-            log.unlink()
+        for name in ("train_log.csv", "probe_log.csv"):
+            if (out / name).exists():
+                (out / name).unlink()
 
     n_levels = len(args.channels.split(","))
     res = [32 >> i for i in range(args.attn_from, n_levels)]
@@ -304,6 +372,8 @@ def main(argv=None):
             text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
             step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
             wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
+            text_time_embed=args.text_time_embed, best=dict(best) if args.probe_every else None,
+            probe_n=args.probe_n,
         )
 
     def info():
@@ -314,6 +384,7 @@ def main(argv=None):
             raise SystemExit(f"no training state at {state_path}")
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         command = saved.get("command", command)
+        best.update(saved.get("best", best))
         write_card(out, info_for(saved["step"], saved["elapsed"], saved.get("recent", [])))
         print(f"wrote {out / 'README.md'}")
         return
@@ -339,11 +410,24 @@ def main(argv=None):
         atomic_torch_save(
             {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(),
              "ema": ema_params, "step": step, "elapsed": elapsed, "recent": recent[-200:], "args": vars(args),
-             "command": command},
+             "command": command, "best": best},
             state_path,
         )
-        export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
+        if not args.probe_every:
+            export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
         write_card(out, info())
+
+    def probe_and_keep_best():
+        """Probe the EMA weights; export them when they beat the best snapshot so far."""
+        with swapped_in(params, ema_params):
+            score = probe(tokenizer, text_encoder, unet, scheduler, args)
+        improved = score > best["score"]
+        with open(out / "probe_log.csv", "a") as f:
+            f.write(f"{step},{score:.4f},{int(improved)}\n")
+        tqdm.write(f"probe at step {step}: color-and-shape right {score:.3f}" + (" (best; exported)" if improved else f" (best {best['score']:.3f} at {best['step']})"))
+        if improved:
+            best.update(score=score, step=step)
+            export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
 
     unet.train()
     text_encoder.train()
@@ -375,6 +459,8 @@ def main(argv=None):
             log_f.flush()
         pbar.update(1)
         pbar.set_postfix(loss=f"{np.mean(recent[-50:]):.4f}", lr=f"{lr:.2e}")
+        if args.probe_every and step % args.probe_every == 0:
+            probe_and_keep_best()
         if time.time() - last_save > args.save_every_min * 60:
             save()
             last_save = time.time()
@@ -382,6 +468,8 @@ def main(argv=None):
             print(f"time limit reached at step {step}", flush=True)
             break
     pbar.close()
+    if args.probe_every and step % args.probe_every != 0:  # the last step was not probed yet
+        probe_and_keep_best()
     save()
     log_f.close()
     i = info()
