@@ -87,3 +87,37 @@ def test_configs_found_from_any_directory(tmp_path):
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "task_name: smoke" in out.stdout
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@pytest.mark.parametrize("experiment,expected", [
+    ("shapes_no_warmup", {"loss.warmup_steps": 0}),
+    ("shapes_sds", {"loss.type": "sds"}),
+    ("shapes_text", {"generator.conditioning": "text"}),
+    ("shapes_no_ema", {"optim.ema.enabled": False}),
+    ("shapes_identity", {"loss.identity_weight": 0.1}),
+])
+def test_ablation_experiments_change_only_their_switch(experiment, expected, tmp_path):
+    """Each ablation row of bench_quality differs from experiment=shapes in exactly its one switch."""
+    base = _flat(OmegaConf.to_container(compose(["experiment=shapes"], tmp_path / "a")))
+    abl = _flat(OmegaConf.to_container(compose([f"experiment={experiment}"], tmp_path / "a")))
+    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
+    diff = {k: abl.get(k) for k in set(base) | set(abl)
+            if base.get(k) != abl.get(k) and not k.startswith(ignore)}
+    assert diff == expected
+
+
+def test_unseen_experiment_trains_two_color_pairs_with_text_conditioning(tmp_path):
+    cfg = compose(["experiment=shapes_unseen"], tmp_path)
+    assert [t.name for t in cfg.tasks.tasks] == ["to_blue", "to_red"]
+    assert cfg.generator.conditioning == "text"
