@@ -3,7 +3,8 @@
 Inputs are rendered from held-out seeds (never used in training); an input whose caption the task would
 not change (already at the target) is skipped, so identity scores 0 target accuracy. Metrics come from
 the renderer's ground truth (``ddstrans.shapes.metrics``): target accuracy, mask IoU against the target's
-ground-truth mask, background PSNR outside the source and target masks, diversity, and time per image.
+ground-truth mask, "kept PSNR" of what the task must leave alone (the background outside the source and
+target masks; the shape itself for background tasks), diversity, and time per image.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ddstrans.shapes import metrics as M
 from ddstrans.shapes import parse_caption, render_scene, to_model
 
 METHODS = ("identity", "network", "dds", "sds")
-METRIC_KEYS = ("target_acc", "mask_iou", "bg_psnr", "diversity", "ms_per_image")
+METRIC_KEYS = ("target_acc", "mask_iou", "keep_psnr", "diversity", "ms_per_image")
 
 
 @dataclass
@@ -151,11 +152,11 @@ def examples_grid(examples: dict, methods: Sequence[str], scale: int = 4):
 
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of evaluation rows."""
-    head = "| task | method | n | target acc | mask IoU | bg PSNR (dB) | diversity | ms / image |"
+    head = "| task | method | n | target acc | mask IoU | kept PSNR (dB) | diversity | ms / image |"
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['method']} | {r['n']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
-            f"{r['bg_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.2f} |"
+            f"{r['keep_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.2f} |"
         )
     return "\n".join(lines)

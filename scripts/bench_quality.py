@@ -65,17 +65,17 @@ def family_rows(rows: list[dict], label: str) -> list[dict]:
     for fam in ("color", "shape", "background"):
         part = [r for r in rows if r["attribute"] == fam]
         if part:
-            agg = {k: mean(r[k] for r in part) for k in ("target_acc", "mask_iou", "bg_psnr", "diversity", "ms_per_image")}
+            agg = {k: mean(r[k] for r in part) for k in ("target_acc", "mask_iou", "keep_psnr", "diversity", "ms_per_image")}
             out.append({"variant": label, "family": fam, "tasks": ",".join(r["task"] for r in part), **agg})
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | family | tasks | target acc | mask IoU | bg PSNR (dB) | diversity | ms / image |",
+    lines = ["| variant | family | tasks | target acc | mask IoU | kept PSNR (dB) | diversity | ms / image |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['family']} | {r['tasks']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
-                     f"{r['bg_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.1f} |")
+                     f"{r['keep_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.1f} |")
     return "\n".join(lines)
 
 

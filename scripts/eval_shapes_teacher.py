@@ -116,7 +116,7 @@ def eval_editing(teacher, args):
             r.update(task=f"{src}->{tgt}", method=name, sec_per_image=sec)
             results.append(r)
             print(f"  {src:>6s}->{tgt:<6s} {name:8s} acc {r['target_acc']:.3f} iou {r['mask_iou']:.3f} "
-                  f"psnr {r['bg_psnr']:.1f} div {r['diversity']:.2f} ({sec:.2f} s/img)", flush=True)
+                  f"psnr {r['keep_psnr']:.1f} div {r['diversity']:.2f} ({sec:.2f} s/img)", flush=True)
         grids.append([M.as_unit(outs[m][0][:8]) for m in outs])
     return results, grids
 
@@ -156,7 +156,7 @@ def tables(args, sampling, editing, wall):
         lines.append("|---|---|---|---|---|---|---|")
         for r in editing:
             lines.append(f"| {r['task']} | {r['method']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
-                         f"{r['bg_psnr']:.1f} | {r['diversity']:.2f} | {r['sec_per_image']:.2f} |")
+                         f"{r['keep_psnr']:.1f} | {r['diversity']:.2f} | {r['sec_per_image']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

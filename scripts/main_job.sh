@@ -24,7 +24,7 @@ echo "== 4/4 evaluate (64 held-out inputs per task) -> $out/eval.json, $out/befo
 ddstrans eval "$translator" --methods identity,network --n 64 --json "$out/eval.json" --grid "$out/before_after.png"
 
 echo "== done"
-echo "validation metrics during training (val/<task>/target_acc, mask_iou, bg_psnr, diversity): $out/train/csv/version_*/metrics.csv"
+echo "validation metrics during training (val/<task>/target_acc, mask_iou, keep_psnr, diversity): $out/train/csv/version_*/metrics.csv"
 for run in "$out"/train/wandb/offline-run-*; do
   [ -d "$run" ] && echo "wandb offline run (grids + metrics; upload with: wandb sync $run)"
 done

@@ -36,7 +36,7 @@ def test_shapes_experiment_logs_ground_truth_metrics_per_task(tmp_path):
                    "data.batch_size=2", "callbacks.shapes_metrics.n=6", "export_after_fit=false", *QUIET], run))
     row = _last_val_row(run)
     for task in TASKS:
-        for key in ("target_acc", "mask_iou", "bg_psnr", "diversity"):
+        for key in ("target_acc", "mask_iou", "keep_psnr", "diversity"):
             assert f"val/{task}/{key}" in row, sorted(row)
     for task in ("to_blue", "to_red", "to_yellow", "to_checkered"):
         assert float(row[f"val/{task}/target_acc"]) == 0.0

@@ -145,10 +145,10 @@ def test_identity_and_perfect_recolor():
     ident = M.evaluate_edit(imgs, imgs, masks, "color", "blue")
     assert ident["target_acc"] == 0.0
     assert ident["mask_iou"] == 1.0
-    assert ident["bg_psnr"] >= 99.0  # identical background (capped)
+    assert ident["keep_psnr"] >= 99.0  # identical background (capped)
     assert ident["diversity"] == pytest.approx(1.0)
     perfect = M.evaluate_edit(tgt, imgs, masks, "color", "blue")
-    assert perfect["target_acc"] == 1.0 and perfect["mask_iou"] == 1.0 and perfect["bg_psnr"] >= 99.0
+    assert perfect["target_acc"] == 1.0 and perfect["mask_iou"] == 1.0 and perfect["keep_psnr"] >= 99.0
     # shape and background tasks
     shp = [render_target(s, shape="triangle") for s in seeds]
     assert M.target_accuracy(np.stack([r["image"] for r in shp]), "shape", "triangle") == 1.0
@@ -180,3 +180,16 @@ def test_metrics_detect_damage():
 def test_mask_of_torch_and_numpy_agree():
     img = render_scene(3)["image"]
     assert np.array_equal(M.estimate_mask(img), M.estimate_mask(torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1)[0])
+
+
+def test_background_edits_keep_psnr_is_measured_on_the_shape():
+    """For background tasks the background is supposed to change; what must stay is the shape."""
+    seeds = range(16)
+    imgs, masks, _ = render_batch(seeds, background="striped")
+    perfect = render_batch(seeds, background="checkered")[0]
+    m = M.evaluate_edit(perfect, imgs, masks, "background", "checkered")
+    assert m["target_acc"] == 1.0 and m["keep_psnr"] >= 99.0  # the shape is untouched
+    assert M.background_psnr(perfect, imgs, masks) < 20  # the background did change
+    recolored = perfect.copy()
+    recolored[masks] = np.clip(recolored[masks] + 0.2, 0, 1)  # the edit also tinted the shape
+    assert 13.0 < M.evaluate_edit(recolored, imgs, masks, "background", "checkered")["keep_psnr"] < 20.0

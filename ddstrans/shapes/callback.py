@@ -5,8 +5,8 @@ on the shapes world the renderer's ground truth says that exactly. At the end of
 EMA weights swapped in, as for the grid) this callback translates ``n`` held-out inputs per task and logs,
 per task and averaged over tasks:
 
-    val/<task>/target_acc  val/<task>/mask_iou  val/<task>/bg_psnr  val/<task>/diversity
-    val/target_acc         val/mask_iou         val/bg_psnr         val/diversity
+    val/<task>/target_acc  val/<task>/mask_iou  val/<task>/keep_psnr  val/<task>/diversity
+    val/target_acc         val/mask_iou         val/keep_psnr         val/diversity
 
 Every rank computes the same figures (the inputs are fixed held-out seeds, a few forward passes), so a
 checkpoint callback may monitor them under DDP without a collective.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-KEYS = ("target_acc", "mask_iou", "bg_psnr", "diversity")
+KEYS = ("target_acc", "mask_iou", "keep_psnr", "diversity")
 
 
 class ShapesMetrics(Callback):

@@ -227,19 +227,32 @@ def structure_iou(images, ref_masks) -> float:
     return float(np.mean([mask_iou(e, r) for e, r in zip(est, ref)]))
 
 
-def background_psnr(images, references, masks, dilation: int = 1) -> float:
-    """Mean PSNR (dB, data range 1 on [0, 1] images) between ``images`` and ``references`` over
-    the pixels outside ``masks`` dilated by ``dilation`` px (pass the union of source and target
-    masks for shape edits). Identical backgrounds give ``inf`` per image; the mean is capped at 100."""
+def region_psnr(images, references, regions) -> float:
+    """Mean PSNR (dB, data range 1 on [0, 1] images) between ``images`` and ``references`` over the
+    pixels where ``regions`` is true. Identical regions give ``inf`` per image; the mean is capped at 100."""
     x, _ = _batch(images)
     r, _ = _batch(references)
-    m = dilate(_masks(masks, len(x)), dilation) if dilation else _masks(masks, len(x))
+    m = _masks(regions, len(x))
     vals = []
-    for a, b, mk in zip(x, r, m):
-        keep = ~mk
+    for a, b, keep in zip(x, r, m):
         mse = float(((a - b) ** 2)[keep].mean()) if keep.any() else 0.0
         vals.append(100.0 if mse <= 1e-10 else min(100.0, 10 * np.log10(1.0 / mse)))
     return float(np.mean(vals))
+
+
+def background_psnr(images, references, masks, dilation: int = 1) -> float:
+    """PSNR outside ``masks`` dilated by ``dilation`` px (pass the union of source and target masks for
+    shape edits): did the background stay as it was?"""
+    x, _ = _batch(images)
+    m = _masks(masks, len(x))
+    return region_psnr(x, references, ~(dilate(m, dilation) if dilation else m))
+
+
+def object_psnr(images, references, masks, erosion: int = 1) -> float:
+    """PSNR inside ``masks`` eroded by ``erosion`` px: did the shape stay as it was (background edits)?"""
+    x, _ = _batch(images)
+    m = _masks(masks, len(x))
+    return region_psnr(x, references, ~dilate(~m, erosion) if erosion else m)
 
 
 def mean_pairwise_distance(images) -> float:
@@ -264,15 +277,17 @@ def diversity(outputs, inputs) -> float:
 
 
 def evaluate_edit(outputs, inputs, src_masks, attribute: str, targets, tgt_masks=None) -> dict[str, float]:
-    """All metrics of one task: target accuracy, mask IoU (vs the target's ground-truth mask,
-    i.e. the source mask unless the shape changes), background PSNR outside the union of source
-    and target masks, and diversity."""
+    """All metrics of one task: target accuracy, mask IoU (vs the target's ground-truth mask, i.e. the
+    source mask unless the shape changes), ``keep_psnr`` — PSNR of what the task must leave alone: the
+    background outside the union of source and target masks for color and shape edits, the shape (mask
+    eroded by 1 px) for background edits — and diversity."""
     x, _ = _batch(outputs)
     src = _masks(src_masks, len(x))
     tgt = src if tgt_masks is None else _masks(tgt_masks, len(x))
+    keep = object_psnr(x, inputs, src & tgt) if attribute == "background" else background_psnr(x, inputs, src | tgt)
     return {
         "target_acc": target_accuracy(x, attribute, targets),
         "mask_iou": structure_iou(x, tgt),
-        "bg_psnr": background_psnr(x, inputs, src | tgt),
+        "keep_psnr": keep,
         "diversity": diversity(x, inputs),
     }
