@@ -174,3 +174,10 @@ def test_export_after_fit_writes_translator_under_checkpoint_dir(tmp_path):
     tr = Translator.from_pretrained(out)
     assert tr.tasks == ["cat2lion", "cat2dog"] and tr.info["training"]["global_step"] == 2
     assert "task_name: smoke" in (out / "README.md").read_text()
+
+
+def test_progress_bar_flag_alone_silences_the_run(tmp_path):
+    """`trainer.enable_progress_bar=false` without removing the progress-bar callback: Lightning alone refuses."""
+    cfg = compose(["experiment=smoke", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                   "trainer.enable_progress_bar=false"], tmp_path / "run")
+    assert train(cfg) is not None

@@ -109,8 +109,12 @@ def instantiate_loggers(cfg: DictConfig) -> list:
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list:
+    """The ``callbacks`` group; progress-bar callbacks are left out under ``trainer.enable_progress_bar=false``
+    (Lightning refuses the combination, and the flag is what a user types to silence a run)."""
+    no_bar = (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False
     return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
-            if isinstance(c, DictConfig) and "_target_" in c]
+            if isinstance(c, DictConfig) and "_target_" in c
+            and not (no_bar and str(c._target_).split(".")[-1] in ("TQDMProgressBar", "RichProgressBar"))]
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
