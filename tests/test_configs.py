@@ -117,7 +117,7 @@ def test_ablation_experiments_change_only_their_switch(experiment, expected, tmp
     assert diff == expected
 
 
-def test_unseen_experiment_trains_two_color_pairs_with_text_conditioning(tmp_path):
+def test_unseen_experiment_trains_four_color_pairs_with_text_conditioning(tmp_path):
     cfg = compose(["experiment=shapes_unseen"], tmp_path)
-    assert [t.name for t in cfg.tasks.tasks] == ["to_blue", "to_red"]
+    assert [t.name for t in cfg.tasks.tasks] == ["red_to_blue", "blue_to_red", "green_to_yellow", "yellow_to_green"]
     assert cfg.generator.conditioning == "text"

@@ -52,3 +52,26 @@ def test_eval_cli_identity_table(tmp_path, capsys):
     assert [r["task"] for r in json.loads(out.read_text())] == ["to_red", "to_square"]
     assert main(["eval", "--methods", "network", "--n", "4"]) == 1  # needs a translator
     assert main(["eval", "--methods", "identity", "--tasks", "nope"]) == 1
+
+
+def test_color_pair_tasks_change_only_their_source_color():
+    import pytest
+
+    from ddstrans.shapes.defaults import color_pair_task, shapes_task
+
+    task = shapes_task("red_to_yellow")
+    assert task.target_for("a red circle on a striped background") == "a yellow circle on a striped background"
+    assert task.target_for("a blue circle on a striped background") == "a blue circle on a striped background"
+    es = build_eval_set(task, 6)
+    assert all(parse_caption(c)["color"] == "red" for c in es.src_captions) and es.targets == ["yellow"] * 6
+    assert shapes_task("to_square").name == "to_square"
+    for bad in ("purple_to_red", "red_to_red", "nope"):
+        with pytest.raises(ValueError):
+            shapes_task(bad)
+    assert color_pair_task("blue", "green").name == "blue_to_green"
+
+
+def test_eval_cli_takes_color_pairs_for_per_image_methods(capsys):
+    assert main(["eval", "--methods", "identity", "--n", "3", "--tasks", "green_to_blue"]) == 0
+    assert "| green_to_blue | identity | 3 |" in capsys.readouterr().out
+    assert main(["eval", "--methods", "identity", "--tasks", "purple_to_red"]) == 1

@@ -20,8 +20,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("translator", type=Path, nargs="?", help="exported translator directory (omit with --methods dds,sds)")
     p.add_argument("--teacher", default=None, help="teacher for DDS/SDS editing; unset: the shipped shapes teacher")
-    p.add_argument("--tasks", default=None, help="comma-separated task names; unset: all of the translator's. A text-conditioned translator also "
-                   "takes shapes-world tasks it was not trained on (e.g. to_yellow): that is the generalisation test")
+    p.add_argument("--tasks", default=None, help="comma-separated task names; unset: all of the translator's. A text-conditioned translator (and "
+                   "per-image editing) also takes shapes-world tasks it was not trained on, e.g. to_yellow or a color "
+                   "pair like red_to_yellow: that is the generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
     p.add_argument("--methods", default="identity,network,dds,sds", help="comma-separated subset of identity,network,dds,sds")
     p.add_argument("--edit-steps", type=int, default=100, help="steps of per-image editing")
@@ -70,14 +71,21 @@ def run(args) -> int:
     if args.tasks:
         wanted = [t.strip() for t in args.tasks.split(",")]
         known = {t.name: t for t in tasks}
-        if translator is not None and translator.conditioning == "text":
-            from ddstrans.shapes.defaults import shapes_tasks
+        any_task = translator is None or translator.conditioning == "text"  # any prompt pair can be asked for
+        picked = []
+        for w in wanted:
+            if w in known:
+                picked.append(known[w])
+                continue
+            if not any_task:
+                raise CLIError(f"unknown task {w!r}; this task-id translator knows: {', '.join(known)}")
+            from ddstrans.shapes.defaults import shapes_task
 
-            known = {**{t.name: t for t in shapes_tasks()}, **known}
-        missing = [w for w in wanted if w not in known]
-        if missing:
-            raise CLIError(f"unknown task(s) {', '.join(missing)}; known: {', '.join(known)}")
-        tasks = [known[w] for w in wanted]
+            try:
+                picked.append(shapes_task(w))
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+        tasks = picked
     edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance_scale": args.guidance,
             "t_range": (50, args.edit_t_max)}
     examples = {} if args.grid else None

@@ -31,3 +31,28 @@ def shapes_tasks(config: str | os.PathLike | None = None):
 
     cfg = OmegaConf.load(config or SHAPES_TASKS_CONFIG)
     return as_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
+
+
+def color_pair_task(source_color: str, target_color: str):
+    """The task ``<source>_to_<target>``: recolor shapes of ``source_color`` only (others: no change asked)."""
+    from ddstrans.shapes.world import COLOR_NAMES
+    from ddstrans.tasks import Task
+
+    for c in (source_color, target_color):
+        if c not in COLOR_NAMES:
+            raise ValueError(f"unknown color {c!r}; the shapes world has {', '.join(COLOR_NAMES)}")
+    if source_color == target_color:
+        raise ValueError(f"a color pair needs two different colors, got {source_color!r} twice")
+    return Task(f"{source_color}_to_{target_color}", "{caption}", "{caption}",
+                rewrite={"pattern": rf"\b{source_color}\b", "replacement": target_color})
+
+
+def shapes_task(name: str):
+    """A shapes-world task by name: one of ``configs/tasks/shapes.yaml`` or a color pair ``<color>_to_<color>``."""
+    known = {t.name: t for t in shapes_tasks()}
+    if name in known:
+        return known[name]
+    parts = name.split("_to_")
+    if len(parts) == 2:
+        return color_pair_task(*parts)
+    raise ValueError(f"unknown shapes task {name!r}: use one of {', '.join(known)} or a color pair like red_to_yellow")
