@@ -9,8 +9,11 @@ Conditioning (``conditioning`` in the config):
   embedding: FiLM-like modulation of every ResNet block) and as ``num_task_tokens`` learned tokens seen by
   cross-attention.
 - ``text``: the teacher's source and target prompt embeddings, concatenated along the token axis (with a
-  learned segment embedding telling source from target tokens), through cross-attention. The exported model can
-  then be asked for prompt pairs it never saw in training. ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
+  learned segment embedding telling source from target tokens), through cross-attention, and (``text_pooling``)
+  attention-pooled and added to the time embedding, so that every ResNet block is modulated by the prompts as
+  task ids modulate it through the class embedding (``text_pooling=False``: cross-attention only). The exported
+  model can then be asked for prompt pairs it never saw in training.
+  ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
 
 The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
 """
@@ -53,6 +56,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
         attention_head_dim: int | tuple[int, ...] = 8,
         norm_num_groups: int = 32,
+        text_pooling: bool = True,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -74,6 +78,9 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             attention_head_dim=tuple(attention_head_dim) if isinstance(attention_head_dim, list) else attention_head_dim,
             norm_num_groups=norm_num_groups,
             num_class_embeds=num_tasks if conditioning == "task_id" else None,
+            **(dict(addition_embed_type="text",
+                    addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
+               if conditioning == "text" and text_pooling else {}),
         )
         if conditioning == "task_id":
             self.task_tokens = nn.Embedding(num_tasks, num_task_tokens * cross_attention_dim)

@@ -115,3 +115,23 @@ def test_schedules():
     assert t_range_at(0, (50, 950)) == (50, 950)
     assert t_range_at(5, (200, 950), (50, 500), 10) == (125, 725)
     assert t_range_at(99, (200, 950), (50, 500), 10) == (50, 500)
+
+
+def test_text_pooling_modulates_every_resnet_block():
+    """With text_pooling the prompts reach the time embedding (not only cross-attention): a generator whose
+    cross-attention is switched off still responds to them; without pooling it does not."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 8, 8)
+    c = _cond(1)
+    outs = {}
+    for pooling in (True, False):
+        g = TranslationUNet(conditioning="text", text_pooling=pooling, **TINY)
+        torch.nn.init.normal_(g.unet.conv_out.weight, std=0.1)
+        for name, mod in g.unet.named_modules():
+            if name.endswith("attn2"):  # cross-attention layers -> contribute nothing
+                torch.nn.init.zeros_(mod.to_out[0].weight)
+                torch.nn.init.zeros_(mod.to_out[0].bias)
+        outs[pooling] = (g(z, src_emb=c["src_emb"], tgt_emb=c["tgt_emb"]), g(z, src_emb=c["tgt_emb"], tgt_emb=c["src_emb"]))
+        assert (getattr(g.unet, "add_embedding", None) is not None) == pooling
+    assert not torch.allclose(*outs[True])
+    assert torch.allclose(*outs[False])
