@@ -80,6 +80,12 @@ def parse_args(argv=None):
                    help="every N steps sample --probe-n images per caption with the EMA weights and export only "
                         "when color-and-shape accuracy improves (best snapshot kept); 0 = export the last weights")
     p.add_argument("--probe-n", type=int, default=4)
+    p.add_argument("--init-from", default="",
+                   help="start from this diffusers teacher folder (weights whose names and shapes match); a text-time "
+                        "embedding it lacks starts at zero output, so the model starts as the old one")
+    p.add_argument("--t-high-frac", type=float, default=0.0,
+                   help="fraction of timesteps drawn from [--t-high-min, 1000) instead of [0, 1000)")
+    p.add_argument("--t-high-min", type=int, default=600)
     p.add_argument("--t-low-frac", type=float, default=0.0,
                    help="fraction of timesteps drawn from [0, 500) instead of [0, 1000)")
     p.add_argument("--save-every-min", type=float, default=5.0)
@@ -137,6 +143,23 @@ def build_models(args):
     return tokenizer, text_encoder, unet, scheduler
 
 
+def init_from(src: Path, unet, text_encoder) -> None:
+    """Fine-tuning start: copy matching weights from a teacher folder; zero a new text-time embedding's output."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    old_unet = UNet2DConditionModel.from_pretrained(src / "unet")
+    missing, unexpected = unet.load_state_dict(old_unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("add_embedding.") for k in missing):
+        raise SystemExit(f"--init-from {src}: architectures differ beyond the text-time embedding "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if missing:  # new text-time embedding: output exactly 0 at the start (its LayerNorm scaled to 0)
+        torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
+        torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(src / "text_encoder").state_dict())
+    print(f"initialised from {src} ({len(missing)} new tensors)", flush=True)
+
+
 def encode(tokenizer, text_encoder, prompts):
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -163,6 +186,9 @@ def make_batch(step, args, alphas_cumprod):
     x0 = to_model(imgs)
     g = torch.Generator().manual_seed(int(rng.integers(2**62)))
     t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+    if args.t_high_frac > 0:
+        high = torch.rand(args.batch_size, generator=g) < args.t_high_frac
+        t = torch.where(high, torch.randint(args.t_high_min, 1000, (args.batch_size,), generator=g), t)
     if args.t_low_frac > 0:
         low = torch.rand(args.batch_size, generator=g) < args.t_low_frac
         t = torch.where(low, torch.randint(0, 500, (args.batch_size,), generator=g), t)
@@ -336,6 +362,8 @@ def main(argv=None):
     command = "python scripts/train_shapes_teacher.py " + " ".join(shlex.quote(a) for a in cli if a != "--card-only")
 
     tokenizer, text_encoder, unet, scheduler = build_models(args)
+    if args.init_from:
+        init_from(Path(args.init_from), unet, text_encoder)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
