@@ -29,7 +29,9 @@ def samples(teacher):
     prompts = [caption("red", "circle", "striped"), caption("blue", "square", "checkered"),
                caption("green", "triangle", "striped"), caption("yellow", "circle", "checkered")] * 2
     g = torch.Generator().manual_seed(0)
-    return prompts, teacher.sample(prompts, num_inference_steps=20, guidance_scale=4.0, generator=g)
+    # guidance 2: this small pixel-space teacher's sampling guidance (at 4 and above its samples drift to the
+    # wrong color and shape; see its model card). DDS uses its own guidance (7.5), where it edits correctly.
+    return prompts, teacher.sample(prompts, num_inference_steps=20, guidance_scale=2.0, generator=g)
 
 
 def test_checkpoint_layout_and_size():
@@ -90,7 +92,6 @@ def test_conditional_sampling_smoke(samples):
     assert np.mean([b == p.split()[5] for b, p in zip(backgrounds, prompts)]) >= 0.75, backgrounds
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped teacher often samples the wrong color (see its model card)")
 def test_conditional_sampling_colors(samples):
     prompts, x = samples
     colors = M.classify_color(x)
