@@ -25,6 +25,7 @@ Example (the shipped teacher's command is recorded in its README.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddstrans.shapes import VOCAB, render_batch, to_model  # noqa: E402
+from ddstrans.shapes import VOCAB, from_model, render_batch, to_model  # noqa: E402
 from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
 
 TRAIN_SEED_OFFSET = 10**7
@@ -223,7 +224,7 @@ def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, gui
         tt = t.reshape(1).expand(len(caps))
         eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([unc, emb])).sample.chunk(2)
         z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z).prev_sample
-    x = ((z.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    x = from_model(z)
     colors, shapes = M.classify_color(x), M.classify_shape(x)
     right = [parse_caption(c)["color"] == col and parse_caption(c)["shape"] == shp for c, col, shp in zip(caps, colors, shapes)]
     if was_training:
@@ -232,24 +233,19 @@ def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, gui
     return float(np.mean(right))
 
 
+@contextlib.contextmanager
 def swapped_in(params, ema_params):
-    """Context manager: the EMA weights in ``params`` for the duration (probe, export)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        backup = [p.detach().clone() for p in params]
+    """The EMA weights in ``params`` for the duration (probe, export)."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema_params):
+            p.copy_(e)
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for p, e in zip(params, ema_params):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
-
-    return cm()
+            for p, b in zip(params, backup):
+                p.copy_(b)
 
 
 def atomic_torch_save(obj, path: Path):

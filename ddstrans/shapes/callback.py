@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-KEYS = ("target_acc", "mask_iou", "keep_psnr", "diversity")
+from ddstrans.evaluation import METRIC_KEYS
+
+KEYS = tuple(k for k in METRIC_KEYS if k != "ms_per_image")  # quality metrics; time is not a validation figure
 
 
 class ShapesMetrics(Callback):
