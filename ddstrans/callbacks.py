@@ -10,11 +10,18 @@
     a kill at any moment leaves either the previous complete file or the new complete file. Remote URLs
     (``s3://`` ...) go through Lightning's own code.
 
+``StepAlignedSigterm``
+    Lightning 2.6's SIGTERM handler runs ``dist.broadcast`` *inside the signal handler* — a collective at an
+    arbitrary point of each rank's program, paired with whatever collective the other rank is in — and its loop
+    also raises on a rank's local flag, so under DDP ranks can leave at different steps or wait on each other
+    forever (CI: a 2-process CPU run hung after SIGTERM). This callback replaces that handler with one that only
+    records the signal; at ``on_train_batch_end`` (a point every rank reaches for the same step) the ranks
+    max-reduce their flags and, when any rank got SIGTERM, all of them set ``trainer.received_sigterm`` — so
+    Lightning raises ``SIGTERMException`` on every rank after the same step. The training app always adds it.
+
 ``SaveLastCheckpoint``
-    Lightning turns SIGTERM into ``SIGTERMException`` after the current step (under DDP it broadcasts the flag, so
-    every rank raises at the same step). This callback then writes ``<checkpoint dir>/last.ckpt`` through
-    ``trainer.save_checkpoint`` — a collective call that every rank makes, rank 0 writes — so a preempted job
-    resumes with ``ckpt_path=last hydra.run.dir=<run dir>`` from the step it reached. Only SIGTERM triggers it:
+    On that ``SIGTERMException`` this callback writes ``<checkpoint dir>/last.ckpt`` (rank 0 writes; no barrier,
+    so a rank that died cannot hang the save), so a preempted job resumes with ``ckpt_path=last hydra.run.dir=<run dir>`` from the step it reached. Only SIGTERM triggers it:
     other exceptions may hit ranks at different places (a save there could hang on the barrier) or leave a state
     that must not replace the last good checkpoint. It also writes ``last.ckpt`` at the end of training when the
     final step is not a multiple of ``every_n_train_steps`` (Lightning's ``ModelCheckpoint`` skips that save once
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +84,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+class StepAlignedSigterm(Callback):
+    """Record SIGTERM in the handler; decide, on every rank at once, at the end of a training step (see above)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._installed = False
+        self._chained = None
+
+    def _record(self, signum, frame) -> None:  # no collectives here: only a flag (and a handler set before fit)
+        self.received = True
+        if callable(self._chained):
+            self._chained(signum, frame)
+
+    def _install(self, trainer) -> None:
+        # Lightning registers its handler just before the fit stage runs; these hooks come after that.
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._chained = getattr(trainer._signal_connector, "_original_handlers", {}).get(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._record)  # Lightning's teardown restores the original handler
+            self._installed = True
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        got = self.received
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if got else 0.0], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            got = bool(flag.item())
+        if got:
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this step
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._installed = False
+
+
 class SaveLastCheckpoint(Callback):
     """Write ``last.ckpt`` into the ``ModelCheckpoint`` directory on preemption (SIGTERM) before the process exits,
     and at the end of training when the final step has not been saved yet.
@@ -115,9 +163,8 @@ class SaveLastCheckpoint(Callback):
             rank_zero_info("SIGTERM: no checkpoint directory configured; nothing saved")
             return
         if trainer.world_size > 1:
-            # Ranks may raise at different steps (Lightning forwards SIGTERM to the children, which check it at
-            # their own step boundary), so a collective save (barrier) can deadlock: rank 0 writes alone. DDP
-            # replicas hold identical weights after every optimizer step.
+            # Rank 0 writes alone, without the barrier of trainer.save_checkpoint: a rank that died or left at
+            # another step (without StepAlignedSigterm) would hang it. DDP replicas hold identical weights.
             if trainer.is_global_zero:
                 checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)

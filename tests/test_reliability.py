@@ -158,6 +158,30 @@ def test_sigterm_saves_last_checkpoint_then_exits_143(tmp_path):
     assert _load(last)["global_step"] == step + 2
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _kill_tree(proc) -> None:
+    """A hung DDP run: kill rank 0 and the ranks it started, so no process outlives the test."""
+    if proc.poll() is not None:  # exited and reaped: its pid may belong to another process by now
+        return
+    for pid in [*_children(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
+
+
 @pytest.mark.slow
 def test_sigterm_under_two_process_ddp_saves_once_without_hanging(tmp_path):
     run = tmp_path / "run"
@@ -167,16 +191,41 @@ def test_sigterm_under_two_process_ddp_saves_once_without_hanging(tmp_path):
     try:
         _wait_for(last, proc, timeout=90)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)  # rank 0; Lightning forwards it to rank 1
+        proc.send_signal(signal.SIGTERM)  # rank 0 only; the ranks agree at the step's end
         err = proc.communicate(timeout=60)[1]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_tree(proc)
     assert proc.returncode == 143, err[-3000:]
     lines = [x for x in err.splitlines() if x.startswith("preempted (SIGTERM) at step")]
     assert len(lines) == 1, err[-2000:]
     step = int(lines[0].split("at step ")[1].split(":")[0])
     assert _load(last)["global_step"] == step
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DDP child through /proc (Linux)")
+def test_sigterm_to_one_ddp_child_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM that reaches rank 1 only (a node's scheduler signalling its own processes): the ranks agree at the
+    step's end, every rank leaves after that step and rank 0 writes last.ckpt there. Lightning's own handler runs a
+    collective inside the signal handler and raises on the local flag: the ranks part at different steps and hang."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_long_run(run, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", every=5),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(last, proc, timeout=90)
+        kids = [k for k in _children(proc.pid) if b"ddstrans" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert len(kids) == 1, kids  # the rank-1 process the launcher started
+        time.sleep(1.0)
+        os.kill(kids[0], signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 143, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("preempted (SIGTERM) at step")]
+    assert len(lines) == 1, err[-2000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert _load(last)["global_step"] == step and step > 5
 
 
 def test_save_on_sigterm_ignores_other_exceptions(tmp_path):

@@ -109,12 +109,15 @@ def instantiate_loggers(cfg: DictConfig) -> list:
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list:
-    """The ``callbacks`` group; progress-bar callbacks are left out under ``trainer.enable_progress_bar=false``
+    """The ``callbacks`` group plus ``StepAlignedSigterm``; progress-bar callbacks are left out under ``trainer.enable_progress_bar=false``
     (Lightning refuses the combination, and the flag is what a user types to silence a run)."""
     no_bar = (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False
-    return [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
-            if isinstance(c, DictConfig) and "_target_" in c
-            and not (no_bar and str(c._target_).split(".")[-1] in ("TQDMProgressBar", "RichProgressBar"))]
+    from ddstrans.callbacks import StepAlignedSigterm
+
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
+                 if isinstance(c, DictConfig) and "_target_" in c
+                 and not (no_bar and str(c._target_).split(".")[-1] in ("TQDMProgressBar", "RichProgressBar"))]
+    return [*callbacks, StepAlignedSigterm()]  # not optional: Lightning's own SIGTERM handling can hang DDP
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
