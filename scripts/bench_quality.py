@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from statistics import mean
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment/<name>.yaml)
@@ -42,6 +44,12 @@ UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_re
 FAMILY = {"color": "color", "shape": "shape", "background": "background"}
 
 
+def _trained_with_ema(train_dir: Path) -> bool:
+    """Whether the run kept EMA weights, from the config it saved (the export uses them when it did)."""
+    cfg = OmegaConf.load(train_dir / "config_resolved.yaml")
+    return bool(OmegaConf.select(cfg, "optim.ema.enabled", default=False))
+
+
 def train_and_export(name: str, experiment: str, args) -> Path:
     run = args.out / name
     tr = run / "translator"
@@ -55,8 +63,10 @@ def train_and_export(name: str, experiment: str, args) -> Path:
     t0 = time.time()
     with open(run.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        no_ema = ["--no-ema"] if not _trained_with_ema(run / "train") else []
         subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(run / "train/checkpoints/last.ckpt"),
-                        str(tr), "--overwrite", *(["--no-ema"] if experiment.endswith("no_ema") else [])], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                        str(tr), "--overwrite", *no_ema], check=True, cwd=ROOT, env=env, stdout=log,
+                       stderr=subprocess.STDOUT)
     print(f"[{name}] trained {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
     return tr
 

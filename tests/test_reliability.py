@@ -183,31 +183,13 @@ def _kill_tree(proc) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_under_two_process_ddp_saves_once_without_hanging(tmp_path):
-    run = tmp_path / "run"
-    last = run / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(_long_run(run, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", every=5),
-                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(last, proc, timeout=90)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)  # rank 0 only; the ranks agree at the step's end
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        _kill_tree(proc)
-    assert proc.returncode == 143, err[-3000:]
-    lines = [x for x in err.splitlines() if x.startswith("preempted (SIGTERM) at step")]
-    assert len(lines) == 1, err[-2000:]
-    step = int(lines[0].split("at step ")[1].split(":")[0])
-    assert _load(last)["global_step"] == step
-
-
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DDP child through /proc (Linux)")
-def test_sigterm_to_one_ddp_child_stops_every_rank_at_the_same_step(tmp_path):
-    """SIGTERM that reaches rank 1 only (a node's scheduler signalling its own processes): the ranks agree at the
-    step's end, every rank leaves after that step and rank 0 writes last.ckpt there. Lightning's own handler runs a
-    collective inside the signal handler and raises on the local flag: the ranks part at different steps and hang."""
+@pytest.mark.parametrize("receiver", ["rank0", "rank1"])
+def test_sigterm_under_two_process_ddp_stops_every_rank_after_the_same_step(tmp_path, receiver):
+    """SIGTERM to rank 0 (``kill <pid>``) or to rank 1 only (a node's scheduler signalling its own processes): the
+    ranks agree at the step's end, both leave after that step, rank 0 writes last.ckpt once and the job exits 143.
+    With Lightning's own handler (a collective inside the signal handler, a raise on each rank's own flag) the ranks
+    part at different steps: the rank1 case hung every time, the rank0 case now and then (CI)."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(_long_run(run, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", every=5),
@@ -217,7 +199,7 @@ def test_sigterm_to_one_ddp_child_stops_every_rank_at_the_same_step(tmp_path):
         kids = [k for k in _children(proc.pid) if b"ddstrans" in Path(f"/proc/{k}/cmdline").read_bytes()]
         assert len(kids) == 1, kids  # the rank-1 process the launcher started
         time.sleep(1.0)
-        os.kill(kids[0], signal.SIGTERM)
+        os.kill(proc.pid if receiver == "rank0" else kids[0], signal.SIGTERM)
         err = proc.communicate(timeout=60)[1]
     finally:
         _kill_tree(proc)
