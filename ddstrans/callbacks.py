@@ -21,7 +21,8 @@
 
 ``SaveLastCheckpoint``
     On that ``SIGTERMException`` this callback writes ``<checkpoint dir>/last.ckpt`` (rank 0 writes; no barrier,
-    so a rank that died cannot hang the save), so a preempted job resumes with ``ckpt_path=last hydra.run.dir=<run dir>`` from the step it reached. Only SIGTERM triggers it:
+    so a rank that died cannot hang the save), so a preempted job resumes with
+    ``ckpt_path=last hydra.run.dir=<run dir>`` from the step it reached. Only SIGTERM triggers it:
     other exceptions may hit ranks at different places (a save there could hang on the barrier) or leave a state
     that must not replace the last good checkpoint. It also writes ``last.ckpt`` at the end of training when the
     final step is not a multiple of ``every_n_train_steps`` (Lightning's ``ModelCheckpoint`` skips that save once
