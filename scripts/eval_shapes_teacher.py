@@ -32,7 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddstrans.shapes import BACKGROUNDS, COLOR_NAMES, SHAPES, caption, parse_caption, render_batch, sample_scene, to_model  # noqa: E402
+from ddstrans.shapes import (  # noqa: E402
+    BACKGROUNDS,
+    COLOR_NAMES,
+    SHAPES,
+    caption,
+    parse_caption,
+    render_batch,
+    sample_scene,
+    to_model,
+)
 from ddstrans.shapes import metrics as M  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
