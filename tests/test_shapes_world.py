@@ -138,6 +138,31 @@ def test_attribute_readers_tolerate_noise(batch):
     assert M.structure_iou(noisy, masks) > 0.95
 
 
+def test_background_reader_needs_checkers_to_call_a_background_checkered():
+    """Erasing the stripes is not drawing checkers: a washed-out, flat or blurred-away background reads as
+    neither (``None``) and never counts for ``to_checkered``; real checkers still read as checkered after noise
+    or a slight blur."""
+    seeds = range(48)
+    striped, masks, _ = render_batch(seeds, background="striped")
+    checkered = render_batch(seeds, background="checkered")[0]
+    flat = striped.copy()
+    flat[~masks] = 0.55  # stripes erased to one gray
+    washed = striped.copy()
+    washed[~masks] = 0.55 + 0.1 * (striped[~masks] - 0.55)  # stripes faded to 10 % contrast, plus noise
+    washed = np.clip(washed + np.random.default_rng(1).normal(0, 0.04, washed.shape), 0, 1)
+    for bad in (flat, washed):
+        assert M.target_accuracy(bad, "background", "checkered") == 0.0
+        assert M.classify_background(bad, masks).count("checkered") == 0
+    assert M.classify_background(flat, masks) == [None] * len(seeds)
+    blurred = 0.6 * checkered + 0.2 * np.roll(checkered, 1, axis=1) + 0.2 * np.roll(checkered, 1, axis=2)
+    noisy = np.clip(checkered + np.random.default_rng(2).normal(0, 0.1, checkered.shape), 0, 1)
+    for good in (checkered, blurred, noisy):
+        assert M.target_accuracy(good, "background", "checkered") >= 0.97
+    r2_checkered = [M.checker_r2(x, m) for x, m in zip(checkered, masks)]
+    r2_striped = [M.checker_r2(x, m) for x, m in zip(striped, masks)]
+    assert min(r2_checkered) > 0.99 and max(r2_striped) < M.CHECKER_R2_THRESHOLD
+
+
 def test_identity_and_perfect_recolor():
     seeds = range(32)
     imgs, masks, _ = render_batch(seeds, color="red")

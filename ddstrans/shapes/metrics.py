@@ -21,7 +21,13 @@ How attributes are read from an arbitrary image (a render, a teacher sample, a n
   is replaced by its means along lines of that direction; the largest fraction of variance this
   1-D profile explains is 1 for clean stripes and at most ~0.45 for clean checkers (measured over
   2,000 renders); ``> BACKGROUND_RATIO_THRESHOLD`` (0.6) -> "striped". Line means average pixel
-  noise away, so the classifier tolerates noisy or blurred outputs (tested).
+  noise away, so the classifier tolerates noisy or blurred outputs (tested). "Checkered" needs
+  evidence of its own: the background's squared correlation with the best axis-aligned checker
+  template (cells of 3 to 6 px at any offset, as the renderer draws them) must exceed
+  ``CHECKER_R2_THRESHOLD`` (0.6). Measured on 400 renders: 1.00 for checkers (>= 0.82 after noise of
+  sd 0.1 or a Gaussian blur of 0.8 px), <= 0.45 for stripes. A background that is neither (stripes
+  washed out to a flat gray, say) reads as ``None`` and never counts as a successful change —
+  without this rule a network that only erased the stripes scored 0.92 on ``to_checkered``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from .world import BACKGROUNDS, COLOR_ARRAY, COLOR_NAMES, SHAPES, SIZE, shape_ma
 CHROMA_THRESHOLD = 0.35
 MIN_PIXELS = 4
 BACKGROUND_RATIO_THRESHOLD = 0.6
+CHECKER_R2_THRESHOLD = 0.6
+CHECKER_CELLS = (3, 4, 5, 6)
 
 
 # ----------------------------------------------------------------------------------- conversion
@@ -170,7 +178,7 @@ def background_ratio(image, mask=None) -> float:
     g = gray[keep]
     total = ((g - g.mean()) ** 2).sum()
     if len(g) < 16 or total < 1e-8:
-        return 1.0  # flat: no texture to call checkered
+        return 0.0  # flat: no stripes (and no checkers: classify_background says None)
     best = 0.0
     for key in _LINE_KEYS:
         k = key[keep]
@@ -180,12 +188,46 @@ def background_ratio(image, mask=None) -> float:
     return best
 
 
-def classify_background(images, masks=None) -> list[str]:
-    """"striped" or "checkered" per image (shape pixels excluded; mask estimated if not given)."""
+def _checker_templates() -> np.ndarray:
+    t = [((_XI + ox) // c + (_YI + oy) // c) % 2 for c in CHECKER_CELLS for ox in range(c) for oy in range(c)]
+    return np.stack(t).astype(np.float64)
+
+
+_CHECKERS = _checker_templates()
+
+
+def checker_r2(image, mask=None) -> float:
+    """Largest squared correlation of the gray background (shape dilated by 1 px excluded) with an
+    axis-aligned checker template of cell 3-6 px at any offset: 1 for clean checkers, low for
+    stripes, flat or unstructured backgrounds."""
+    x = as_unit(image)
+    if x.ndim == 4:
+        x = x[0]
+    keep = ~dilate(estimate_mask(x) if mask is None else np.asarray(mask, bool), 1)
+    g = x.mean(-1).astype(np.float64)[keep]
+    g = g - g.mean()
+    total = (g**2).sum()
+    if len(g) < 16 or total < 1e-8:
+        return 0.0
+    t = _CHECKERS[:, keep]
+    t = t - t.mean(1, keepdims=True)
+    return float(((t @ g) ** 2 / np.maximum((t**2).sum(1) * total, 1e-12)).max())
+
+
+def classify_background(images, masks=None) -> list[str | None]:
+    """"striped", "checkered" or ``None`` (neither texture) per image (shape pixels excluded; mask
+    estimated if not given)."""
     x, _ = _batch(images)
     m = [None] * len(x) if masks is None else _masks(masks, len(x))
-    return [BACKGROUNDS[0] if background_ratio(img, mk) > BACKGROUND_RATIO_THRESHOLD else BACKGROUNDS[1]
-            for img, mk in zip(x, m)]
+    out: list[str | None] = []
+    for img, mk in zip(x, m):
+        if background_ratio(img, mk) > BACKGROUND_RATIO_THRESHOLD:
+            out.append(BACKGROUNDS[0])
+        elif checker_r2(img, mk) > CHECKER_R2_THRESHOLD:
+            out.append(BACKGROUNDS[1])
+        else:
+            out.append(None)
+    return out
 
 
 def classify(images, attribute: str) -> list[str | None]:
