@@ -161,6 +161,10 @@ def test_background_reader_needs_checkers_to_call_a_background_checkered():
     r2_checkered = [M.checker_r2(x, m) for x, m in zip(checkered, masks)]
     r2_striped = [M.checker_r2(x, m) for x, m in zip(striped, masks)]
     assert min(r2_checkered) > 0.99 and max(r2_striped) < M.CHECKER_R2_THRESHOLD
+    # the fit names the renderer's own cell size and offset
+    for seed, img, mask in zip(seeds, checkered, masks):
+        scene = sample_scene(seed, background="checkered")
+        assert M.checker_fit(img, mask)[0] == (scene.checker_cell, *scene.checker_offset)
 
 
 def test_identity_and_perfect_recolor():

@@ -188,18 +188,15 @@ def background_ratio(image, mask=None) -> float:
     return best
 
 
-def _checker_templates() -> np.ndarray:
-    t = [((_XI + ox) // c + (_YI + oy) // c) % 2 for c in CHECKER_CELLS for ox in range(c) for oy in range(c)]
-    return np.stack(t).astype(np.float64)
+CHECKER_TEMPLATES: tuple[tuple[int, int, int], ...] = tuple(
+    (c, ox, oy) for c in CHECKER_CELLS for ox in range(c) for oy in range(c))  # (cell px, x offset, y offset)
+_CHECKERS = np.stack([((_XI + ox) // c + (_YI + oy) // c) % 2 for c, ox, oy in CHECKER_TEMPLATES]).astype(np.float64)
 
 
-_CHECKERS = _checker_templates()
-
-
-def checker_r2(image, mask=None) -> float:
-    """Largest squared correlation of the gray background (shape dilated by 1 px excluded) with an
-    axis-aligned checker template of cell 3-6 px at any offset: 1 for clean checkers, low for
-    stripes, flat or unstructured backgrounds."""
+def checker_fit(image, mask=None) -> tuple[tuple[int, int, int], float]:
+    """The axis-aligned checker template (cell 3-6 px, any offset; see ``CHECKER_TEMPLATES``) that best fits the
+    gray background (shape dilated by 1 px excluded), and its squared correlation with it: 1 for clean checkers,
+    low for stripes, flat or unstructured backgrounds."""
     x = as_unit(image)
     if x.ndim == 4:
         x = x[0]
@@ -208,10 +205,17 @@ def checker_r2(image, mask=None) -> float:
     g = g - g.mean()
     total = (g**2).sum()
     if len(g) < 16 or total < 1e-8:
-        return 0.0
+        return CHECKER_TEMPLATES[0], 0.0
     t = _CHECKERS[:, keep]
     t = t - t.mean(1, keepdims=True)
-    return float(((t @ g) ** 2 / np.maximum((t**2).sum(1) * total, 1e-12)).max())
+    r2 = (t @ g) ** 2 / np.maximum((t**2).sum(1) * total, 1e-12)
+    i = int(r2.argmax())
+    return CHECKER_TEMPLATES[i], float(r2[i])
+
+
+def checker_r2(image, mask=None) -> float:
+    """Squared correlation of the background with its best checker template (:func:`checker_fit`)."""
+    return checker_fit(image, mask)[1]
 
 
 def classify_background(images, masks=None) -> list[str | None]:
