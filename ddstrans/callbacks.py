@@ -122,6 +122,7 @@ class StepAlignedSigterm(Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._installed = False
+        self.received = False  # a later fit with the same callbacks starts clean
 
 
 class SaveLastCheckpoint(Callback):
