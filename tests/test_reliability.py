@@ -189,7 +189,7 @@ def test_sigterm_under_two_process_ddp_stops_every_rank_after_the_same_step(tmp_
     """SIGTERM to rank 0 (``kill <pid>``) or to rank 1 only (a node's scheduler signalling its own processes): the
     ranks agree at the step's end, both leave after that step, rank 0 writes last.ckpt once and the job exits 143.
     With Lightning's own handler (a collective inside the signal handler, a raise on each rank's own flag) the ranks
-    part at different steps: the rank1 case hung every time, the rank0 case now and then (CI)."""
+    part at different steps: the rank1 case hung when run against it, the rank0 case now and then (CI)."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(_long_run(run, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", every=5),
