@@ -166,25 +166,36 @@ _YI, _XI = np.mgrid[0:SIZE, 0:SIZE]
 _LINE_KEYS = (_XI, _YI, _XI + _YI, _YI - _XI + SIZE)
 
 
+def _background_gray(image, mask=None) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Mean-centered gray levels of the background pixels, the boolean map of those pixels (shape
+    dilated by 1 px excluded; mask estimated if not given) and their total variance; ``None`` when
+    the background is too small or flat to have a texture."""
+    x = as_unit(image)
+    if x.ndim == 4:
+        x = x[0]
+    keep = ~dilate(estimate_mask(x) if mask is None else np.asarray(mask, bool), 1)
+    g = x.mean(-1).astype(np.float64)[keep]
+    g = g - g.mean()
+    total = float((g**2).sum())
+    if len(g) < 16 or total < 1e-8:
+        return None
+    return g, keep, total
+
+
 def background_ratio(image, mask=None) -> float:
     """Largest fraction of the background's gray-level variance explained by a 1-D profile
     (mean along lines of one of the four stripe directions); ~1 for stripes, small for checkers.
     Shape pixels (dilated by 1 px) are excluded; averaging along lines also averages noise out."""
-    x = as_unit(image)
-    if x.ndim == 4:
-        x = x[0]
-    gray = x.mean(-1).astype(np.float64)
-    keep = ~dilate(estimate_mask(x) if mask is None else np.asarray(mask, bool), 1)
-    g = gray[keep]
-    total = ((g - g.mean()) ** 2).sum()
-    if len(g) < 16 or total < 1e-8:
+    bg = _background_gray(image, mask)
+    if bg is None:
         return 0.0  # flat: no stripes (and no checkers: classify_background says None)
+    g, keep, total = bg
     best = 0.0
     for key in _LINE_KEYS:
         k = key[keep]
         n = np.bincount(k, minlength=2 * SIZE + 1)
         means = np.bincount(k, weights=g, minlength=2 * SIZE + 1) / np.maximum(n, 1)
-        best = max(best, float(((means[k] - g.mean()) ** 2).sum() / total))
+        best = max(best, float((means[k] ** 2).sum() / total))
     return best
 
 
@@ -197,15 +208,10 @@ def checker_fit(image, mask=None) -> tuple[tuple[int, int, int], float]:
     """The axis-aligned checker template (cell 3-6 px, any offset; see ``CHECKER_TEMPLATES``) that best fits the
     gray background (shape dilated by 1 px excluded), and its squared correlation with it: 1 for clean checkers,
     low for stripes, flat or unstructured backgrounds."""
-    x = as_unit(image)
-    if x.ndim == 4:
-        x = x[0]
-    keep = ~dilate(estimate_mask(x) if mask is None else np.asarray(mask, bool), 1)
-    g = x.mean(-1).astype(np.float64)[keep]
-    g = g - g.mean()
-    total = (g**2).sum()
-    if len(g) < 16 or total < 1e-8:
+    bg = _background_gray(image, mask)
+    if bg is None:
         return CHECKER_TEMPLATES[0], 0.0
+    g, keep, total = bg
     t = _CHECKERS[:, keep]
     t = t - t.mean(1, keepdims=True)
     r2 = (t @ g) ** 2 / np.maximum((t**2).sum(1) * total, 1e-12)
@@ -225,6 +231,7 @@ def classify_background(images, masks=None) -> list[str | None]:
     m = [None] * len(x) if masks is None else _masks(masks, len(x))
     out: list[str | None] = []
     for img, mk in zip(x, m):
+        mk = estimate_mask(img) if mk is None else mk  # once, for both readers
         if background_ratio(img, mk) > BACKGROUND_RATIO_THRESHOLD:
             out.append(BACKGROUNDS[0])
         elif checker_r2(img, mk) > CHECKER_R2_THRESHOLD:
