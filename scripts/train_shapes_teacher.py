@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ddstrans.callbacks import atomic_torch_save  # noqa: E402
 from ddstrans.shapes import VOCAB, from_model, render_batch, to_model  # noqa: E402
 from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
 
@@ -246,12 +247,6 @@ def swapped_in(params, ema_params):
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)
-
-
-def atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, params):
