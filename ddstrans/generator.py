@@ -15,6 +15,12 @@ Conditioning (``conditioning`` in the config):
   model can then be asked for prompt pairs it never saw in training.
   ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
 
+Position features (``position_frequencies`` > 0): a convolutional UNet is (up to its padding) translation
+equivariant, so it can only draw a texture whose phase is tied to the input's content. Some targets have no
+such anchor: "checkered" admits every cell offset, the teacher's DDS direction points at a different one on
+every step, and a network regressing on it averages them into flat gray. Fixed sin/cos features of the pixel
+grid (:func:`grid_fourier_features`), concatenated to the input, let it commit to one absolute phase.
+
 The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
 """
 
@@ -26,6 +32,21 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 CONDITIONINGS = ("task_id", "text")
+
+
+def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Tensor:
+    """``(4 * frequencies, H, W)``: sin and cos of ``2*pi*k*x/W`` and ``2*pi*k*y/H`` for ``k = 1..frequencies``.
+
+    Integer ``k`` keeps every feature periodic on the image, so no edge of the grid is special.
+    """
+    if frequencies < 1:
+        raise ValueError(f"frequencies must be >= 1, got {frequencies}")
+    k = torch.arange(1, frequencies + 1, dtype=torch.float64)[:, None]
+    ax = 2 * torch.pi * k * torch.arange(width, dtype=torch.float64)[None] / width  # (F, W)
+    ay = 2 * torch.pi * k * torch.arange(height, dtype=torch.float64)[None] / height  # (F, H)
+    fx = torch.cat([ax.sin(), ax.cos()])[:, None, :].expand(-1, height, -1)
+    fy = torch.cat([ay.sin(), ay.cos()])[:, :, None].expand(-1, -1, width)
+    return torch.cat([fx, fy]).float()
 TEXT_MODES = ("concat", "delta")
 
 
@@ -57,6 +78,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         attention_head_dim: int | tuple[int, ...] = 8,
         norm_num_groups: int = 32,
         text_pooling: bool = True,
+        position_frequencies: int = 0,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -65,9 +87,11 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
         if conditioning == "task_id" and num_tasks < 1:
             raise ValueError("task_id conditioning needs num_tasks >= 1")
+        if position_frequencies < 0:
+            raise ValueError(f"position_frequencies must be >= 0, got {position_frequencies}")
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=in_channels,
+            in_channels=in_channels + 4 * position_frequencies,
             out_channels=in_channels,
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
@@ -147,6 +171,9 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         t = torch.zeros(b, device=z.device, dtype=torch.long)
         class_labels = task_ids if self.config.conditioning == "task_id" else None
         x = z.to(self.unet.conv_in.weight.dtype)
+        if self.config.position_frequencies:
+            pos = grid_fourier_features(z.shape[-2], z.shape[-1], self.config.position_frequencies)
+            x = torch.cat([x, pos.to(x)[None].expand(b, -1, -1, -1)], dim=1)
         residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
         return z + residual.to(z.dtype)
 

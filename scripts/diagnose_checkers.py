@@ -8,6 +8,10 @@ deterministic network regressing on it is expected to average the candidates int
 
     python scripts/diagnose_checkers.py --n 8                                  # per-image DDS
     python scripts/diagnose_checkers.py --n 8 --translator checkpoints/shapes-translator
+    python scripts/diagnose_checkers.py --n 6 --seeds 0,1,2     # same inputs, different DDS noise: same checker?
+
+With several ``--seeds`` the table has one column per seed: if an input gets the same checker under every seed,
+the choice is a function of the input (a network can learn it); if not, the DDS target is ambiguous per input.
 """
 
 from __future__ import annotations
@@ -32,23 +36,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--t-max", type=int, default=600)
+    p.add_argument("--seeds", default="0", help="comma-separated DDS noise seeds (per-image DDS only)")
     args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     es = build_eval_set(shapes_task("to_checkered"), args.n)
     if args.translator is not None:
         from ddstrans.translator import Translator
 
         out, _ = run_method("network", es, translator=Translator.from_pretrained(args.translator))
-        label = f"network {args.translator}"
+        outs, label = [out], f"network {args.translator}"
     else:
-        edit = dict(steps=args.steps, lr=args.lr, t_range=(50, args.t_max))
-        out, _ = run_method("dds", es, teacher=load_shapes_teacher(None), edit_config=edit)
-        label = f"per-image DDS ({args.steps} steps, lr {args.lr}, t in [50, {args.t_max}))"
-    print(f"{label}: best checker template per input\n")
-    print("| input seed | cell (px) | offset (x, y) | r² | background read as |")
-    print("|---|---|---|---|---|")
-    for seed, img in zip(es.seeds, M.as_unit(out)):
-        (cell, ox, oy), r2 = M.checker_fit(img)
-        print(f"| {seed} | {cell} | ({ox}, {oy}) | {r2:.2f} | {M.classify_background(img[None])[0]} |")
+        teacher = load_shapes_teacher(None)
+        outs = [run_method("dds", es, teacher=teacher, edit_config=dict(
+            steps=args.steps, lr=args.lr, t_range=(50, args.t_max), seed=s))[0] for s in seeds]
+        label = f"per-image DDS ({args.steps} steps, lr {args.lr}, t in [50, {args.t_max}), noise seeds {seeds})"
+    print(f"{label}: best checker template per input, as cell px @ (x, y) offset, r², background read as\n")
+    cols = [f"seed {s}" for s in seeds] if len(outs) > 1 else ["best checker"]
+    print("| input seed | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    per_method = [M.as_unit(o) for o in outs]
+    for i, seed in enumerate(es.seeds):
+        cells = []
+        for imgs in per_method:
+            (cell, ox, oy), r2 = M.checker_fit(imgs[i])
+            cells.append(f"{cell} @ ({ox}, {oy}), {r2:.2f}, {M.classify_background(imgs[i][None])[0]}")
+        print(f"| {seed} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddstrans.generator import TranslationUNet, build_generator
+from ddstrans.generator import TranslationUNet, build_generator, grid_fourier_features
 from ddstrans.schedules import guidance_at, t_range_at
 from ddstrans.tasks import Task, TaskTable, as_tasks
 
@@ -135,3 +135,39 @@ def test_text_pooling_modulates_every_resnet_block():
         assert (getattr(g.unet, "add_embedding", None) is not None) == pooling
     assert not torch.allclose(*outs[True])
     assert torch.allclose(*outs[False])
+
+
+def test_grid_fourier_features_are_periodic_sin_cos_of_the_pixel_grid():
+    f = grid_fourier_features(6, 8, 2)
+    assert f.shape == (8, 6, 8)
+    x = torch.arange(8.0)
+    torch.testing.assert_close(f[1, 3], torch.sin(2 * torch.pi * 2 * x / 8))  # x, k=2, sin; same on every row
+    torch.testing.assert_close(f[2, :, 0], torch.ones(6))  # x, k=1, cos: 1 in the first column
+    torch.testing.assert_close(f[4 + 1, :, 5], torch.sin(2 * torch.pi * 2 * torch.arange(6.0) / 6))  # y, k=2, sin
+    with pytest.raises(ValueError, match="frequencies"):
+        grid_fourier_features(4, 4, 0)
+
+
+def test_position_features_are_extra_input_channels_of_the_unet(tmp_path):
+    """With ``position_frequencies`` the UNet sees the grid features beside the image: the generator equals a plain
+    one whose first convolution has the same image weights, plus the features' contribution. Still the identity at
+    init, and the option survives save/load."""
+    torch.manual_seed(0)
+    pos = TranslationUNet(in_channels=3, num_tasks=2, position_frequencies=2, **TINY)
+    z, ids = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    assert torch.equal(pos(z, task_ids=ids), z)
+    assert pos.unet.conv_in.in_channels == 3 + 8
+    torch.nn.init.normal_(pos.unet.conv_out.weight, std=0.1)
+    plain = TranslationUNet(in_channels=3, num_tasks=2, **TINY)
+    sd = dict(pos.state_dict())
+    sd["unet.conv_in.weight"] = sd["unet.conv_in.weight"][:, :3]
+    plain.load_state_dict(sd)
+    with torch.no_grad():
+        pos.unet.conv_in.weight[:, 3:] = 0  # features ignored: the plain generator
+        torch.testing.assert_close(pos(z, task_ids=ids), plain(z, task_ids=ids))
+        pos.unet.conv_in.weight[:, 3:].normal_(std=0.1)  # features used: the output changes
+        assert not torch.allclose(pos(z, task_ids=ids), plain(z, task_ids=ids))
+    pos.save_pretrained(tmp_path / "g")
+    again = TranslationUNet.from_pretrained(tmp_path / "g")
+    assert again.config.position_frequencies == 2
+    torch.testing.assert_close(again(z, task_ids=ids), pos(z, task_ids=ids))
