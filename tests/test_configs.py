@@ -121,3 +121,18 @@ def test_unseen_experiment_trains_four_color_pairs_with_text_conditioning(tmp_pa
     cfg = compose(["experiment=shapes_unseen"], tmp_path)
     assert [t.name for t in cfg.tasks.tasks] == ["red_to_blue", "blue_to_red", "green_to_yellow", "yellow_to_green"]
     assert cfg.generator.conditioning == "text"
+
+
+def test_unseen_many_trains_eight_pairs_and_none_of_the_held_out_ones(tmp_path):
+    """Every held-out pair must be a new combination of a trained source color and a trained target color."""
+    from collections import Counter
+
+    cfg = compose(["experiment=shapes_unseen_many"], tmp_path)
+    pairs = [tuple(t.name.split("_to_")) for t in cfg.tasks.tasks]
+    assert len(set(pairs)) == 8 and cfg.generator.conditioning == "text"
+    held_out = {("red", "yellow"), ("green", "blue"), ("blue", "green"), ("yellow", "red")}
+    assert not held_out & set(pairs)
+    assert set(Counter(s for s, _ in pairs).values()) == {2} and set(Counter(t for _, t in pairs).values()) == {2}
+    for t in cfg.tasks.tasks:  # the rewrite matches the name
+        s, d = t.name.split("_to_")
+        assert t.rewrite.pattern == rf"\b{s}\b" and t.rewrite.replacement == d
