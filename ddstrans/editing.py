@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ddstrans.schedules import t_range_at
 from ddstrans.scores import DEFAULT_T_RANGE, dds_grad, sds_grad, surrogate_loss
 
 
@@ -21,6 +22,9 @@ class EditConfig:
     guidance_scale: float = 7.5
     loss_scale: float = 2000.0
     t_range: tuple[int, int] = DEFAULT_T_RANGE
+    # optional: move the range linearly to this one over the edit (large t first for layout, small t last for
+    # detail), as ``loss.t_range_end`` does in training
+    t_range_end: tuple[int, int] | None = None
     method: str = "dds"  # "dds" | "sds"
     weighting: str = "uniform"
     seed: int | None = 0
@@ -32,6 +36,10 @@ class EditConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.method not in ("dds", "sds"):
             raise ValueError(f"method must be 'dds' or 'sds', got {self.method!r}")
+        for name in ("t_range", "t_range_end"):
+            r = getattr(self, name)
+            if r is not None and not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
+                raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
 
 
 def edit_latents(
@@ -53,8 +61,9 @@ def edit_latents(
     z_src = z_src.detach().float()
     z = z_src.clone().requires_grad_(True)
     opt = torch.optim.SGD([z], lr=cfg.lr)
-    for _ in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
-        kw = dict(guidance_scale=cfg.guidance_scale, t_range=cfg.t_range, weighting=cfg.weighting, generator=gen)
+    for step in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
+        t_range = t_range_at(step, cfg.t_range, cfg.t_range_end, max(1, cfg.steps - 1))
+        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen)
         if cfg.method == "dds":
             grad = dds_grad(teacher, z_src, z.detach(), emb_src, emb_tgt, **kw)
         else:

@@ -65,11 +65,19 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--t-min", type=int, default=50)
     p.add_argument("--t-max", type=int, default=950)
+    p.add_argument("--t-end", default="", help="anneal the range linearly to 'T_MIN,T_MAX' over the edit (e.g. 20,200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default="", help="write a PNG grid of the first 8 edits per task here")
     p.add_argument("--json", default="", help="write all figures as JSON here")
     p.add_argument("--write-card", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.t_range_end = tuple(int(v) for v in args.t_end.split(",")) if args.t_end else None
+    except ValueError:
+        p.error(f"--t-end {args.t_end!r}: expected two integers 'T_MIN,T_MAX'")
+    if args.t_range_end is not None and len(args.t_range_end) != 2:
+        p.error(f"--t-end {args.t_end!r}: expected two integers 'T_MIN,T_MAX'")
+    return args
 
 
 def eval_sampling(teacher, args):
@@ -116,7 +124,7 @@ def eval_editing(teacher, args):
         z_src = teacher.encode_images(x)
         for method in [m for m in args.methods.split(",") if m]:
             cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
-                             t_range=(args.t_min, args.t_max), method=method, seed=args.seed)
+                             t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end, method=method, seed=args.seed)
             t0 = time.time()
             z = edit_latents(teacher, z_src, emb_s, emb_t, cfg)
             outs[method] = (teacher.decode_latents(z), (time.time() - t0) / len(x))
@@ -159,7 +167,8 @@ def tables(args, sampling, editing, wall):
     if editing:
         lines.append(f"**Zero-shot editing** ({args.n} rendered inputs per task; SGD lr {args.lr} on {args.loss_scale:g} x "
                      f"surrogate loss (raw-gradient step {args.lr * args.loss_scale / 1024:.3f}), {args.steps} steps, "
-                     f"guidance {args.guidance}, t in [{args.t_min}, {args.t_max}); bar for DDS: target accuracy >= 0.90, "
+                     f"guidance {args.guidance}, t in [{args.t_min}, {args.t_max})"
+                     f"{' annealed to [%d, %d)' % args.t_range_end if args.t_range_end else ''}; bar for DDS: target accuracy >= 0.90, "
                      f"mask IoU >= 0.85, background PSNR >= 25 dB; images in [0, 1]).\n")
         lines.append("| task | method | target acc | mask IoU | bg PSNR (dB) | diversity | s/image |")
         lines.append("|---|---|---|---|---|---|---|")

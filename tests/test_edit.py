@@ -32,6 +32,29 @@ def test_invalid_edit_config():
         EditConfig(steps=0).validate()
     with pytest.raises(ValueError, match="method"):
         EditConfig(method="ddim").validate()
+    with pytest.raises(ValueError, match="t_range_end"):
+        EditConfig(t_range_end=(300, 20)).validate()
+    with pytest.raises(ValueError, match="t_range"):
+        EditConfig(t_range=(50, 1200)).validate()
+
+
+def test_edit_anneals_the_timestep_range_from_start_to_end(tiny_teacher, monkeypatch):
+    """Each step draws t from the interpolated range: the first from ``t_range``, the last from ``t_range_end``."""
+    import ddstrans.editing as editing
+
+    seen = []
+
+    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, *, t_range, **kw):
+        seen.append(t_range)
+        return torch.zeros_like(z)
+
+    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    z, emb = torch.randn(1, 4, 8, 8), tiny_teacher.encode_prompts(["a cat"])
+    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=5, t_range=(50, 650), t_range_end=(10, 250)))
+    assert seen == [(50, 650), (40, 550), (30, 450), (20, 350), (10, 250)]
+    seen.clear()
+    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=3, t_range=(50, 650)))
+    assert seen == [(50, 650)] * 3
 
 
 def _image(path, size=(20, 14)):
