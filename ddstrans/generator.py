@@ -19,7 +19,8 @@ Position features (``position_frequencies`` > 0): a convolutional UNet is (up to
 equivariant, so it can only draw a texture whose phase is tied to the input's content. Some targets have no
 such anchor: "checkered" admits every cell offset, the teacher's DDS direction points at a different one on
 every step, and a network regressing on it averages them into flat gray. Fixed sin/cos features of the pixel
-grid (:func:`grid_fourier_features`), concatenated to the input, let it commit to one absolute phase.
+grid (:func:`grid_fourier_features`), concatenated to the input, give it the means to draw one absolute phase.
+On the shapes world that alone did not make it do so (README, "Results"); the option stays for such experiments.
 
 The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
 """
@@ -32,6 +33,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 CONDITIONINGS = ("task_id", "text")
+TEXT_MODES = ("concat", "delta")
 
 
 def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Tensor:
@@ -47,7 +49,6 @@ def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Te
     fx = torch.cat([ax.sin(), ax.cos()])[:, None, :].expand(-1, height, -1)
     fy = torch.cat([ay.sin(), ay.cos()])[:, :, None].expand(-1, -1, width)
     return torch.cat([fx, fy]).float()
-TEXT_MODES = ("concat", "delta")
 
 
 class TranslationUNet(ModelMixin, ConfigMixin):

@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma-separated DDS noise seeds (per-image DDS only)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.translator is not None and len(seeds) > 1:
+        p.error("--seeds compares per-image DDS runs; a translator is deterministic (drop --seeds or --translator)")
     es = build_eval_set(shapes_task("to_checkered"), args.n)
     if args.translator is not None:
         from ddstrans.translator import Translator
