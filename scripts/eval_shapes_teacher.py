@@ -168,7 +168,7 @@ def tables(args, sampling, editing, wall):
         lines.append(f"**Zero-shot editing** ({args.n} rendered inputs per task; SGD lr {args.lr} on {args.loss_scale:g} x "
                      f"surrogate loss (raw-gradient step {args.lr * args.loss_scale / 1024:.3f}), {args.steps} steps, "
                      f"guidance {args.guidance}, t in [{args.t_min}, {args.t_max})"
-                     f"{' annealed to [%d, %d)' % args.t_range_end if args.t_range_end else ''}; bar for DDS: target accuracy >= 0.90, "
+                     f"{f' annealed to [{args.t_range_end[0]}, {args.t_range_end[1]})' if args.t_range_end else ''}; bar for DDS: target accuracy >= 0.90, "
                      f"mask IoU >= 0.85, background PSNR >= 25 dB; images in [0, 1]).\n")
         lines.append("| task | method | target acc | mask IoU | bg PSNR (dB) | diversity | s/image |")
         lines.append("|---|---|---|---|---|---|---|")
