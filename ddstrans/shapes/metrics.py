@@ -186,7 +186,10 @@ def background_ratio(image, mask=None) -> float:
     """Largest fraction of the background's gray-level variance explained by a 1-D profile
     (mean along lines of one of the four stripe directions); ~1 for stripes, small for checkers.
     Shape pixels (dilated by 1 px) are excluded; averaging along lines also averages noise out."""
-    bg = _background_gray(image, mask)
+    return _stripe_ratio(_background_gray(image, mask))
+
+
+def _stripe_ratio(bg) -> float:
     if bg is None:
         return 0.0  # flat: no stripes (and no checkers: classify_background says None)
     g, keep, total = bg
@@ -208,7 +211,10 @@ def checker_fit(image, mask=None) -> tuple[tuple[int, int, int], float]:
     """The axis-aligned checker template (cell 3-6 px, any offset; see ``CHECKER_TEMPLATES``) that best fits the
     gray background (shape dilated by 1 px excluded), and its squared correlation with it: 1 for clean checkers,
     low for stripes, flat or unstructured backgrounds."""
-    bg = _background_gray(image, mask)
+    return _checker_fit(_background_gray(image, mask))
+
+
+def _checker_fit(bg) -> tuple[tuple[int, int, int], float]:
     if bg is None:
         return CHECKER_TEMPLATES[0], 0.0
     g, keep, total = bg
@@ -231,10 +237,10 @@ def classify_background(images, masks=None) -> list[str | None]:
     m = [None] * len(x) if masks is None else _masks(masks, len(x))
     out: list[str | None] = []
     for img, mk in zip(x, m):
-        mk = estimate_mask(img) if mk is None else mk  # once, for both readers
-        if background_ratio(img, mk) > BACKGROUND_RATIO_THRESHOLD:
+        bg = _background_gray(img, mk)  # once, for both readers
+        if _stripe_ratio(bg) > BACKGROUND_RATIO_THRESHOLD:
             out.append(BACKGROUNDS[0])
-        elif checker_r2(img, mk) > CHECKER_R2_THRESHOLD:
+        elif _checker_fit(bg)[1] > CHECKER_R2_THRESHOLD:
             out.append(BACKGROUNDS[1])
         else:
             out.append(None)
