@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddstrans.schedules import t_range_at
-from ddstrans.scores import DEFAULT_T_RANGE, dds_grad, sds_grad, surrogate_loss
+from ddstrans.scores import DEFAULT_T_RANGE, dds_grad, sds_grad, shared_noise, surrogate_loss
 
 
 @dataclass
@@ -28,6 +28,9 @@ class EditConfig:
     method: str = "dds"  # "dds" | "sds"
     weighting: str = "uniform"
     seed: int | None = 0
+    # optional: one noise tensor (``scores.shared_noise`` of this seed) for every image and step instead of fresh
+    # noise, as ``loss.shared_noise_prob=1`` in training: shows which choices the noise, not the input, decides
+    shared_noise_seed: int | None = None
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -60,10 +63,13 @@ def edit_latents(
     gen = torch.Generator(device=z_src.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     z_src = z_src.detach().float()
     z = z_src.clone().requires_grad_(True)
+    noise = None
+    if cfg.shared_noise_seed is not None:
+        noise = shared_noise(z_src.shape[1:], cfg.shared_noise_seed, device=z_src.device).expand_as(z_src)
     opt = torch.optim.SGD([z], lr=cfg.lr)
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
         t_range = t_range_at(step, cfg.t_range, cfg.t_range_end, max(1, cfg.steps - 1))
-        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen)
+        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen, noise=noise)
         if cfg.method == "dds":
             grad = dds_grad(teacher, z_src, z.detach(), emb_src, emb_tgt, **kw)
         else:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ddstrans.generator import TranslationUNet
 from ddstrans.schedules import guidance_at, t_range_at
-from ddstrans.scores import dds_grad, identity_loss, sds_grad, surrogate_loss
+from ddstrans.scores import dds_grad, identity_loss, mix_shared_noise, sds_grad, shared_noise, surrogate_loss
 from ddstrans.tasks import TaskTable
 
 CHECKPOINT_KEY = "ddstrans"
@@ -43,6 +43,9 @@ DEFAULT_LOSS = {
     "weight": 1.0,
     "max_consecutive_nonfinite": 20,
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
+    "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
+    "shared_noise_seed": 0,
+    "shared_noise_tasks": None,  # task names that use it (None: every task)
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -101,6 +104,13 @@ class DDSTranslationModule(L.LightningModule):
         self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
         if self.loss_cfg["type"] not in ("dds", "sds"):
             raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
+        if not 0.0 <= float(self.loss_cfg["shared_noise_prob"]) <= 1.0:
+            raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
+        shared_tasks = self.loss_cfg["shared_noise_tasks"]
+        if isinstance(shared_tasks, str):
+            shared_tasks = [shared_tasks]
+        # KeyError naming the known tasks for a typo
+        self._shared_task_ids = None if shared_tasks is None else [self.task_table.index(n) for n in shared_tasks]
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -112,6 +122,7 @@ class DDSTranslationModule(L.LightningModule):
         self.ema = self._new_ema()
         self._ema_from_checkpoint = False
         self._rng: torch.Generator | None = None
+        self._shared_noise: torch.Tensor | None = None
         self._skip_step = False
         self._stepped = False
         self.skipped_steps = 0
@@ -195,6 +206,21 @@ class DDSTranslationModule(L.LightningModule):
         step = self.global_step if step is None else step
         return t_range_at(step, tuple(c["t_range"]), c["t_range_end"], c["t_range_steps"])
 
+    def training_noise(self, z: torch.Tensor, task_ids: torch.Tensor, rng: torch.Generator) -> torch.Tensor | None:
+        """None (the score draws fresh noise per sample) or, with ``loss.shared_noise_prob`` > 0, fresh noise with
+        that fraction of samples (of the tasks in ``loss.shared_noise_tasks``, or all) replaced by the run's shared
+        noise (seeded by ``loss.shared_noise_seed`` alone, so equal on every rank and after a resume)."""
+        prob = float(self.loss_cfg["shared_noise_prob"])
+        if prob == 0.0:
+            return None
+        fresh = torch.randn(z.shape, generator=rng).to(device=z.device, dtype=z.dtype)
+        if self._shared_noise is None or self._shared_noise.shape != z.shape[1:]:
+            self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"])
+        eligible = None
+        if self._shared_task_ids is not None:
+            eligible = torch.isin(task_ids.cpu(), torch.tensor(self._shared_task_ids, dtype=task_ids.dtype))
+        return mix_shared_noise(fresh, self._shared_noise.to(z.device, z.dtype), prob, rng, eligible)
+
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
         tdt = self.teacher.dtype
@@ -215,7 +241,9 @@ class DDSTranslationModule(L.LightningModule):
         emb_src, emb_tgt = self.task_table.embeddings_for(task_ids, batch.get("caption"), self.teacher, rng)
         z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
         guidance = self.current_guidance()
-        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng)
+        noise = self.training_noise(z_src, task_ids, rng)
+        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng,
+                                noise=noise)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         if self.loss_cfg["identity_weight"]:
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])

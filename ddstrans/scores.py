@@ -144,6 +144,43 @@ def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, 
     return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
 
 
+def shared_noise(shape: tuple[int, ...], seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """One noise tensor of one latent's ``shape`` (C, H, W), the same for a given ``seed`` on every rank and run."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
+
+
+def mix_shared_noise(
+    noise: torch.Tensor,
+    shared: torch.Tensor,
+    prob: float,
+    generator: torch.Generator | None = None,
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace each sample's ``noise`` by ``shared`` (broadcast over the batch) with probability ``prob``; with
+    ``eligible`` (a boolean per sample) only eligible samples are replaced.
+
+    Why: fresh noise per sample and step lets DDS pick any of several equally good targets when the prompt leaves
+    a free choice (a checkerboard's phase): a deterministic network trained on those directions learns their
+    average (flat gray). With the same noise everywhere the teacher's choice becomes a function of the input, which a
+    network can learn."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"shared-noise probability must be in [0, 1], got {prob}")
+    if shared.shape != noise.shape[1:]:
+        raise ValueError(f"shared noise shape {tuple(shared.shape)} does not match one sample's {tuple(noise.shape[1:])}")
+    if prob == 0.0:
+        return noise
+    if prob == 1.0:
+        pick = torch.ones(noise.shape[0], dtype=torch.bool)
+    else:
+        draw = torch.rand(noise.shape[0], generator=generator, device="cpu" if generator is None else generator.device)
+        pick = draw.cpu() < prob
+    if eligible is not None:
+        pick = pick & eligible.to("cpu", torch.bool).reshape(-1)
+    pick = _per_sample(pick.to(noise.device), noise.ndim)
+    return torch.where(pick, shared.to(noise), noise)
+
+
 def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
     if t is None:
         t = sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)

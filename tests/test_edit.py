@@ -9,6 +9,7 @@ from PIL import Image
 
 from ddstrans.cli.main import main
 from ddstrans.editing import EditConfig, edit_latents
+from ddstrans.scores import shared_noise
 
 
 def test_edit_keeps_latent_when_prompts_match(tiny_teacher):
@@ -55,6 +56,25 @@ def test_edit_anneals_the_timestep_range_from_start_to_end(tiny_teacher, monkeyp
     seen.clear()
     edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=3, t_range=(50, 650)))
     assert seen == [(50, 650)] * 3
+
+
+def test_edit_with_shared_noise_uses_one_noise_for_every_image_and_step(tiny_teacher, monkeypatch):
+    import ddstrans.editing as editing
+
+    seen = []
+
+    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, *, noise, **kw):
+        seen.append(noise)
+        return torch.zeros_like(z)
+
+    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    z, emb = torch.randn(3, 4, 8, 8), tiny_teacher.encode_prompts(["a cat"])
+    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2, shared_noise_seed=5))
+    want = shared_noise((4, 8, 8), 5)
+    assert len(seen) == 2 and all(torch.equal(x, want) for n in seen for x in n)
+    seen.clear()
+    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2))
+    assert seen == [None, None]  # fresh noise, drawn inside the score
 
 
 def _image(path, size=(20, 14)):

@@ -12,6 +12,7 @@ import torch
 from ddstrans.data.procedural import ProceduralDataModule
 from ddstrans.generator import build_generator
 from ddstrans.module import DDSTranslationModule, _resolve_dtype
+from ddstrans.scores import shared_noise
 
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=8)
@@ -125,3 +126,41 @@ def test_teacher_dtype_resolution():
     assert _resolve_dtype("auto", cuda, "bf16-mixed") == torch.bfloat16
     assert _resolve_dtype("auto", cuda, "16-mixed") == torch.float16
     assert _resolve_dtype("float16", cpu, "32") == torch.float16
+
+
+@pytest.mark.parametrize("prob,tasks", [(0.0, None), (1.0, None), (1.0, ["cat2dog"])])
+def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
+    m = make_module(tiny_teacher, loss={"warmup_steps": 2, "guidance_start": 1.0, "shared_noise_prob": prob,
+                                        "shared_noise_seed": 3, "shared_noise_tasks": tasks})
+    ids, seen = [], []
+    training_noise, score = m.training_noise, m.score
+
+    def spy_noise(z, task_ids, rng):
+        ids.append(task_ids.clone())
+        return training_noise(z, task_ids, rng)
+
+    def spy_score(*args, **kw):
+        if m.training:  # validation scores a fixed (t, noise) of its own
+            seen.append(kw.get("noise"))
+        return score(*args, **kw)
+
+    m.training_noise, m.score = spy_noise, spy_score
+    make_trainer(tmp_path, steps=6).fit(m, datamodule=dm())
+    assert len(seen) == len(ids) == 6
+    if prob == 0.0:  # fresh noise drawn inside the score, as before the option existed
+        assert all(n is None for n in seen)
+        return
+    want = shared_noise(seen[0].shape[1:], 3)
+    is_shared = [torch.equal(x, want) for n in seen for x in n]
+    if tasks is None:  # every sample of every step: the seed's one noise tensor
+        assert all(is_shared)
+    else:  # only the samples of cat2dog (task 1)
+        task_of = [int(i) for step_ids in ids for i in step_ids]
+        assert is_shared == [t == 1 for t in task_of] and 0 < sum(is_shared) < len(is_shared)
+
+
+def test_shared_noise_options_are_checked(tiny_teacher):
+    with pytest.raises(ValueError, match="shared_noise_prob"):
+        make_module(tiny_teacher, loss={"shared_noise_prob": 2.0})
+    with pytest.raises(KeyError, match="cat2lion"):
+        make_module(tiny_teacher, loss={"shared_noise_prob": 1.0, "shared_noise_tasks": ["cat2cow"]})

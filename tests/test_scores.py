@@ -190,3 +190,23 @@ def test_identity_loss_holds_only_where_the_score_is_flat():
     assert loss.item() == pytest.approx(2 / 16)
     loss.backward()
     assert z.grad[0, 0, 3, 3] == pytest.approx(2 / 16) and z.grad[0, 0, 0, 0] == 0
+
+
+def test_shared_noise_is_a_function_of_the_seed_and_mixes_per_sample():
+    a, b = scores.shared_noise((3, 4, 4), 7), scores.shared_noise((3, 4, 4), 7)
+    assert torch.equal(a, b) and not torch.equal(a, scores.shared_noise((3, 4, 4), 8))
+    fresh = torch.randn(64, 3, 4, 4)
+    assert scores.mix_shared_noise(fresh, a, 0.0) is fresh
+    all_shared = scores.mix_shared_noise(fresh, a, 1.0)
+    assert all(torch.equal(x, a) for x in all_shared)
+    mixed = scores.mix_shared_noise(fresh, a, 0.5, torch.Generator().manual_seed(0))
+    is_shared = torch.tensor([torch.equal(x, a) for x in mixed])
+    is_fresh = torch.tensor([torch.equal(x, f) for x, f in zip(mixed, fresh)])
+    assert torch.all(is_shared ^ is_fresh)  # each sample whole: either the shared noise or its own
+    assert 16 < int(is_shared.sum()) < 48
+    only_even = scores.mix_shared_noise(fresh, a, 1.0, eligible=torch.arange(64) % 2 == 0)
+    assert all(torch.equal(x, a if i % 2 == 0 else f) for i, (x, f) in enumerate(zip(only_even, fresh)))
+    with pytest.raises(ValueError, match="probability"):
+        scores.mix_shared_noise(fresh, a, 1.5)
+    with pytest.raises(ValueError, match="does not match"):
+        scores.mix_shared_noise(fresh, scores.shared_noise((3, 8, 8), 0), 0.5)
