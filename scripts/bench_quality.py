@@ -6,13 +6,14 @@ scores it on held-out inputs; per-image DDS and SDS editing of the same inputs r
 aggregated per task family (color / shape / background) into one markdown table, written to
 ``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on this machine.
 
-    python scripts/bench_quality.py                       # all variants (about an hour on 2 CPU cores)
+    python scripts/bench_quality.py --edit-n 8            # all variants, each as its config (about 1.5 h on 2 cores)
     python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
 
 Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA), no_warmup, sds,
 text (text conditioning), no_ema, unseen (text conditioning trained on four color pairs, evaluated on those and on
-four pairs never trained), and identity (beyond the paper: + an identity term on regions the DDS score does not call
-to change); see configs/experiment/shapes_*.yaml.
+four pairs never trained), identity (beyond the paper: + an identity term on regions the DDS score does not call
+to change) and long (experiment=shapes_long: identity term, 2,000 steps); see configs/experiment/shapes_*.yaml.
+Without ``--steps`` each variant trains its config's own ``trainer.max_steps``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment
     "no_ema": "shapes_no_ema",
     "unseen": "shapes_unseen",
     "identity": "shapes_identity",
+    "long": "shapes_long",
 }
 # never trained by the "unseen" variant (tasks=shapes_pairs), each from a trained source and a trained target color
 UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red")
@@ -55,9 +57,12 @@ def train_and_export(name: str, experiment: str, args) -> Path:
     tr = run / "translator"
     if (tr / "translator.json").is_file() and not args.retrain:
         return tr
+    steps = []
+    if args.steps is not None:
+        steps = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
+                 f"callbacks.model_checkpoint.every_n_train_steps={args.steps}"]
     cmd = [sys.executable, "-m", "ddstrans.cli.train", f"experiment={experiment}", f"hydra.run.dir={run / 'train'}",
-           "export_after_fit=false", f"trainer.max_steps={args.steps}", "trainer.max_time=null",
-           f"trainer.val_check_interval={args.steps}", f"callbacks.model_checkpoint.every_n_train_steps={args.steps}",
+           "export_after_fit=false", "trainer.max_time=null", *steps,
            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "offline"}
     t0 = time.time()
@@ -67,7 +72,8 @@ def train_and_export(name: str, experiment: str, args) -> Path:
         subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(run / "train/checkpoints/last.ckpt"),
                         str(tr), "--overwrite", *no_ema], check=True, cwd=ROOT, env=env, stdout=log,
                        stderr=subprocess.STDOUT)
-    print(f"[{name}] trained {args.steps} steps in {time.time() - t0:.0f} s", flush=True)
+    done = OmegaConf.load(run / "train" / "config_resolved.yaml").trainer.max_steps
+    print(f"[{name}] trained {done} steps in {time.time() - t0:.0f} s", flush=True)
     return tr
 
 
@@ -94,7 +100,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=600, help="training steps per variant")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every variant (default: each experiment config's own trainer.max_steps)")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task for the networks")
     p.add_argument("--edit-n", type=int, default=16, help="held-out inputs per task for per-image DDS/SDS editing")
     p.add_argument("--edit-steps", type=int, default=100)
@@ -128,7 +135,8 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # training runs are subprocesses
-        dirs = dict(zip(names, pool.map(lambda n: train_and_export(n, VARIANTS[n], args), names)))
+        longest_first = sorted(names, key=lambda n: n != "long")  # so the 2,000-step run is not left alone at the end
+        dirs = dict(zip(longest_first, pool.map(lambda n: train_and_export(n, VARIANTS[n], args), longest_first)))
     for name in names:
         tr = Translator.from_pretrained(dirs[name])
         if name == "unseen":
