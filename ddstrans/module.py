@@ -106,6 +106,11 @@ class DDSTranslationModule(L.LightningModule):
             raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
         if not 0.0 <= float(self.loss_cfg["shared_noise_prob"]) <= 1.0:
             raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
+        if self.loss_cfg["t_range_end"] is not None and int(self.loss_cfg["t_range_steps"] or 0) <= 0:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
+                           f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
         shared_tasks = self.loss_cfg["shared_noise_tasks"]
         if isinstance(shared_tasks, str):
             shared_tasks = [shared_tasks]

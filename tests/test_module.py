@@ -159,6 +159,11 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
         assert is_shared == [t == 1 for t in task_of] and 0 < sum(is_shared) < len(is_shared)
 
 
+def test_an_anneal_without_steps_is_reported(tiny_teacher):
+    with pytest.warns(UserWarning, match="t_range_end.*ignored"):
+        make_module(tiny_teacher, loss={"t_range_end": [20, 300], "t_range_steps": -1})
+
+
 def test_shared_noise_options_are_checked(tiny_teacher):
     with pytest.raises(ValueError, match="shared_noise_prob"):
         make_module(tiny_teacher, loss={"shared_noise_prob": 2.0})
