@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,8 @@ def train_and_export(name: str, experiment: str, args) -> Path:
     tr = run / "translator"
     if (tr / "translator.json").is_file() and not args.retrain:
         return tr
+    if (run / "train").exists():  # a fresh run: no stale checkpoints or metrics from an earlier one beside it
+        shutil.rmtree(run / "train")
     steps = []
     if args.steps is not None:
         steps = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
