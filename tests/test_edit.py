@@ -39,42 +39,40 @@ def test_invalid_edit_config():
         EditConfig(t_range=(50, 1200)).validate()
 
 
-def test_edit_anneals_the_timestep_range_from_start_to_end(tiny_teacher, monkeypatch):
-    """Each step draws t from the interpolated range: the first from ``t_range``, the last from ``t_range_end``."""
+def _record_dds_calls(monkeypatch) -> list[dict]:
+    """Replace the DDS gradient by zeros and record the keyword arguments of every call."""
     import ddstrans.editing as editing
 
-    seen = []
+    calls = []
 
-    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, *, t_range, **kw):
-        seen.append(t_range)
+    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, **kw):
+        calls.append(kw)
         return torch.zeros_like(z)
 
     monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    return calls
+
+
+def test_edit_anneals_the_timestep_range_from_start_to_end(tiny_teacher, monkeypatch):
+    """Each step draws t from the interpolated range: the first from ``t_range``, the last from ``t_range_end``."""
+    calls = _record_dds_calls(monkeypatch)
     z, emb = torch.randn(1, 4, 8, 8), tiny_teacher.encode_prompts(["a cat"])
     edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=5, t_range=(50, 650), t_range_end=(10, 250)))
-    assert seen == [(50, 650), (40, 550), (30, 450), (20, 350), (10, 250)]
-    seen.clear()
+    assert [c["t_range"] for c in calls] == [(50, 650), (40, 550), (30, 450), (20, 350), (10, 250)]
+    calls.clear()
     edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=3, t_range=(50, 650)))
-    assert seen == [(50, 650)] * 3
+    assert [c["t_range"] for c in calls] == [(50, 650)] * 3
 
 
 def test_edit_with_shared_noise_uses_one_noise_for_every_image_and_step(tiny_teacher, monkeypatch):
-    import ddstrans.editing as editing
-
-    seen = []
-
-    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, *, noise, **kw):
-        seen.append(noise)
-        return torch.zeros_like(z)
-
-    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    calls = _record_dds_calls(monkeypatch)
     z, emb = torch.randn(3, 4, 8, 8), tiny_teacher.encode_prompts(["a cat"])
     edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2, shared_noise_seed=5))
     want = shared_noise((4, 8, 8), 5)
-    assert len(seen) == 2 and all(torch.equal(x, want) for n in seen for x in n)
-    seen.clear()
+    assert len(calls) == 2 and all(torch.equal(x, want) for c in calls for x in c["noise"])
+    calls.clear()
     edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2))
-    assert seen == [None, None]  # fresh noise, drawn inside the score
+    assert [c["noise"] for c in calls] == [None, None]  # fresh noise, drawn inside the score
 
 
 def _image(path, size=(20, 14)):
