@@ -223,7 +223,7 @@ class DDSTranslationModule(L.LightningModule):
             self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"])
         eligible = None
         if self._shared_task_ids is not None:
-            eligible = torch.isin(task_ids.cpu(), torch.tensor(self._shared_task_ids, dtype=task_ids.dtype))
+            eligible = torch.isin(task_ids, torch.tensor(self._shared_task_ids, dtype=task_ids.dtype, device=task_ids.device))
         return mix_shared_noise(fresh, self._shared_noise.to(z.device, z.dtype), prob, rng, eligible)
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):

@@ -171,13 +171,13 @@ def mix_shared_noise(
     if prob == 0.0:
         return noise
     if prob == 1.0:
-        pick = torch.ones(noise.shape[0], dtype=torch.bool)
+        pick = torch.ones(noise.shape[0], dtype=torch.bool, device=noise.device)
     else:
         draw = torch.rand(noise.shape[0], generator=generator, device="cpu" if generator is None else generator.device)
-        pick = draw.cpu() < prob
-    if eligible is not None:
-        pick = pick & eligible.to("cpu", torch.bool).reshape(-1)
-    pick = _per_sample(pick.to(noise.device), noise.ndim)
+        pick = (draw < prob).to(noise.device)
+    if eligible is not None:  # kept on the noise's device: no host sync on a GPU
+        pick = pick & eligible.to(noise.device, torch.bool).reshape(-1)
+    pick = _per_sample(pick, noise.ndim)
     return torch.where(pick, shared.to(noise), noise)
 
 
