@@ -22,7 +22,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ddstrans.generator import TranslationUNet
 from ddstrans.schedules import guidance_at, t_range_at
-from ddstrans.scores import dds_grad, identity_loss, mix_shared_noise, sds_grad, shared_noise, surrogate_loss
+from ddstrans.scores import (
+    dds_grad,
+    fresh_noise,
+    identity_loss,
+    mix_shared_noise,
+    sds_grad,
+    shared_noise,
+    surrogate_loss,
+)
 from ddstrans.tasks import TaskTable
 
 CHECKPOINT_KEY = "ddstrans"
@@ -115,7 +123,10 @@ class DDSTranslationModule(L.LightningModule):
         if isinstance(shared_tasks, str):
             shared_tasks = [shared_tasks]
         # KeyError naming the known tasks for a typo
-        self._shared_task_ids = None if shared_tasks is None else [self.task_table.index(n) for n in shared_tasks]
+        self._shared_task_mask: torch.Tensor | None = None  # per task: uses the shared noise (None: every task)
+        if shared_tasks is not None:
+            self._shared_task_mask = torch.zeros(len(self.task_table), dtype=torch.bool)
+            self._shared_task_mask[[self.task_table.index(n) for n in shared_tasks]] = True
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -218,13 +229,17 @@ class DDSTranslationModule(L.LightningModule):
         prob = float(self.loss_cfg["shared_noise_prob"])
         if prob == 0.0:
             return None
-        fresh = torch.randn(z.shape, generator=rng).to(device=z.device, dtype=z.dtype)
-        if self._shared_noise is None or self._shared_noise.shape != z.shape[1:]:
-            self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"])
+        fresh = fresh_noise(z, rng)
+        sn = self._shared_noise
+        if sn is None or sn.shape != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
+            # made once per device: no host-to-device copy per step
+            self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"], device=z.device, dtype=z.dtype)
         eligible = None
-        if self._shared_task_ids is not None:
-            eligible = torch.isin(task_ids, torch.tensor(self._shared_task_ids, dtype=task_ids.dtype, device=task_ids.device))
-        return mix_shared_noise(fresh, self._shared_noise.to(z.device, z.dtype), prob, rng, eligible)
+        if self._shared_task_mask is not None:
+            if self._shared_task_mask.device != task_ids.device:
+                self._shared_task_mask = self._shared_task_mask.to(task_ids.device)
+            eligible = self._shared_task_mask[task_ids]
+        return mix_shared_noise(fresh, self._shared_noise, prob, rng, eligible)
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg

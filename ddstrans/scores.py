@@ -144,6 +144,12 @@ def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, 
     return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
 
 
+def fresh_noise(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise like ``z``, drawn on the generator's device (CPU without one) for reproducibility."""
+    noise = torch.randn(z.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    return noise.to(device=z.device, dtype=z.dtype)
+
+
 def shared_noise(shape: tuple[int, ...], seed: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """One noise tensor of one latent's ``shape`` (C, H, W), the same for a given ``seed`` on every rank and run."""
     g = torch.Generator().manual_seed(int(seed))
@@ -188,8 +194,7 @@ def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
     if t.numel() == 1 and z.shape[0] > 1:
         t = t.expand(z.shape[0])
     if noise is None:
-        noise = torch.randn(z.shape, generator=generator, device="cpu" if generator is None else generator.device)
-        noise = noise.to(device=z.device, dtype=z.dtype)
+        noise = fresh_noise(z, generator)
     if noise.shape != z.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match latent shape {tuple(z.shape)}")
     return t, noise
