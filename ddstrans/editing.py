@@ -52,9 +52,14 @@ def edit_latents(
     emb_tgt: torch.Tensor,
     config: EditConfig | None = None,
     *,
+    z_init: torch.Tensor | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Return edited latents (same shape as ``z_src``); embeddings are (B, L, D) or (1, L, D)."""
+    """Return edited latents (same shape as ``z_src``); embeddings are (B, L, D) or (1, L, D).
+
+    The optimisation starts at ``z_src`` (the method) or at ``z_init``: started at a known answer, the edit
+    shows whether that answer is the score's fixed point — how far a perfect edit drifts under this teacher.
+    """
     cfg = config or EditConfig()
     cfg.validate()
     b = z_src.shape[0]
@@ -62,7 +67,9 @@ def edit_latents(
     emb_tgt = emb_tgt.expand(b, *emb_tgt.shape[1:]) if emb_tgt.shape[0] == 1 else emb_tgt
     gen = torch.Generator(device=z_src.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     z_src = z_src.detach().float()
-    z = z_src.clone().requires_grad_(True)
+    if z_init is not None and z_init.shape != z_src.shape:
+        raise ValueError(f"z_init must have the source's shape {tuple(z_src.shape)}, got {tuple(z_init.shape)}")
+    z = (z_src if z_init is None else z_init.detach().to(z_src)).clone().requires_grad_(True)
     noise = None
     if cfg.shared_noise_seed is not None:
         noise = shared_noise(z_src.shape[1:], cfg.shared_noise_seed, device=z_src.device).expand_as(z_src)

@@ -8,7 +8,10 @@
    to the task's source color; source prompt = the input's caption, target prompt = the same caption
    with the target color), with DDS and SDS (``ddstrans.editing.edit_latents``), beside identity:
    target accuracy, mask IoU against the input's ground-truth mask, background PSNR outside it
-   ([0, 1] images, dB) and diversity (bar for DDS: >= 90%, >= 0.85, >= 25 dB).
+   ([0, 1] images, dB) and diversity (bar for DDS: >= 90%, >= 0.85, >= 25 dB). Method
+   ``dds_from_target`` runs the same DDS edit started at the answer (the scene rendered in the target
+   color): a perfect teacher leaves it there (IoU 1); what it loses is the ceiling any DDS-trained
+   network inherits from this teacher.
 
 ``--write-card`` replaces the quality section of ``<teacher>/README.md`` with the tables.
 
@@ -46,6 +49,7 @@ from ddstrans.shapes import metrics as M  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
 QUALITY_END = "<!-- quality:end -->"
+EDIT_METHODS = ("dds", "sds", "dds_from_target")
 COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
 
 
@@ -58,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-guidance", type=float, default=4.0)
     p.add_argument("--n", type=int, default=64, help="inputs per color task (0 = skip editing)")
     p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
-    p.add_argument("--methods", default="dds,sds")
+    p.add_argument("--methods", default="dds,sds", help="comma-separated, of: dds, sds, dds_from_target (DDS started "
+                   "at the ground-truth answer: how far a perfect edit drifts under this teacher; 0 drift is ideal)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
     p.add_argument("--loss-scale", type=float, default=2000.0)
@@ -105,10 +110,12 @@ def eval_sampling(teacher, args):
 
 
 def task_inputs(src: str, tgt: str, n: int, offset: int):
+    """Inputs in the source color, their masks and captions, the target captions, and the answers (the same
+    scenes rendered in the target color)."""
     seeds = list(range(offset, offset + n))
     imgs, masks, caps = render_batch(seeds, color=src)
     tcaps = [sample_scene(s, color=tgt).caption for s in seeds]
-    return imgs, masks, caps, tcaps
+    return imgs, masks, caps, tcaps, render_batch(seeds, color=tgt)[0]
 
 
 def eval_editing(teacher, args):
@@ -117,16 +124,21 @@ def eval_editing(teacher, args):
     results, grids = [], []
     tasks = [tuple(t.split(">")) for t in args.tasks.split(",") if t]
     for k, (src, tgt) in enumerate(tasks):
-        imgs, masks, caps, tcaps = task_inputs(src, tgt, args.n, offset=1000 * k)
+        imgs, masks, caps, tcaps, answers = task_inputs(src, tgt, args.n, offset=1000 * k)
         x = to_model(imgs)
         outs = {"identity": (x, 0.0)}
         emb_s, emb_t = teacher.encode_prompts(caps), teacher.encode_prompts(tcaps)
         z_src = teacher.encode_images(x)
         for method in [m for m in args.methods.split(",") if m]:
+            if method not in EDIT_METHODS:
+                raise SystemExit(f"unknown method {method!r}; choose from {', '.join(EDIT_METHODS)}")
             cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
-                             t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end, method=method, seed=args.seed)
+                             t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end,
+                             method=method.split("_")[0], seed=args.seed)
+            # dds_from_target: the same edit started at the answer (the scene rendered in the target color)
+            z_init = teacher.encode_images(to_model(answers)) if method == "dds_from_target" else None
             t0 = time.time()
-            z = edit_latents(teacher, z_src, emb_s, emb_t, cfg)
+            z = edit_latents(teacher, z_src, emb_s, emb_t, cfg, z_init=z_init)
             outs[method] = (teacher.decode_latents(z), (time.time() - t0) / len(x))
         for name, (y, sec) in outs.items():
             r = M.evaluate_edit(y, imgs, masks, "color", tgt)

@@ -75,6 +75,27 @@ def test_edit_with_shared_noise_uses_one_noise_for_every_image_and_step(tiny_tea
     assert [c["noise"] for c in calls] == [None, None]  # fresh noise, drawn inside the score
 
 
+def test_edit_from_an_initial_latent_scores_against_the_source(tiny_teacher, monkeypatch):
+    """``z_init`` is where the optimisation starts; the score still compares with the source."""
+    import ddstrans.editing as editing
+
+    seen = []
+
+    def fake_grad(teacher, z_src, z, emb_src, emb_tgt, **kw):
+        seen.append((z_src.clone(), z.clone()))
+        return torch.ones_like(z)
+
+    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    z_src, z_init, emb = torch.zeros(2, 4, 8, 8), torch.full((2, 4, 8, 8), 3.0), tiny_teacher.encode_prompts(["a cat"])
+    out = edit_latents(tiny_teacher, z_src, emb, emb, EditConfig(steps=2, lr=0.1, loss_scale=1.0), z_init=z_init)
+    assert torch.equal(seen[0][0], z_src) and torch.equal(seen[0][1], z_init)
+    # surrogate 'hw': d/dz (z * 1).sum() / (H * W) = 1/64 per step
+    assert torch.allclose(out, z_init - 2 * 0.1 / 64)
+    assert torch.equal(z_init, torch.full((2, 4, 8, 8), 3.0))  # the caller's tensor is not modified
+    with pytest.raises(ValueError, match="z_init"):
+        edit_latents(tiny_teacher, z_src, emb, emb, EditConfig(steps=1), z_init=torch.zeros(1, 4, 8, 8))
+
+
 def _image(path, size=(20, 14)):
     Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype("uint8")).save(path)
     return path
