@@ -31,6 +31,9 @@ class EditConfig:
     # optional: one noise tensor (``scores.shared_noise`` of this seed) for every image and step instead of fresh
     # noise, as ``loss.shared_noise_prob=1`` in training: shows which choices the noise, not the input, decides
     shared_noise_seed: int | None = None
+    # optional: steps whose t is below guidance_low_t use guidance_low (scores.guidance_for_timesteps), as in training
+    guidance_low_t: int = 0
+    guidance_low: float = 1.0
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -76,7 +79,8 @@ def edit_latents(
     opt = torch.optim.SGD([z], lr=cfg.lr)
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
         t_range = t_range_at(step, cfg.t_range, cfg.t_range_end, max(1, cfg.steps - 1))
-        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen, noise=noise)
+        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen, noise=noise,
+                  guidance_low_t=cfg.guidance_low_t, guidance_low=cfg.guidance_low)
         if cfg.method == "dds":
             grad = dds_grad(teacher, z_src, z.detach(), emb_src, emb_tgt, **kw)
         else:

@@ -43,6 +43,8 @@ DEFAULT_LOSS = {
     "warmup_steps": 0,
     "warmup_kind": "linear",
     "source_guidance": None,
+    "guidance_low_t": 0,  # > 0: samples with t below it use guidance_low (scores.guidance_for_timesteps)
+    "guidance_low": 1.0,
     "t_range": (50, 950),
     "t_range_end": None,
     "t_range_steps": 0,
@@ -114,6 +116,8 @@ class DDSTranslationModule(L.LightningModule):
             raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
         if not 0.0 <= float(self.loss_cfg["shared_noise_prob"]) <= 1.0:
             raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
+        if not 0 <= int(self.loss_cfg["guidance_low_t"] or 0) <= 1000:
+            raise ValueError(f"loss.guidance_low_t must be in [0, 1000] (0: off), got {self.loss_cfg['guidance_low_t']}")
         if self.loss_cfg["t_range_end"] is not None and int(self.loss_cfg["t_range_steps"] or 0) <= 0:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -244,12 +248,12 @@ class DDSTranslationModule(L.LightningModule):
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
         tdt = self.teacher.dtype
+        kw = dict(t=t, noise=noise, guidance_scale=guidance, weighting=c["weighting"], t_range=t_range, generator=rng,
+                  return_info=True, guidance_low_t=int(c["guidance_low_t"] or 0), guidance_low=float(c["guidance_low"]))
         if c["type"] == "sds":
-            return sds_grad(self.teacher, z_tgt, emb_tgt.to(tdt), t=t, noise=noise, guidance_scale=guidance,
-                            weighting=c["weighting"], t_range=t_range, generator=rng, return_info=True)
-        return dds_grad(self.teacher, z_src, z_tgt, emb_src.to(tdt), emb_tgt.to(tdt), t=t, noise=noise,
-                        guidance_scale=guidance, source_guidance_scale=c["source_guidance"],
-                        weighting=c["weighting"], t_range=t_range, generator=rng, return_info=True)
+            return sds_grad(self.teacher, z_tgt, emb_tgt.to(tdt), **kw)
+        return dds_grad(self.teacher, z_src, z_tgt, emb_src.to(tdt), emb_tgt.to(tdt),
+                        source_guidance_scale=c["source_guidance"], **kw)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):

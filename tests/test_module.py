@@ -169,3 +169,19 @@ def test_shared_noise_options_are_checked(tiny_teacher):
         make_module(tiny_teacher, loss={"shared_noise_prob": 2.0})
     with pytest.raises(KeyError, match="cat2lion"):
         make_module(tiny_teacher, loss={"shared_noise_prob": 1.0, "shared_noise_tasks": ["cat2cow"]})
+
+
+def test_low_t_guidance_reaches_the_score(tiny_teacher):
+    """loss.guidance_low_t / guidance_low: below the threshold the score uses guidance_low (here every t)."""
+    z = torch.randn(2, 4, 8, 8)
+    emb_src, emb_tgt = tiny_teacher.encode_prompts(["a cat"] * 2), tiny_teacher.encode_prompts(["a lion"] * 2)
+    t, noise = torch.tensor([100, 400]), torch.randn(2, 4, 8, 8)
+    low = make_module(tiny_teacher, loss={"guidance_low_t": 1000, "guidance_low": 2.0})
+    plain = make_module(tiny_teacher, loss={})
+    g_low, _ = low.score(z, z + 0.5, emb_src, emb_tgt, 7.5, None, None, t=t, noise=noise)
+    g_two, _ = plain.score(z, z + 0.5, emb_src, emb_tgt, 2.0, None, None, t=t, noise=noise)
+    g_full, _ = plain.score(z, z + 0.5, emb_src, emb_tgt, 7.5, None, None, t=t, noise=noise)
+    torch.testing.assert_close(g_low, g_two)
+    assert not torch.allclose(g_low, g_full)
+    with pytest.raises(ValueError, match="guidance_low_t"):
+        make_module(tiny_teacher, loss={"guidance_low_t": -5})

@@ -82,6 +82,32 @@ def test_dds_and_sds_match_hand_written_unet_computation(teacher):
     torch.testing.assert_close(sds, eps_t - noise, atol=2e-5, rtol=1e-4)
 
 
+def test_guidance_for_timesteps_lowers_guidance_below_the_threshold():
+    t = torch.tensor([0, 99, 100, 500])
+    assert scores.guidance_for_timesteps(t, 7.5) == 7.5  # off: the scale passes through unchanged
+    torch.testing.assert_close(scores.guidance_for_timesteps(t, 7.5, 100, 2.0), torch.tensor([2.0, 2.0, 7.5, 7.5]))
+    per_sample = torch.tensor([3.0, 4.0, 5.0, 6.0])  # a per-sample scale keeps its values above the threshold
+    torch.testing.assert_close(scores.guidance_for_timesteps(t, per_sample, 100, 1.0), torch.tensor([1.0, 1.0, 5.0, 6.0]))
+
+
+def test_dds_and_sds_with_low_t_guidance_match_per_sample_hand_computation(teacher):
+    z_src, z_tgt, emb_src, emb_tgt, _, noise = _inputs(teacher)
+    t = torch.tensor([60, 700])  # one sample below the threshold, one above
+    with torch.no_grad():
+        eps_t = torch.cat([_hand_cfg_eps(teacher, z_tgt[i:i + 1], emb_tgt[i:i + 1], t[i:i + 1], noise[i:i + 1], s)
+                           for i, s in enumerate((1.5, 7.5))])
+        eps_s = torch.cat([_hand_cfg_eps(teacher, z_src[i:i + 1], emb_src[i:i + 1], t[i:i + 1], noise[i:i + 1], s)
+                           for i, s in enumerate((1.5, 7.5))])
+    kw = dict(t=t, noise=noise, guidance_scale=7.5, guidance_low_t=100, guidance_low=1.5)
+    dds = ddstrans.dds_grad(teacher, z_src, z_tgt, emb_src, emb_tgt, **kw)
+    sds = ddstrans.sds_grad(teacher, z_tgt, emb_tgt, **kw)
+    torch.testing.assert_close(dds, eps_t - eps_s, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(sds, eps_t - noise, atol=2e-5, rtol=1e-4)
+    plain = ddstrans.dds_grad(teacher, z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance_scale=7.5)
+    torch.testing.assert_close(dds[1], plain[1], atol=1e-6, rtol=0)  # above the threshold: unchanged
+    assert not torch.allclose(dds[0], plain[0])
+
+
 def test_dds_runs_one_batched_call_with_shared_t_and_noise(tiny_teacher):
     den = CountingDenoiser(tiny_teacher)
     z_src, z_tgt, emb_src, emb_tgt, _, _ = _inputs(tiny_teacher, b=3)
