@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
     p.add_argument("--loss-scale", type=float, default=2000.0)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-low-t", type=int, default=0, help="steps with t below this use --guidance-low (0: off)")
+    p.add_argument("--guidance-low", type=float, default=1.0)
     p.add_argument("--t-min", type=int, default=50)
     p.add_argument("--t-max", type=int, default=950)
     p.add_argument("--t-end", default="", help="anneal the range linearly to 'T_MIN,T_MAX' over the edit (e.g. 20,200)")
@@ -134,7 +136,8 @@ def eval_editing(teacher, args):
                 raise SystemExit(f"unknown method {method!r}; choose from {', '.join(EDIT_METHODS)}")
             cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
                              t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end,
-                             method=method.split("_")[0], seed=args.seed)
+                             method=method.split("_")[0], seed=args.seed, guidance_low_t=args.guidance_low_t,
+                             guidance_low=args.guidance_low)
             # dds_from_target: the same edit started at the answer (the scene rendered in the target color)
             z_init = teacher.encode_images(to_model(answers)) if method == "dds_from_target" else None
             t0 = time.time()
@@ -179,7 +182,8 @@ def tables(args, sampling, editing, wall):
     if editing:
         lines.append(f"**Zero-shot editing** ({args.n} rendered inputs per task; SGD lr {args.lr} on {args.loss_scale:g} x "
                      f"surrogate loss (raw-gradient step {args.lr * args.loss_scale / 1024:.3f}), {args.steps} steps, "
-                     f"guidance {args.guidance}, t in [{args.t_min}, {args.t_max})"
+                     f"guidance {args.guidance}"
+                     f"{f' ({args.guidance_low} for t < {args.guidance_low_t})' if args.guidance_low_t else ''}, t in [{args.t_min}, {args.t_max})"
                      f"{f' annealed to [{args.t_range_end[0]}, {args.t_range_end[1]})' if args.t_range_end else ''}; bar for DDS: target accuracy >= 0.90, "
                      f"mask IoU >= 0.85, background PSNR >= 25 dB; images in [0, 1]).\n")
         lines.append("| task | method | target acc | mask IoU | bg PSNR (dB) | diversity | s/image |")
