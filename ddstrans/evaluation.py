@@ -20,7 +20,8 @@ from ddstrans.data.shapes import HELD_OUT_SEED
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import parse_caption, render_scene, to_model
 
-METHODS = ("identity", "network", "dds", "sds")
+METHODS = ("identity", "answer", "network", "dds", "sds")
+DEFAULT_METHODS = ("identity", "network", "dds", "sds")  # "answer" (the renderer's ground truth) on request
 METRIC_KEYS = ("target_acc", "mask_iou", "keep_psnr", "diversity", "ms_per_image")
 
 
@@ -37,11 +38,12 @@ class EvalSet:
     targets: list[str]
     src_captions: list[str]
     tgt_captions: list[str]
+    answers: torch.Tensor  # (N, 3, H, W) in [-1, 1]: the same scenes rendered with the target attribute
 
 
 def build_eval_set(task, n: int, start_seed: int = HELD_OUT_SEED, max_tries: int = 100_000) -> EvalSet:
     """``n`` held-out scenes that ``task`` changes in exactly one attribute (color, shape or background)."""
-    seeds, images, src_m, tgt_m, targets, srcs, tgts, attrs = [], [], [], [], [], [], [], set()
+    seeds, images, src_m, tgt_m, answers, targets, srcs, tgts, attrs = [], [], [], [], [], [], [], [], set()
     seed = start_seed
     while len(seeds) < n:
         if seed - start_seed > max_tries:
@@ -58,7 +60,9 @@ def build_eval_set(task, n: int, start_seed: int = HELD_OUT_SEED, max_tries: int
             seeds.append(seed)
             images.append(scene["image"])
             src_m.append(scene["mask"])
-            tgt_m.append(render_scene(seed, **{attr: b[attr]})["mask"])
+            answer = render_scene(seed, **{attr: b[attr]})
+            tgt_m.append(answer["mask"])
+            answers.append(answer["image"])
             targets.append(b[attr])
             srcs.append(src_caption)
             tgts.append(tgt_caption)
@@ -66,7 +70,7 @@ def build_eval_set(task, n: int, start_seed: int = HELD_OUT_SEED, max_tries: int
     if len(attrs) != 1:
         raise ValueError(f"task {task.name!r} changes different attributes on different scenes: {sorted(attrs)}")
     return EvalSet(task.name, attrs.pop(), seeds, to_model(np.stack(images)), np.stack(src_m), np.stack(tgt_m),
-                   targets, srcs, tgts)
+                   targets, srcs, tgts, to_model(np.stack(answers)))
 
 
 def _batches(n: int, size: int) -> Iterable[slice]:
@@ -87,6 +91,8 @@ def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_
         x = es.inputs[sl]
         if method == "identity":
             outs.append(x.clone())
+        elif method == "answer":  # what a perfect translation scores (e.g. the diversity it keeps)
+            outs.append(es.answers[sl].clone())
         elif method == "network":
             if translator is None:
                 raise ValueError("method 'network' needs an exported translator")
@@ -115,7 +121,7 @@ def score(es: EvalSet, outputs: torch.Tensor) -> dict[str, float]:
     return {k: float(v) for k, v in m.items()}
 
 
-def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = METHODS, *, translator=None, teacher=None,
+def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = DEFAULT_METHODS, *, translator=None, teacher=None,
              edit_config: dict | None = None, batch_size: int = 64, progress: bool = False,
              examples: dict | None = None, num_examples: int = 4) -> list[dict]:
     """One row per (task, method): the metrics plus ``ms_per_image``. With ``examples`` (a dict), the first

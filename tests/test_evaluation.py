@@ -39,9 +39,21 @@ def test_a_perfect_edit_scores_full_accuracy():
     for name in ("to_blue", "to_square", "to_checkered"):
         es = build_eval_set(TASKS[name], 8)
         perfect = to_model(np.stack([render_scene(s, **{es.attribute: v})["image"] for s, v in zip(es.seeds, es.targets)]))
+        assert np.array_equal(es.answers.numpy(), perfect.numpy())  # the eval set carries the renderer's answers
         m = score(es, perfect)
         assert m["target_acc"] == 1.0, name
         assert m["mask_iou"] > 0.99, name
+
+
+def test_the_answer_method_scores_what_a_perfect_translation_keeps():
+    """Method "answer" (the ground-truth edit) calibrates the table: full accuracy and IoU, and the diversity a
+    perfect translation keeps (about the inputs' for these tasks: the renderer draws each checkerboard at random)."""
+    rows = evaluate([TASKS["to_blue"], TASKS["to_checkered"]], 16, methods=["answer", "identity"])
+    answer = [r for r in rows if r["method"] == "answer"]
+    assert [r["task"] for r in answer] == ["to_blue", "to_checkered"]
+    for r in answer:
+        assert r["target_acc"] == 1.0 and r["mask_iou"] > 0.99
+        assert 0.85 < r["diversity"] < 1.15
 
 
 def test_eval_cli_identity_table(tmp_path, capsys):

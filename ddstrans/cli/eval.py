@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                    "per-image editing) also takes shapes-world tasks it was not trained on, e.g. to_yellow or a color "
                    "pair like red_to_yellow: that is the generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
-    p.add_argument("--methods", default="identity,network,dds,sds", help="comma-separated subset of identity,network,dds,sds")
+    p.add_argument("--methods", default="identity,network,dds,sds", help="comma-separated subset of identity,answer,network,dds,sds (answer: the renderer's "
+                   "ground-truth edit, the scores of a perfect translation)")
     p.add_argument("--edit-steps", type=int, default=100, help="steps of per-image editing")
     p.add_argument("--edit-lr", type=float, default=0.02,
                    help="SGD lr on 2000 x the surrogate loss (the SD reference uses 0.1 and 200 steps; on the "
