@@ -27,11 +27,7 @@ SIDES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy
 
 def neighbours_outside(masks: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Pixels outside each mask whose neighbour at (-dy, -dx) is inside: the ring on that side of the shape."""
-    shifted = np.zeros_like(masks)
-    h, w = masks.shape[-2:]
-    shifted[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        masks[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return shifted & ~masks
+    return M.shift_mask(masks, dy, dx) & ~masks
 
 
 def centroids(masks: np.ndarray) -> np.ndarray:

@@ -49,7 +49,8 @@ from ddstrans.shapes import metrics as M  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
 QUALITY_END = "<!-- quality:end -->"
-EDIT_METHODS = ("dds", "sds", "dds_from_target")
+# method -> (score, start at the answer instead of the input)
+EDIT_METHODS = {"dds": ("dds", False), "sds": ("sds", False), "dds_from_target": ("dds", True)}
 COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
 
 
@@ -136,10 +137,9 @@ def eval_editing(teacher, args):
                 raise SystemExit(f"unknown method {method!r}; choose from {', '.join(EDIT_METHODS)}")
             cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
                              t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end,
-                             method=method.split("_")[0], seed=args.seed, guidance_low_t=args.guidance_low_t,
+                             method=EDIT_METHODS[method][0], seed=args.seed, guidance_low_t=args.guidance_low_t,
                              guidance_low=args.guidance_low)
-            # dds_from_target: the same edit started at the answer (the scene rendered in the target color)
-            z_init = teacher.encode_images(to_model(answers)) if method == "dds_from_target" else None
+            z_init = teacher.encode_images(to_model(answers)) if EDIT_METHODS[method][1] else None
             t0 = time.time()
             z = edit_latents(teacher, z_src, emb_s, emb_t, cfg, z_init=z_init)
             outs[method] = (teacher.decode_latents(z), (time.time() - t0) / len(x))

@@ -75,21 +75,24 @@ def _masks(masks, n: int) -> np.ndarray:
     return m
 
 
+def shift_mask(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """(..., H, W) masks moved by ``dy`` rows down and ``dx`` columns right; pixels moved in are False."""
+    m = np.asarray(mask, dtype=bool)
+    h, w = m.shape[-2:]
+    out = np.zeros_like(m)
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        m[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def dilate(mask: np.ndarray, r: int = 1) -> np.ndarray:
     """Binary dilation by a (2r+1)x(2r+1) square, for (..., H, W) masks."""
     m = np.asarray(mask, dtype=bool)
     out = m.copy()
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            if dy == 0 and dx == 0:
-                continue
-            sh = np.zeros_like(m)
-            ys = slice(max(dy, 0), m.shape[-2] + min(dy, 0))
-            yd = slice(max(-dy, 0), m.shape[-2] + min(-dy, 0))
-            xs = slice(max(dx, 0), m.shape[-1] + min(dx, 0))
-            xd = slice(max(-dx, 0), m.shape[-1] + min(-dx, 0))
-            sh[..., yd, xd] = m[..., ys, xs]
-            out |= sh
+            if dy or dx:
+                out |= shift_mask(m, dy, dx)
     return out
 
 
