@@ -29,6 +29,7 @@ from ddstrans.scores import (
     mix_shared_noise,
     sds_grad,
     shared_noise_bank,
+    statistics_loss,
     surrogate_loss,
 )
 from ddstrans.tasks import TaskTable
@@ -57,6 +58,8 @@ DEFAULT_LOSS = {
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
     "shared_noise_count": 1,  # > 1: a bank of this many shared noises, one per generator noise code (generator.py)
+    "stats_weight": 0.0,  # > 0: add scores.statistics_loss (keep each image's per-channel mean and std)
+    "stats_tasks": None,  # task names it applies to (None: every task)
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -128,14 +131,9 @@ class DDSTranslationModule(L.LightningModule):
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
         self._check_noise_codes()
-        shared_tasks = self.loss_cfg["shared_noise_tasks"]
-        if isinstance(shared_tasks, str):
-            shared_tasks = [shared_tasks]
-        # KeyError naming the known tasks for a typo
-        self._shared_task_mask: torch.Tensor | None = None  # per task: uses the shared noise (None: every task)
-        if shared_tasks is not None:
-            self._shared_task_mask = torch.zeros(len(self.task_table), dtype=torch.bool)
-            self._shared_task_mask[[self.task_table.index(n) for n in shared_tasks]] = True
+        # per task: uses the shared noise / the statistics term (None: every task)
+        self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
+        self._stats_task_mask = self._task_mask(self.loss_cfg["stats_tasks"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -154,6 +152,25 @@ class DDSTranslationModule(L.LightningModule):
         self.consecutive_skipped = 0
         self._ema_swapped = False
         self._val_grid_rows: list = []
+
+    def _task_mask(self, names) -> torch.Tensor | None:
+        """A boolean per task of the table, True for ``names`` (None: None, every task); KeyError naming the known
+        tasks for a typo."""
+        if names is None:
+            return None
+        mask = torch.zeros(len(self.task_table), dtype=torch.bool)
+        mask[[self.task_table.index(n) for n in ([names] if isinstance(names, str) else names)]] = True
+        return mask
+
+    def _task_flags(self, attr: str, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, the flag of its task in the task mask ``attr`` (moved once to the ids' device)."""
+        mask = getattr(self, attr)
+        if mask is None:
+            return None
+        if mask.device != task_ids.device:
+            mask = mask.to(task_ids.device)
+            setattr(self, attr, mask)
+        return mask[task_ids]
 
     def _check_noise_codes(self) -> None:
         """A bank of K shared noises needs a generator with K noise codes, and the codes need the bank."""
@@ -268,12 +285,7 @@ class DDSTranslationModule(L.LightningModule):
             self._shared_noise = shared_noise_bank(z.shape[1:], self.loss_cfg["shared_noise_seed"], count,
                                                    device=z.device, dtype=z.dtype)
         shared = self._shared_noise[0] if codes is None else self._shared_noise[codes]
-        eligible = None
-        if self._shared_task_mask is not None:
-            if self._shared_task_mask.device != task_ids.device:
-                self._shared_task_mask = self._shared_task_mask.to(task_ids.device)
-            eligible = self._shared_task_mask[task_ids]
-        return mix_shared_noise(fresh, shared, prob, rng, eligible)
+        return mix_shared_noise(fresh, shared, prob, rng, self._task_flags("_shared_task_mask", task_ids))
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
@@ -304,6 +316,10 @@ class DDSTranslationModule(L.LightningModule):
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
+        if self.loss_cfg["stats_weight"]:
+            stats = statistics_loss(z_tgt.float(), z_src, self._task_flags("_stats_task_mask", task_ids))
+            self.log("train/loss_stats", stats.detach())
+            loss = loss + self.loss_cfg["stats_weight"] * stats
 
         # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
         # sync per step; everything logged below stays a tensor.

@@ -126,9 +126,12 @@ class Translator:
         return tr.to(device, dtype)
 
     def to(self, device=None, dtype=None) -> Translator:
+        # dtype only when given: diffusers' ModelMixin.to warns about float32 modules whenever a dtype key is passed,
+        # even None (an empty list of such modules included)
+        cast = {"dtype": dtype} if dtype is not None else {}
         for m in (self.generator, self.vae, self.text_encoder):
             if m is not None:
-                m.to(device=device, dtype=dtype)
+                m.to(device=device, **cast)
                 m.eval()
                 m.requires_grad_(False)
         self.task_table.to(device)

@@ -16,6 +16,12 @@ the choice is a function of the input (a network can learn it); if not, the DDS 
 
     python scripts/diagnose_checkers.py --n 8 --seeds 0,1 --shared-noise   # one noise for every input and step
 
+Below that, per column, what the background change's diversity (``ddstrans eval``) is made of: the diversity, the two
+gray levels of the output's background against the scene's own (the answer keeps the input's two grays), and what
+the renderer's answer would score redrawn with the method's most common template at each scene's own grays, and
+with each scene's own template at the method's mean levels, and with both: which of the two, phase or grays, costs
+the diversity.
+
 With ``--shared-noise`` each seed is the seed of one noise tensor that every input uses at every step (as
 ``loss.shared_noise_prob=1`` in training). Below the table, per seed: of the inputs that got the same cell size, how
 many share its most common offset (1.0: the offset follows the noise and the cell size, so a network can learn it).
@@ -26,7 +32,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -35,6 +44,7 @@ if str(ROOT) not in sys.path:
 from ddstrans.evaluation import build_eval_set, run_method  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 from ddstrans.shapes.defaults import load_shapes_teacher, shapes_task  # noqa: E402
+from ddstrans.shapes.world import render, sample_scene  # noqa: E402
 
 
 def main() -> None:
@@ -91,6 +101,55 @@ def main() -> None:
     print("\noffset agreement among inputs with the same cell size (most common offset / inputs; groups of >= 2):")
     for col, fit in zip(cols, fits):
         print(f"  {col}: {offset_agreement([f[0] for f in fit])}")
+    scene = scene_levels(es.seeds)
+    inputs = M.as_unit(es.inputs)
+    print(f"\nbackground gray levels (dark / light, mean ± sd over inputs); the scenes': {_levels(scene)}")
+    print(f"  answer (the renderer's): diversity {what_if_diversity(es.seeds, inputs):.3f}")
+    for col, imgs, fit in zip(cols, per_method, fits):
+        out = background_levels(imgs, es.src_masks)
+        r = [np.corrcoef(scene[:, j], out[:, j])[0, 1] for j in (0, 1)]
+        template = Counter(f[0] for f in fit).most_common(1)[0][0]
+        mean_levels = (float(out[:, 0].mean()), float(out[:, 1].mean()))
+        print(f"  {col}: diversity {M.diversity(imgs, inputs):.3f}; levels {_levels(out)}, correlation with the "
+              f"scene's {r[0]:.2f} / {r[1]:.2f}")
+        print(f"    the answer with one template {template[0]} px @ ({template[1]}, {template[2]}) at each scene's grays: "
+              f"{what_if_diversity(es.seeds, inputs, template=template):.3f}; with each scene's template at levels "
+              f"{mean_levels[0]:.2f} / {mean_levels[1]:.2f}: {what_if_diversity(es.seeds, inputs, levels=mean_levels):.3f}; "
+              f"with both: {what_if_diversity(es.seeds, inputs, template=template, levels=mean_levels):.3f}")
+
+
+def _levels(lv: np.ndarray) -> str:
+    return f"{lv[:, 0].mean():.2f} ± {lv[:, 0].std():.2f} / {lv[:, 1].mean():.2f} ± {lv[:, 1].std():.2f}"
+
+
+def background_levels(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``(N, 2)``: per image, the mean gray of the darker and of the lighter background pixels (outside the shape
+    mask dilated by one pixel, split at their mean)."""
+    out = []
+    for img, mask in zip(images, masks):
+        lum = img.mean(-1)[~M.dilate(mask, 1)]
+        dark = lum < lum.mean()
+        out.append((lum[dark].mean() if dark.any() else lum.mean(), lum[~dark].mean()))
+    return np.array(out)
+
+
+def scene_levels(seeds) -> np.ndarray:
+    """``(N, 2)``: each scene's two background grays, dark first (the answer keeps them)."""
+    return np.array([sorted(sample_scene(s).bg_colors) for s in seeds])
+
+
+def what_if_diversity(seeds, inputs: np.ndarray, template=None, levels=None) -> float:
+    """Diversity of the renderer's answers (checkered backgrounds) with every scene's checker ``template`` (cell,
+    x offset, y offset) and/or two gray ``levels`` replaced by the given ones: ``None`` keeps the scene's."""
+    images = []
+    for s in seeds:
+        scene = sample_scene(s, background="checkered")
+        if template is not None:
+            scene = replace(scene, checker_cell=int(template[0]), checker_offset=(int(template[1]), int(template[2])))
+        if levels is not None:
+            scene = replace(scene, bg_colors=tuple(float(v) for v in levels))
+        images.append(render(scene)[0])
+    return M.diversity(np.stack(images), inputs)
 
 
 def offset_agreement(templates: list[tuple[int, int, int]]) -> str:

@@ -39,3 +39,32 @@ def test_the_answer_itself_has_no_outline_error(outline):
     scenes = [render_scene(s, color="red") for s in range(4)]
     rep = outline.outline_report(np.stack([r["image"] for r in scenes]), np.stack([r["mask"] for r in scenes]))
     assert rep["iou"] == 1.0 and rep["missed"] == 0.0 and rep["added"] == 0.0 and rep["shift_x"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def checkers():
+    spec = importlib.util.spec_from_file_location("diagnose_checkers", SCRIPT.with_name("diagnose_checkers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_background_levels_of_the_answer_are_the_scenes_grays(checkers):
+    seeds = list(range(6))
+    answers = [render_scene(s, background="checkered") for s in seeds]
+    levels = checkers.background_levels(np.stack([a["image"] for a in answers]), np.stack([a["mask"] for a in answers]))
+    np.testing.assert_allclose(levels, checkers.scene_levels(seeds), atol=1e-6)
+
+
+def test_what_if_diversity_separates_the_phase_from_the_grays(checkers):
+    seeds = list(range(40))
+    inputs = np.stack([render_scene(s, background="striped")["image"] for s in seeds])
+    answers = np.stack([render_scene(s, background="checkered")["image"] for s in seeds])
+    from ddstrans.shapes import metrics as M
+
+    assert checkers.what_if_diversity(seeds, inputs) == pytest.approx(M.diversity(answers, inputs))
+    one_template = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4))
+    fixed_grays = checkers.what_if_diversity(seeds, inputs, levels=(0.25, 0.7))
+    both = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4), levels=(0.25, 0.7))
+    assert both < min(one_template, fixed_grays)  # each choice the outputs share removes spread
+    assert both < 0.7 * M.diversity(answers, inputs)
