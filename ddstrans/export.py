@@ -77,10 +77,6 @@ def _model_card(info: dict, run_config: dict | None) -> str:
     text_usage = ""
     if info["conditioning"] == "text":
         text_usage = '\nimages = tr(pil_images, source="a photo of a cat", target="a photo of a fox")  # new prompt pair\n'
-    codes = info.get("noise_codes", 0)
-    code_line = (f"\n- noise codes: **{codes}** (trained on a bank of {codes} shared DDS noises, one learned answer per "
-                 "code, e.g. the phase of a texture: `tr(images, task=..., noise_codes=k)` or `--noise-code k`; by "
-                 "default each image gets a code from its content)") if codes else ""
     cfg_yaml = yaml.safe_dump(run_config or {}, sort_keys=False, default_flow_style=False) if run_config else "{}\n"
     return f"""# ddstrans translator
 
@@ -89,7 +85,7 @@ text-to-image diffusion teacher (`{info['teacher'].get('source')}`).
 
 - conditioning: **{info['conditioning']}**
 - resolution: {info['resolution']} px (latents {info['latent_channels']} x {info['resolution'] // info['downsample_factor']}^2)
-- weights: {info['weights']} (training step {info.get('training', {}).get('global_step')}){code_line}
+- weights: {info['weights']} (training step {info.get('training', {}).get('global_step')})
 
 ## Tasks
 
@@ -186,7 +182,6 @@ def export_checkpoint(
         "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type")},
         "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
         "weights": "ema" if used_ema else "raw",
-        "noise_codes": int(gen.config.get("num_noise_codes", 0) or 0),
         "tasks": table.to_dict()["tasks"],
         "training": {"global_step": ckpt.get("global_step"), "metrics": payload.get("metrics", {}),
                      "checkpoint": str(Path(ckpt_path).resolve())},

@@ -22,15 +22,6 @@ every step, and a network regressing on it averages them into flat gray. Fixed s
 grid (:func:`grid_fourier_features`), concatenated to the input, give it the means to draw one absolute phase.
 On the shapes world that alone did not make it do so (README, "Results"); the option stays for such experiments.
 
-Noise codes (``num_noise_codes`` = K > 0): a prompt that leaves a free choice ("checkered": which offset) gives a
-deterministic network nothing to follow with fresh DDS noise (it averages the choices) and, with one shared noise
-(``loss.shared_noise_prob``), one answer for every input (one checkerboard behind every shape: low diversity). With a
-bank of K shared noises (``loss.shared_noise_count``), each training sample's DDS noise is entry k of the bank and
-the network is told k (a one-hot code through the UNet's ``time_cond_proj_dim``, which modulates every ResNet block as
-the task embedding does), so it can learn K answers, one per code. At inference the code is picked per image from its
-content (:func:`content_codes`: a fixed hash, uniform over the codes like the training draw, reproducible per image)
-or given explicitly.
-
 The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
 """
 
@@ -58,24 +49,6 @@ def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Te
     fx = torch.cat([ax.sin(), ax.cos()])[:, None, :].expand(-1, height, -1)
     fy = torch.cat([ay.sin(), ay.cos()])[:, :, None].expand(-1, -1, width)
     return torch.cat([fx, fy]).float()
-
-
-_HASH_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def content_codes(z: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """A code in ``[0, num_codes)`` per sample, a fixed hash of its (quantised) values: the same image always gets the
-    same code, different images spread uniformly over the codes. Computed on ``z``'s device (no host sync)."""
-    if num_codes < 1:
-        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
-    flat = z.detach().flatten(1)
-    key = (flat.shape[1], str(flat.device))
-    w = _HASH_WEIGHTS.get(key)
-    if w is None:
-        w = torch.randint(1, 1 << 20, (flat.shape[1],), generator=torch.Generator().manual_seed(0x5EED))
-        w = _HASH_WEIGHTS.setdefault(key, w.to(flat.device))
-    q = torch.round(flat.float() * 256).long()
-    return (q * w).sum(1) % num_codes
 
 
 class TranslationUNet(ModelMixin, ConfigMixin):
@@ -107,7 +80,6 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         text_pooling: bool = True,
         position_frequencies: int = 0,
-        num_noise_codes: int = 0,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -118,8 +90,6 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             raise ValueError("task_id conditioning needs num_tasks >= 1")
         if position_frequencies < 0:
             raise ValueError(f"position_frequencies must be >= 0, got {position_frequencies}")
-        if num_noise_codes < 0:
-            raise ValueError(f"num_noise_codes must be >= 0 (0: none), got {num_noise_codes}")
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=in_channels + 4 * position_frequencies,
@@ -133,7 +103,6 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             attention_head_dim=tuple(attention_head_dim) if isinstance(attention_head_dim, list) else attention_head_dim,
             norm_num_groups=norm_num_groups,
             num_class_embeds=num_tasks if conditioning == "task_id" else None,
-            time_cond_proj_dim=num_noise_codes or None,
             **(dict(addition_embed_type="text",
                     addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
                if conditioning == "text" and text_pooling else {}),
@@ -197,10 +166,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         task_ids: torch.Tensor | None = None,
         src_emb: torch.Tensor | None = None,
         tgt_emb: torch.Tensor | None = None,
-        noise_codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``noise_codes`` (B,) in ``[0, num_noise_codes)``: which noise of the training bank to answer for; None
-        picks them from the inputs (:func:`content_codes`). Ignored (must be None) without noise codes."""
         b = z.shape[0]
         ctx = self.context(b, task_ids, src_emb, tgt_emb)
         t = torch.zeros(b, device=z.device, dtype=torch.long)
@@ -209,24 +175,8 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         if self.config.position_frequencies:
             pos = grid_fourier_features(z.shape[-2], z.shape[-1], self.config.position_frequencies)
             x = torch.cat([x, pos.to(x)[None].expand(b, -1, -1, -1)], dim=1)
-        residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels,
-                             timestep_cond=self.code_condition(z, noise_codes)).sample
+        residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
         return z + residual.to(z.dtype)
-
-    def code_condition(self, z: torch.Tensor, noise_codes: torch.Tensor | None) -> torch.Tensor | None:
-        """The one-hot codes fed to the time embedding (None without noise codes)."""
-        k = self.config.num_noise_codes
-        if not k:
-            if noise_codes is not None:
-                raise ValueError("noise_codes given, but this generator has none (num_noise_codes=0)")
-            return None
-        codes = content_codes(z, k) if noise_codes is None else torch.as_tensor(noise_codes, device=z.device).long()
-        codes = codes.reshape(-1).expand(z.shape[0]) if codes.numel() == 1 else codes.reshape(-1)
-        if codes.shape[0] != z.shape[0]:
-            raise ValueError(f"noise_codes has {codes.shape[0]} entries for a batch of {z.shape[0]}")
-        if bool(((codes < 0) | (codes >= k)).any()):
-            raise ValueError(f"noise codes must be in [0, {k}), got {codes.tolist()}")
-        return torch.nn.functional.one_hot(codes, k).to(self.unet.conv_in.weight.dtype)
 
 
 def build_generator(

@@ -28,7 +28,7 @@ from ddstrans.scores import (
     identity_loss,
     mix_shared_noise,
     sds_grad,
-    shared_noise_bank,
+    shared_noise,
     statistics_loss,
     surrogate_loss,
 )
@@ -57,7 +57,6 @@ DEFAULT_LOSS = {
     "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
-    "shared_noise_count": 1,  # > 1: a bank of this many shared noises, one per generator noise code (generator.py)
     "stats_weight": 0.0,  # > 0: add scores.statistics_loss (keep each image's per-channel mean and std)
     "stats_tasks": None,  # task names it applies to (None: every task)
 }
@@ -85,8 +84,7 @@ class DDSTranslationModule(L.LightningModule):
     teacher: a loaded ``ddstrans.Teacher`` (kept outside ``state_dict``).
     tasks: a ``TaskTable`` or a list of ``{name, source, target}`` (encoded with the teacher).
     generator: a ``TranslationUNet`` or a factory ``f(teacher=, num_tasks=) -> TranslationUNet``
-        (Hydra ``_partial_: true`` of ``ddstrans.generator.build_generator``); with ``loss.shared_noise_count`` K > 1
-        the factory is also given ``num_noise_codes=K``.
+        (Hydra ``_partial_: true`` of ``ddstrans.generator.build_generator``).
     loss: see ``DEFAULT_LOSS`` (``type`` dds|sds, guidance warm-up, t-range schedule, weighting).
     optimizer: factory ``f(params) -> Optimizer`` (Hydra ``_partial_``); scheduler: ``f(optimizer=) -> LRScheduler``.
     ema: see ``DEFAULT_EMA`` (``diffusers.training_utils.EMAModel``).
@@ -113,12 +111,10 @@ class DDSTranslationModule(L.LightningModule):
         super().__init__()
         self.teacher = teacher  # plain attribute: not an nn.Module, so never in state_dict / DDP / checkpoints
         self.task_table = tasks if isinstance(tasks, TaskTable) else TaskTable.build(tasks, teacher)
-        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
         if not isinstance(generator, torch.nn.Module):
-            count = int(self.loss_cfg["shared_noise_count"])
-            codes = {"num_noise_codes": count} if count > 1 else {}  # one generator code per noise of the bank
-            generator = generator(teacher=teacher, num_tasks=len(self.task_table), **codes)
+            generator = generator(teacher=teacher, num_tasks=len(self.task_table))
         self.generator = generator
+        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
         if self.loss_cfg["type"] not in ("dds", "sds"):
             raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
         if not 0.0 <= float(self.loss_cfg["shared_noise_prob"]) <= 1.0:
@@ -130,7 +126,6 @@ class DDSTranslationModule(L.LightningModule):
 
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
-        self._check_noise_codes()
         # per task: uses the shared noise / the statistics term (None: every task)
         self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
         self._stats_task_mask = self._task_mask(self.loss_cfg["stats_tasks"])
@@ -171,18 +166,6 @@ class DDSTranslationModule(L.LightningModule):
             mask = mask.to(task_ids.device)
             setattr(self, attr, mask)
         return mask[task_ids]
-
-    def _check_noise_codes(self) -> None:
-        """A bank of K shared noises needs a generator with K noise codes, and the codes need the bank."""
-        count = int(self.loss_cfg["shared_noise_count"])
-        codes = int(getattr(self.generator.config, "num_noise_codes", 0) or 0)
-        if count < 1:
-            raise ValueError(f"loss.shared_noise_count must be >= 1, got {count}")
-        if count > 1 and float(self.loss_cfg["shared_noise_prob"]) == 0.0:
-            raise ValueError(f"loss.shared_noise_count={count} has no effect with loss.shared_noise_prob=0; set both")
-        if codes != (count if count > 1 else 0):
-            raise ValueError(f"loss.shared_noise_count={count} needs generator.num_noise_codes="
-                             f"{count if count > 1 else 0} (one code per shared noise), got {codes}")
 
     def _new_ema(self):
         """EMA of the generator weights (``diffusers.training_utils.EMAModel``), or None when disabled."""
@@ -260,32 +243,19 @@ class DDSTranslationModule(L.LightningModule):
         step = self.global_step if step is None else step
         return t_range_at(step, tuple(c["t_range"]), c["t_range_end"], c["t_range_steps"])
 
-    def training_codes(self, batch_size: int, rng: torch.Generator) -> torch.Tensor | None:
-        """One noise code per sample, uniform over the bank (None without one): the generator is told which
-        shared noise its output will be scored with."""
-        count = int(self.loss_cfg["shared_noise_count"])
-        if count == 1:
-            return None
-        return torch.randint(count, (batch_size,), generator=rng).to(self.device)
-
-    def training_noise(self, z: torch.Tensor, task_ids: torch.Tensor, rng: torch.Generator,
-                       codes: torch.Tensor | None = None) -> torch.Tensor | None:
+    def training_noise(self, z: torch.Tensor, task_ids: torch.Tensor, rng: torch.Generator) -> torch.Tensor | None:
         """None (the score draws fresh noise per sample) or, with ``loss.shared_noise_prob`` > 0, fresh noise with
         that fraction of samples (of the tasks in ``loss.shared_noise_tasks``, or all) replaced by the run's shared
-        noise (seeded by ``loss.shared_noise_seed`` alone, so equal on every rank and after a resume); with a bank
-        (``loss.shared_noise_count`` > 1), by entry ``codes[i]`` of it."""
+        noise (seeded by ``loss.shared_noise_seed`` alone, so equal on every rank and after a resume)."""
         prob = float(self.loss_cfg["shared_noise_prob"])
         if prob == 0.0:
             return None
         fresh = fresh_noise(z, rng)
         sn = self._shared_noise
-        count = int(self.loss_cfg["shared_noise_count"])
-        if sn is None or sn.shape[1:] != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
+        if sn is None or sn.shape != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
             # made once per device: no host-to-device copy per step
-            self._shared_noise = shared_noise_bank(z.shape[1:], self.loss_cfg["shared_noise_seed"], count,
-                                                   device=z.device, dtype=z.dtype)
-        shared = self._shared_noise[0] if codes is None else self._shared_noise[codes]
-        return mix_shared_noise(fresh, shared, prob, rng, self._task_flags("_shared_task_mask", task_ids))
+            self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"], device=z.device, dtype=z.dtype)
+        return mix_shared_noise(fresh, self._shared_noise, prob, rng, self._task_flags("_shared_task_mask", task_ids))
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
@@ -305,10 +275,9 @@ class DDSTranslationModule(L.LightningModule):
         b = z_src.shape[0]
         task_ids = torch.randint(len(self.task_table), (b,), generator=rng).to(self.device)
         emb_src, emb_tgt = self.task_table.embeddings_for(task_ids, batch.get("caption"), self.teacher, rng)
-        codes = self.training_codes(b, rng)
-        z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt, noise_codes=codes)
+        z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
         guidance = self.current_guidance()
-        noise = self.training_noise(z_src, task_ids, rng, codes)
+        noise = self.training_noise(z_src, task_ids, rng)
         grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng,
                                 noise=noise)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]

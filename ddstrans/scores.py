@@ -185,14 +185,6 @@ def shared_noise(shape: tuple[int, ...], seed: int, *, device=None, dtype=torch.
     return torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
 
 
-def shared_noise_bank(shape: tuple[int, ...], seed: int, count: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``count`` shared noise tensors, ``(count, *shape)``: entry ``k`` is ``shared_noise(shape, seed + k)``, so a bank
-    of one is the single shared noise of ``seed``."""
-    if count < 1:
-        raise ValueError(f"a shared-noise bank needs count >= 1, got {count}")
-    return torch.stack([shared_noise(shape, seed + k, device=device, dtype=dtype) for k in range(count)])
-
-
 def mix_shared_noise(
     noise: torch.Tensor,
     shared: torch.Tensor,
@@ -200,9 +192,8 @@ def mix_shared_noise(
     generator: torch.Generator | None = None,
     eligible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Replace each sample's ``noise`` by ``shared`` with probability ``prob``; with ``eligible`` (a boolean per
-    sample) only eligible samples are replaced. ``shared`` is one sample's noise (broadcast over the batch) or one
-    per sample (``noise``'s shape: e.g. the entries of a :func:`shared_noise_bank` picked per sample).
+    """Replace each sample's ``noise`` by ``shared`` (broadcast over the batch) with probability ``prob``; with
+    ``eligible`` (a boolean per sample) only eligible samples are replaced.
 
     Why: fresh noise per sample and step lets DDS pick any of several equally good targets when the prompt leaves
     a free choice (a checkerboard's phase): a deterministic network trained on those directions learns their
@@ -210,9 +201,8 @@ def mix_shared_noise(
     network can learn."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"shared-noise probability must be in [0, 1], got {prob}")
-    if shared.shape not in (noise.shape[1:], noise.shape):
-        raise ValueError(f"shared noise shape {tuple(shared.shape)} matches neither one sample's "
-                         f"{tuple(noise.shape[1:])} nor the batch's {tuple(noise.shape)}")
+    if shared.shape != noise.shape[1:]:
+        raise ValueError(f"shared noise shape {tuple(shared.shape)} does not match one sample's {tuple(noise.shape[1:])}")
     if prob == 0.0:
         return noise
     if prob == 1.0:

@@ -172,30 +172,21 @@ class Translator:
         emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
         return None, emb[:1].expand(b, -1, -1), emb[1:].expand(b, -1, -1)
 
-    @property
-    def num_noise_codes(self) -> int:
-        """How many answers per input the generator learned (one per shared noise of its training; 0: one)."""
-        return int(self.generator.config.get("num_noise_codes", 0) or 0)
-
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, task: str | None = None, *, source: str | None = None,
-                          target: str | None = None, noise_codes=None) -> torch.Tensor:
-        """One generator forward pass on latents (B, C, h, w). ``noise_codes`` (an int or one per image, for
-        generators trained with a noise bank) picks which of the learned answers to draw; None picks one per image
-        from its content (reproducible)."""
+                          target: str | None = None) -> torch.Tensor:
+        """One generator forward pass on latents (B, C, h, w)."""
         z = z.to(self.device).float()
         ids, src, tgt = self._condition(z.shape[0], task, source, target)
-        return self.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt, noise_codes=noise_codes).float()
+        return self.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt).float()
 
     @torch.no_grad()
-    def translate_tensor(self, x: torch.Tensor, task: str | None = None, *, source=None, target=None,
-                         noise_codes=None) -> torch.Tensor:
+    def translate_tensor(self, x: torch.Tensor, task: str | None = None, *, source=None, target=None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] at the translator's resolution -> translated images in [-1, 1]."""
-        return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target,
-                                                  noise_codes=noise_codes))
+        return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target))
 
     def __call__(self, images: Image.Image | Sequence[Image.Image], task: str | None = None, *,
-                 source: str | None = None, target: str | None = None, keep_size: bool = True, noise_codes=None):
+                 source: str | None = None, target: str | None = None, keep_size: bool = True):
         """Translate PIL image(s): resized to the training resolution, one forward pass for the whole batch,
         resized back to each input's size (``keep_size``). Returns a list (or one image for one input)."""
         from ddstrans.images import pil_to_tensor, tensor_to_pil, to_rgb
@@ -206,7 +197,7 @@ class Translator:
             return []
         r = self.resolution
         x = pil_to_tensor([to_rgb(im).resize((r, r), Image.BICUBIC) for im in ims])
-        out = tensor_to_pil(self.translate_tensor(x, task, source=source, target=target, noise_codes=noise_codes))
+        out = tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))
         if keep_size:
             out = [o.resize(im.size, Image.BICUBIC) if o.size != im.size else o for o, im in zip(out, ims)]
         return out[0] if single else out

@@ -8,7 +8,6 @@ deterministic network regressing on it is expected to average the candidates int
 
     python scripts/diagnose_checkers.py --n 8                                  # per-image DDS
     python scripts/diagnose_checkers.py --n 8 --translator checkpoints/shapes-translator
-    python scripts/diagnose_checkers.py --n 8 --translator T --codes 0,1,2,3   # a noise-bank translator, per code
     python scripts/diagnose_checkers.py --n 6 --seeds 0,1,2     # same inputs, different DDS noise: same checker?
 
 With several ``--seeds`` the table has one column per seed: if an input gets the same checker under every seed,
@@ -55,16 +54,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--t-max", type=int, default=600)
     p.add_argument("--seeds", default="0", help="comma-separated DDS noise seeds (per-image DDS only)")
-    p.add_argument("--codes", default=None,
-                   help="comma-separated noise codes of a translator trained with a noise bank: one column per code "
-                        "(default: the code it picks per image)")
     p.add_argument("--shared-noise", action="store_true",
                    help="each seed draws one noise tensor that every input uses at every step (per-image DDS only)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    codes = [int(c) for c in args.codes.split(",")] if args.codes else None
-    if codes is not None and args.translator is None:
-        p.error("--codes are a translator's noise codes: give --translator")
     if args.translator is not None and args.shared_noise:
         p.error("--shared-noise is for per-image DDS; a translator draws no noise")
     if args.translator is not None and len(seeds) > 1:
@@ -73,11 +66,8 @@ def main() -> None:
     if args.translator is not None:
         from ddstrans.translator import Translator
 
-        tr = Translator.from_pretrained(args.translator)
-        if codes is not None and not all(0 <= c < tr.num_noise_codes for c in codes):
-            p.error(f"--codes must be in [0, {tr.num_noise_codes}) for this translator")
-        outs = [tr.translate_tensor(es.inputs, es.task, noise_codes=c) for c in (codes or [None])]
-        label = f"network {args.translator}"
+        out, _ = run_method("network", es, translator=Translator.from_pretrained(args.translator))
+        outs, label = [out], f"network {args.translator}"
     else:
         teacher = load_shapes_teacher(None)
         outs = [run_method("dds", es, teacher=teacher, edit_config=dict(
@@ -86,8 +76,7 @@ def main() -> None:
         kind = "one shared noise per seed" if args.shared_noise else "noise seeds"
         label = f"per-image DDS ({args.steps} steps, lr {args.lr}, t in [50, {args.t_max}), {kind} {seeds})"
     print(f"{label}: best checker template per input, as cell px @ (x, y) offset, r², background read as\n")
-    cols = ([f"code {c}" for c in codes] if codes else [f"seed {s}" for s in seeds] if len(outs) > 1
-            else ["best checker"])
+    cols = [f"seed {s}" for s in seeds] if len(outs) > 1 else ["best checker"]
     print("| input seed | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     per_method = [M.as_unit(o) for o in outs]

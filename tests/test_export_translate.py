@@ -25,12 +25,12 @@ TASKS = [{"name": "cat2lion", "source": "a photo of a cat", "target": ["a photo 
          {"name": "cat2dog", "source": "a photo of a cat", "target": "a photo of a dog"}]
 
 
-def _train(teacher_dir, tmp, conditioning="task_id", image_size=16, loss=None):
+def _train(teacher_dir, tmp, conditioning="task_id", image_size=16):
     teacher = Teacher.from_pretrained(teacher_dir, cache_dir=tmp / "cache")
     torch.manual_seed(0)
     m = DDSTranslationModule(teacher, TASKS, functools.partial(build_generator, conditioning=conditioning, **TINY),
                              optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), ema={"decay": 0.5},
-                             validation={"num_images": 0}, loss=loss)
+                             validation={"num_images": 0})
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp))
     trainer.fit(m, datamodule=ProceduralDataModule(image_size=image_size, batch_size=2, num_train=8))
@@ -47,13 +47,12 @@ def trained(tiny_teacher_dir, tmp_path_factory):
     return m, ckpt, out
 
 
-def _module_ema_output(m, z, task_idx, **kw):
+def _module_ema_output(m, z, task_idx):
     m.eval()
     m.swap_in_ema()
     try:
         with torch.no_grad():
-            ids = torch.full((z.shape[0],), task_idx, dtype=torch.long)
-            return m.generator(z, task_ids=ids, **kw) if kw else m(z, ids)
+            return m(z, torch.full((z.shape[0],), task_idx, dtype=torch.long))
     finally:
         m.swap_out_ema()
 
@@ -197,28 +196,3 @@ def test_export_and_translate_cli(trained, tmp_path, capsys):
                 "--no-progress"]) == 0
     assert cli(["translate", str(out), "--task", "nope", str(inp / "img0.png"), "-o", str(tmp_path / "r3")]) == 1
     assert "cat2lion" in capsys.readouterr().err
-
-
-def test_noise_bank_translator_draws_the_answer_of_each_code(tiny_pixel_teacher_dir, tmp_path, capsys):
-    """A generator trained with a bank of shared noises exports its codes: an explicit code per image or for all,
-    and by default a code per image from its content, each equal to the module's EMA generator."""
-    loss = {"shared_noise_prob": 1.0, "shared_noise_count": 3}
-    m, ckpt = _train(tiny_pixel_teacher_dir, tmp_path, loss=loss)
-    tr = Translator.from_pretrained(export_checkpoint(ckpt, tmp_path / "tr"))
-    assert tr.num_noise_codes == 3 and tr.info["noise_codes"] == 3
-    assert "noise codes: **3**" in (tmp_path / "tr" / "README.md").read_text()
-    x = torch.rand(4, 3, 16, 16) * 2 - 1
-    codes = torch.tensor([2, 0, 1, 2])
-    out = tr.translate_latents(x, "cat2lion", noise_codes=codes)
-    torch.testing.assert_close(out, _module_ema_output(m, x, 0, noise_codes=codes), atol=1e-5, rtol=0)
-    torch.testing.assert_close(tr.translate_latents(x, "cat2lion"), _module_ema_output(m, x, 0), atol=1e-5, rtol=0)
-    per_code = [tr.translate_latents(x, "cat2lion", noise_codes=k) for k in range(3)]
-    assert not torch.allclose(per_code[0], per_code[1])  # three steps of training already tell the codes apart
-    inp = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(inp)
-    assert cli(["translate", str(tmp_path / "tr"), "--task", "cat2lion", str(inp), "-o", str(tmp_path / "o"),
-                "--noise-code", "3"]) == 1
-    assert "codes 0..2" in capsys.readouterr().err
-    assert cli(["translate", str(tmp_path / "tr"), "--task", "cat2lion", str(inp), "-o", str(tmp_path / "o"),
-                "--noise-code", "1", "--no-progress"]) == 0
-    assert (tmp_path / "o" / "in.png").is_file()

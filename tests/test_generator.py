@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddstrans.generator import TranslationUNet, build_generator, content_codes, grid_fourier_features
+from ddstrans.generator import TranslationUNet, build_generator, grid_fourier_features
 from ddstrans.schedules import guidance_at, t_range_at
 from ddstrans.tasks import Task, TaskTable, as_tasks
 
@@ -171,38 +171,3 @@ def test_position_features_are_extra_input_channels_of_the_unet(tmp_path):
     again = TranslationUNet.from_pretrained(tmp_path / "g")
     assert again.config.position_frequencies == 2
     torch.testing.assert_close(again(z, task_ids=ids), pos(z, task_ids=ids))
-
-
-def test_content_codes_are_a_reproducible_uniform_hash_of_the_input():
-    z = torch.randn(4000, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    codes = content_codes(z, 5)
-    assert codes.dtype == torch.long and codes.shape == (4000,)
-    assert torch.equal(codes, content_codes(z.clone(), 5))  # a function of the values alone
-    assert torch.equal(content_codes(z[7:8], 5), codes[7:8])  # ... not of the batch it is in
-    counts = torch.bincount(codes, minlength=5)
-    assert counts.min() > 700 and counts.max() < 900  # ~800 each
-    with pytest.raises(ValueError, match="num_codes"):
-        content_codes(z, 0)
-
-
-def test_noise_codes_modulate_the_generator_and_default_to_the_content_hash(tmp_path):
-    torch.manual_seed(0)
-    g = TranslationUNet(in_channels=3, num_tasks=2, num_noise_codes=3, **TINY)
-    z, ids = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
-    assert torch.equal(g(z, task_ids=ids, noise_codes=torch.tensor([0, 1, 2, 0])), z)  # identity at init
-    torch.nn.init.normal_(g.unet.conv_out.weight, std=0.1)
-    out = [g(z, task_ids=ids, noise_codes=torch.full((4,), k)) for k in range(3)]
-    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
-    torch.testing.assert_close(g(z, task_ids=ids, noise_codes=2), out[2])  # one code for the whole batch
-    hashed = content_codes(z, 3)
-    torch.testing.assert_close(g(z, task_ids=ids), g(z, task_ids=ids, noise_codes=hashed))
-    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
-        g(z, task_ids=ids, noise_codes=torch.tensor([0, 1, 3, 0]))
-    with pytest.raises(ValueError, match="entries for a batch of 4"):
-        g(z, task_ids=ids, noise_codes=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="has none"):
-        TranslationUNet(in_channels=3, num_tasks=2, **TINY)(z, task_ids=ids, noise_codes=torch.zeros(4).long())
-    g.save_pretrained(tmp_path / "g")
-    again = TranslationUNet.from_pretrained(tmp_path / "g")
-    assert again.config.num_noise_codes == 3
-    torch.testing.assert_close(again(z, task_ids=ids, noise_codes=1), out[1])

@@ -135,9 +135,9 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
     ids, seen = [], []
     training_noise, score = m.training_noise, m.score
 
-    def spy_noise(z, task_ids, rng, *codes):
+    def spy_noise(z, task_ids, rng):
         ids.append(task_ids.clone())
-        return training_noise(z, task_ids, rng, *codes)
+        return training_noise(z, task_ids, rng)
 
     def spy_score(*args, **kw):
         if m.training:  # validation scores a fixed (t, noise) of its own
@@ -157,59 +157,6 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
     else:  # only the samples of cat2dog (task 1)
         task_of = [int(i) for step_ids in ids for i in step_ids]
         assert is_shared == [t == 1 for t in task_of] and 0 < sum(is_shared) < len(is_shared)
-
-
-def test_noise_bank_scores_each_sample_with_the_noise_of_the_code_the_generator_was_given(tiny_teacher, tmp_path):
-    m = DDSTranslationModule(
-        tiny_teacher, TASKS, functools.partial(build_generator, **TINY),  # given num_noise_codes=3 by the module
-        loss={"shared_noise_prob": 1.0, "shared_noise_seed": 3, "shared_noise_tasks": ["cat2dog"],
-              "shared_noise_count": 3},
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
-    given, ids, seen = [], [], []
-    forward, training_noise, score = m.generator.forward, m.training_noise, m.score
-
-    def spy_generator(z, **kw):
-        if m.training:
-            given.append(kw["noise_codes"])
-        return forward(z, **kw)
-
-    def spy_noise(z, task_ids, rng, codes):
-        ids.append(task_ids.clone())
-        return training_noise(z, task_ids, rng, codes)
-
-    def spy_score(*args, **kw):
-        if m.training:
-            seen.append(kw.get("noise"))
-        return score(*args, **kw)
-
-    m.generator.forward, m.training_noise, m.score = spy_generator, spy_noise, spy_score
-    make_trainer(tmp_path, steps=8).fit(m, datamodule=dm())
-    assert len(given) == len(seen) == 8
-    bank = [shared_noise(seen[0].shape[1:], 3 + k) for k in range(3)]
-    codes = [int(c) for step in given for c in step]
-    tasks = [int(t) for step in ids for t in step]
-    noises = [x for step in seen for x in step]
-    assert len(set(codes)) > 1  # codes are drawn per sample
-    for code, task, noise in zip(codes, tasks, noises):
-        matches = [torch.equal(noise, b) for b in bank]
-        assert matches == [task == 1 and k == code for k in range(3)]  # cat2dog: its code's noise; cat2lion: fresh
-
-
-def test_noise_bank_and_generator_codes_must_agree(tiny_teacher):
-    """A factory is given the bank's size; a built generator must match it."""
-    loss = {"shared_noise_prob": 1.0, "shared_noise_count": 4}
-    assert make_module(tiny_teacher, loss=loss).generator.config.num_noise_codes == 4
-    assert make_module(tiny_teacher).generator.config.num_noise_codes == 0
-    plain = build_generator(teacher=tiny_teacher, num_tasks=2, **TINY)
-    coded = build_generator(teacher=tiny_teacher, num_tasks=2, num_noise_codes=4, **TINY)
-    with pytest.raises(ValueError, match="num_noise_codes=4"):
-        DDSTranslationModule(tiny_teacher, TASKS, plain, loss=loss)
-    with pytest.raises(ValueError, match="num_noise_codes=0"):
-        DDSTranslationModule(tiny_teacher, TASKS, coded)
-    with pytest.raises(ValueError, match="no effect"):
-        make_module(tiny_teacher, loss={"shared_noise_count": 4})
-    with pytest.raises(ValueError, match="shared_noise_count must be >= 1"):
-        make_module(tiny_teacher, loss={"shared_noise_count": 0})
 
 
 @pytest.mark.parametrize("tasks", [None, ["cat2dog"]])

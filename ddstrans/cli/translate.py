@@ -24,9 +24,6 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default=None, help="task name (see translator.json); or --source/--target")
     p.add_argument("--source", default=None, help="source prompt (text-conditioned translators)")
     p.add_argument("--target", default=None, help="target prompt (text-conditioned translators)")
-    p.add_argument("--noise-code", type=int, default=None,
-                   help="translators trained with a noise bank (loss.shared_noise_count > 1) learned one answer per "
-                        "code: draw this one for every image (default: a code per image from its content)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="run in float16 (GPU only)")
@@ -83,9 +80,6 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     if args.task is not None and args.task not in tr.tasks:
         raise CLIError(f"unknown task {args.task!r}; this translator has: {', '.join(tr.tasks)}")
-    if args.noise_code is not None and not 0 <= args.noise_code < tr.num_noise_codes:
-        have = f"codes 0..{tr.num_noise_codes - 1}" if tr.num_noise_codes else "no noise codes"
-        raise CLIError(f"--noise-code {args.noise_code}: this translator has {have}")
     args.output.mkdir(parents=True, exist_ok=True)
     failed, written = [], 0
     bar = tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr)
@@ -100,7 +94,7 @@ def run(args) -> int:
                 failed.append(f)
                 tqdm.write(f"skipped {e}", file=sys.stderr)
         if images:
-            results = tr(images, task=args.task, source=args.source, target=args.target, noise_codes=args.noise_code)
+            results = tr(images, task=args.task, source=args.source, target=args.target)
             for im, o in zip(results, targets):
                 im.save(o)
                 written += 1
