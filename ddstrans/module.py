@@ -59,6 +59,7 @@ DEFAULT_LOSS = {
     "shared_noise_tasks": None,  # task names that use it (None: every task)
     "stats_weight": 0.0,  # > 0: add scores.statistics_loss (keep each image's per-channel mean and std)
     "stats_tasks": None,  # task names it applies to (None: every task)
+    "stats_std_weight": 1.0,  # weight of the std part relative to the mean part (0: means only)
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -286,7 +287,8 @@ class DDSTranslationModule(L.LightningModule):
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
         if self.loss_cfg["stats_weight"]:
-            stats = statistics_loss(z_tgt.float(), z_src, self._task_flags("_stats_task_mask", task_ids))
+            stats = statistics_loss(z_tgt.float(), z_src, self._task_flags("_stats_task_mask", task_ids),
+                                    float(self.loss_cfg["stats_std_weight"]))
             self.log("train/loss_stats", stats.detach())
             loss = loss + self.loss_cfg["stats_weight"] * stats
 

@@ -166,12 +166,13 @@ def test_statistics_term_applies_to_the_chosen_tasks_samples(tiny_teacher, tmp_p
     calls = []
     real = module_lib.statistics_loss
 
-    def spy(z_tgt, z_src, weight=None):
+    def spy(z_tgt, z_src, weight=None, std_weight=1.0):
         calls.append(weight)
-        return real(z_tgt, z_src, weight)
+        assert std_weight == 0.5
+        return real(z_tgt, z_src, weight, std_weight)
 
     monkeypatch.setattr(module_lib, "statistics_loss", spy)
-    m = make_module(tiny_teacher, loss={"stats_weight": 2.0, "stats_tasks": tasks})
+    m = make_module(tiny_teacher, loss={"stats_weight": 2.0, "stats_tasks": tasks, "stats_std_weight": 0.5})
     ids = []
     training_noise = m.training_noise
     m.training_noise = lambda z, task_ids, rng, *c: ids.append(task_ids.clone()) or training_noise(z, task_ids, rng, *c)

@@ -251,5 +251,7 @@ def test_statistics_loss_is_the_squared_change_of_channel_means_and_stds():
     assert loss.item() == pytest.approx(float(((m + 0.5) ** 2 + s**2).sum()), rel=1e-5)
     weighted = scores.statistics_loss(z, z_src, torch.tensor([1.0, 0.0, 0.0]))
     assert weighted.item() == pytest.approx(float(((m[0] + 0.5) ** 2 + s[0] ** 2).sum()), rel=1e-5)
+    means_only = scores.statistics_loss(z, z_src, std_weight=0.0)
+    assert means_only.item() == pytest.approx(float(((m + 0.5) ** 2).sum()), rel=1e-5)
     loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
