@@ -29,7 +29,6 @@ from ddstrans.scores import (
     mix_shared_noise,
     sds_grad,
     shared_noise,
-    statistics_loss,
     surrogate_loss,
 )
 from ddstrans.tasks import TaskTable
@@ -57,9 +56,6 @@ DEFAULT_LOSS = {
     "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
-    "stats_weight": 0.0,  # > 0: add scores.statistics_loss (keep each image's per-channel mean and std)
-    "stats_tasks": None,  # task names it applies to (None: every task)
-    "stats_std_weight": 1.0,  # weight of the std part relative to the mean part (0: means only)
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -127,9 +123,8 @@ class DDSTranslationModule(L.LightningModule):
 
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
-        # per task: uses the shared noise / the statistics term (None: every task)
+        # per task: uses the shared noise (None: every task)
         self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
-        self._stats_task_mask = self._task_mask(self.loss_cfg["stats_tasks"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -286,11 +281,6 @@ class DDSTranslationModule(L.LightningModule):
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
-        if self.loss_cfg["stats_weight"]:
-            stats = statistics_loss(z_tgt.float(), z_src, self._task_flags("_stats_task_mask", task_ids),
-                                    float(self.loss_cfg["stats_std_weight"]))
-            self.log("train/loss_stats", stats.detach())
-            loss = loss + self.loss_cfg["stats_weight"] * stats
 
         # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
         # sync per step; everything logged below stays a tensor.

@@ -159,22 +159,6 @@ def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, 
     return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
 
 
-def statistics_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, weight: torch.Tensor | None = None,
-                    std_weight: float = 1.0) -> torch.Tensor:
-    """Beyond the DDS paper: squared change of each sample's per-channel mean plus ``std_weight`` times that of its
-    standard deviation, summed over channels and samples (``weight``: one factor per sample, e.g. 0/1 by task).
-
-    Why: where a prompt redraws a whole region ("checkered" behind the shape) DDS leaves its gray levels free, and a
-    network trained on it can settle on one pair of levels for every input (low diversity); an image's own levels
-    keep its mean and spread. Not divided by H*W: the gradient per pixel is already ``O(1 / (H*W))``, the scale of
-    :func:`surrogate_loss`'s."""
-    dims = (-2, -1)
-    src = z_src.detach()
-    d_mean = (z_tgt.mean(dims) - src.mean(dims)) ** 2
-    per = (d_mean if not std_weight else d_mean + std_weight * (z_tgt.std(dims) - src.std(dims)) ** 2).sum(1)
-    return (per if weight is None else per * weight.to(per)).sum()
-
-
 def fresh_noise(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal noise like ``z``, drawn on the generator's device (CPU without one) for reproducibility."""
     noise = torch.randn(z.shape, generator=generator, device="cpu" if generator is None else generator.device)

@@ -50,9 +50,8 @@ def test_experiments_compose_and_parts_instantiate(experiment, tmp_path):
     if cfg.data._target_.endswith("ProceduralDataModule"):
         hydra.utils.instantiate(cfg.data)
     assert str(cfg.callbacks.model_checkpoint.dirpath).startswith(str(tmp_path.resolve()))
-    for key in ("shared_noise_tasks", "stats_tasks"):  # the module rejects names that are not tasks of the run
-        named = cfg.loss.get(key)
-        assert not named or set(named) <= {t.name for t in cfg.tasks.tasks}, key
+    shared = cfg.loss.get("shared_noise_tasks")  # the module rejects names that are not tasks of the run
+    assert not shared or set(shared) <= {t.name for t in cfg.tasks.tasks}
     if cfg.loss.get("t_range_end") is not None:  # an anneal reaches its end by the last step, not after
         assert 0 < cfg.loss.t_range_steps <= cfg.trainer.max_steps
 

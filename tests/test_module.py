@@ -159,34 +159,6 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
         assert is_shared == [t == 1 for t in task_of] and 0 < sum(is_shared) < len(is_shared)
 
 
-@pytest.mark.parametrize("tasks", [None, ["cat2dog"]])
-def test_statistics_term_applies_to_the_chosen_tasks_samples(tiny_teacher, tmp_path, monkeypatch, tasks):
-    import ddstrans.module as module_lib
-
-    calls = []
-    real = module_lib.statistics_loss
-
-    def spy(z_tgt, z_src, weight=None, std_weight=1.0):
-        calls.append(weight)
-        assert std_weight == 0.5
-        return real(z_tgt, z_src, weight, std_weight)
-
-    monkeypatch.setattr(module_lib, "statistics_loss", spy)
-    m = make_module(tiny_teacher, loss={"stats_weight": 2.0, "stats_tasks": tasks, "stats_std_weight": 0.5})
-    ids = []
-    training_noise = m.training_noise
-    m.training_noise = lambda z, task_ids, rng, *c: ids.append(task_ids.clone()) or training_noise(z, task_ids, rng, *c)
-    make_trainer(tmp_path, steps=4).fit(m, datamodule=dm())
-    assert len(calls) == len(ids) == 4
-    for weight, step_ids in zip(calls, ids):
-        if tasks is None:
-            assert weight is None
-        else:
-            assert weight.tolist() == (step_ids == 1).tolist()
-    with pytest.raises(KeyError, match="cat2lion"):
-        make_module(tiny_teacher, loss={"stats_weight": 1.0, "stats_tasks": ["cat2cow"]})
-
-
 def test_an_anneal_without_steps_is_reported(tiny_teacher):
     with pytest.warns(UserWarning, match="t_range_end.*ignored"):
         make_module(tiny_teacher, loss={"t_range_end": [20, 300], "t_range_steps": -1})
