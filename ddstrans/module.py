@@ -123,8 +123,14 @@ class DDSTranslationModule(L.LightningModule):
 
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
-        # per task: uses the shared noise (None: every task)
-        self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
+        shared_tasks = self.loss_cfg["shared_noise_tasks"]
+        if isinstance(shared_tasks, str):
+            shared_tasks = [shared_tasks]
+        # KeyError naming the known tasks for a typo
+        self._shared_task_mask: torch.Tensor | None = None  # per task: uses the shared noise (None: every task)
+        if shared_tasks is not None:
+            self._shared_task_mask = torch.zeros(len(self.task_table), dtype=torch.bool)
+            self._shared_task_mask[[self.task_table.index(n) for n in shared_tasks]] = True
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -143,25 +149,6 @@ class DDSTranslationModule(L.LightningModule):
         self.consecutive_skipped = 0
         self._ema_swapped = False
         self._val_grid_rows: list = []
-
-    def _task_mask(self, names) -> torch.Tensor | None:
-        """A boolean per task of the table, True for ``names`` (None: None, every task); KeyError naming the known
-        tasks for a typo."""
-        if names is None:
-            return None
-        mask = torch.zeros(len(self.task_table), dtype=torch.bool)
-        mask[[self.task_table.index(n) for n in ([names] if isinstance(names, str) else names)]] = True
-        return mask
-
-    def _task_flags(self, attr: str, task_ids: torch.Tensor) -> torch.Tensor | None:
-        """Per sample, the flag of its task in the task mask ``attr`` (moved once to the ids' device)."""
-        mask = getattr(self, attr)
-        if mask is None:
-            return None
-        if mask.device != task_ids.device:
-            mask = mask.to(task_ids.device)
-            setattr(self, attr, mask)
-        return mask[task_ids]
 
     def _new_ema(self):
         """EMA of the generator weights (``diffusers.training_utils.EMAModel``), or None when disabled."""
@@ -251,7 +238,12 @@ class DDSTranslationModule(L.LightningModule):
         if sn is None or sn.shape != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
             # made once per device: no host-to-device copy per step
             self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"], device=z.device, dtype=z.dtype)
-        return mix_shared_noise(fresh, self._shared_noise, prob, rng, self._task_flags("_shared_task_mask", task_ids))
+        eligible = None
+        if self._shared_task_mask is not None:
+            if self._shared_task_mask.device != task_ids.device:
+                self._shared_task_mask = self._shared_task_mask.to(task_ids.device)
+            eligible = self._shared_task_mask[task_ids]
+        return mix_shared_noise(fresh, self._shared_noise, prob, rng, eligible)
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
