@@ -8,17 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddstrans.shapes import metrics as M
 from ddstrans.shapes import render_scene
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_outline.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def outline():
-    spec = importlib.util.spec_from_file_location("diagnose_outline", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script("diagnose_outline")
 
 
 def test_a_shape_moved_one_pixel_left_adds_on_the_left_and_misses_on_the_right(outline):
@@ -43,10 +48,7 @@ def test_the_answer_itself_has_no_outline_error(outline):
 
 @pytest.fixture(scope="module")
 def checkers():
-    spec = importlib.util.spec_from_file_location("diagnose_checkers", SCRIPT.with_name("diagnose_checkers.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load_script("diagnose_checkers")
 
 
 def test_background_levels_of_the_answer_are_the_scenes_grays(checkers):
@@ -60,8 +62,6 @@ def test_what_if_diversity_separates_the_phase_from_the_grays(checkers):
     seeds = list(range(40))
     inputs = np.stack([render_scene(s, background="striped")["image"] for s in seeds])
     answers = np.stack([render_scene(s, background="checkered")["image"] for s in seeds])
-    from ddstrans.shapes import metrics as M
-
     assert checkers.what_if_diversity(seeds, inputs) == pytest.approx(M.diversity(answers, inputs))
     one_template = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4))
     fixed_grays = checkers.what_if_diversity(seeds, inputs, levels=(0.25, 0.7))
