@@ -21,12 +21,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ddstrans.generator import TranslationUNet
-from ddstrans.schedules import guidance_at, t_range_at
+from ddstrans.schedules import guidance_at, t_range_at, weight_at
 from ddstrans.scores import (
     dds_grad,
     fresh_noise,
     identity_loss,
     mix_shared_noise,
+    palette_loss,
     sds_grad,
     shared_noise,
     surrogate_loss,
@@ -56,6 +57,10 @@ DEFAULT_LOSS = {
     "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
+    "palette_weight": 0.0,  # > 0: add scores.palette_loss (keep each image's value distribution per channel)
+    "palette_tasks": None,  # task names it applies to (None: every task)
+    "palette_start": 0,  # step at which it joins ...
+    "palette_ramp_steps": 0,  # ... and is raised to palette_weight over this many steps
 }
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
@@ -118,19 +123,17 @@ class DDSTranslationModule(L.LightningModule):
             raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
         if not 0 <= int(self.loss_cfg["guidance_low_t"] or 0) <= 1000:
             raise ValueError(f"loss.guidance_low_t must be in [0, 1000] (0: off), got {self.loss_cfg['guidance_low_t']}")
+        if float(self.loss_cfg["palette_weight"]) < 0 or int(self.loss_cfg["palette_start"]) < 0:
+            raise ValueError(f"loss.palette_weight and loss.palette_start must be >= 0, got "
+                             f"{self.loss_cfg['palette_weight']} and {self.loss_cfg['palette_start']}")
         if self.loss_cfg["t_range_end"] is not None and int(self.loss_cfg["t_range_steps"] or 0) <= 0:
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
-        shared_tasks = self.loss_cfg["shared_noise_tasks"]
-        if isinstance(shared_tasks, str):
-            shared_tasks = [shared_tasks]
-        # KeyError naming the known tasks for a typo
-        self._shared_task_mask: torch.Tensor | None = None  # per task: uses the shared noise (None: every task)
-        if shared_tasks is not None:
-            self._shared_task_mask = torch.zeros(len(self.task_table), dtype=torch.bool)
-            self._shared_task_mask[[self.task_table.index(n) for n in shared_tasks]] = True
+        # per task: uses the shared noise / the palette term (None: every task)
+        self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
+        self._palette_task_mask = self._task_mask(self.loss_cfg["palette_tasks"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -149,6 +152,31 @@ class DDSTranslationModule(L.LightningModule):
         self.consecutive_skipped = 0
         self._ema_swapped = False
         self._val_grid_rows: list = []
+
+    def _task_mask(self, names) -> torch.Tensor | None:
+        """A boolean per task of the table, True for ``names`` (None for None: every task); KeyError naming the
+        known tasks for a typo."""
+        if names is None:
+            return None
+        mask = torch.zeros(len(self.task_table), dtype=torch.bool)
+        mask[[self.task_table.index(n) for n in ([names] if isinstance(names, str) else names)]] = True
+        return mask
+
+    def _task_flags(self, attr: str, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, the flag of its task in the task mask ``attr`` (moved once to the ids' device: no copy per
+        step)."""
+        mask = getattr(self, attr)
+        if mask is None:
+            return None
+        if mask.device != task_ids.device:
+            mask = mask.to(task_ids.device)
+            setattr(self, attr, mask)
+        return mask[task_ids]
+
+    def current_palette_weight(self, step: int | None = None) -> float:
+        c = self.loss_cfg
+        step = self.global_step if step is None else step
+        return weight_at(step, float(c["palette_weight"]), int(c["palette_start"]), int(c["palette_ramp_steps"]))
 
     def _new_ema(self):
         """EMA of the generator weights (``diffusers.training_utils.EMAModel``), or None when disabled."""
@@ -238,12 +266,7 @@ class DDSTranslationModule(L.LightningModule):
         if sn is None or sn.shape != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
             # made once per device: no host-to-device copy per step
             self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"], device=z.device, dtype=z.dtype)
-        eligible = None
-        if self._shared_task_mask is not None:
-            if self._shared_task_mask.device != task_ids.device:
-                self._shared_task_mask = self._shared_task_mask.to(task_ids.device)
-            eligible = self._shared_task_mask[task_ids]
-        return mix_shared_noise(fresh, self._shared_noise, prob, rng, eligible)
+        return mix_shared_noise(fresh, self._shared_noise, prob, rng, self._task_flags("_shared_task_mask", task_ids))
 
     def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
         c = self.loss_cfg
@@ -273,6 +296,11 @@ class DDSTranslationModule(L.LightningModule):
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
+        palette_w = self.current_palette_weight()
+        if palette_w:
+            palette = palette_loss(z_tgt.float(), z_src, self._task_flags("_palette_task_mask", task_ids))
+            self.log("train/loss_palette", palette.detach())
+            loss = loss + palette_w * palette
 
         # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
         # sync per step; everything logged below stays a tensor.

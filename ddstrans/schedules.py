@@ -49,3 +49,11 @@ def t_range_at(
     lo = round(lo + (int(end[0]) - lo) * r)
     hi = round(hi + (int(end[1]) - hi) * r)
     return lo, max(hi, lo + 1)
+
+
+def weight_at(step: int, weight: float, start: int = 0, ramp_steps: int = 0, kind: str = "linear") -> float:
+    """A loss term's weight at ``step``: 0 before ``start``, then raised to ``weight`` over ``ramp_steps``
+    (at once when ``ramp_steps <= 0``), so a term can join after what it would hinder has been learned."""
+    if step < start:
+        return 0.0
+    return float(weight) * _ramp(_progress(step - start, ramp_steps), kind)

@@ -159,6 +159,22 @@ def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, 
     return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
 
 
+def palette_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Beyond the DDS paper: squared 1-D Wasserstein distance between each sample's per-channel value
+    distributions (mean squared difference of the sorted values), summed over channels and samples (``weight``:
+    one factor per sample, e.g. 0/1 by task).
+
+    Why: where a prompt redraws a whole region ("checkered" behind the shape) DDS leaves its levels free, and a
+    network trained on it settles on one pair of levels for every input. Sorting forgets *where* each value is, so
+    the term keeps the input's palette (levels and their proportions) while any rearrangement of them — stripes into
+    checkers — is free; a per-channel mean and std keep less of it. Not divided by H*W: the gradient per pixel is
+    already ``O(1 / (H*W))``, the scale of :func:`surrogate_loss`'s."""
+    src = z_src.detach().flatten(2).sort(dim=-1).values
+    tgt = z_tgt.flatten(2).sort(dim=-1).values
+    per = (tgt - src).pow(2).mean(-1).sum(-1)
+    return (per if weight is None else per * weight.to(per)).sum()
+
+
 def fresh_noise(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal noise like ``z``, drawn on the generator's device (CPU without one) for reproducibility."""
     noise = torch.randn(z.shape, generator=generator, device="cpu" if generator is None else generator.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddstrans.generator import TranslationUNet, build_generator, grid_fourier_features
-from ddstrans.schedules import guidance_at, t_range_at
+from ddstrans.schedules import guidance_at, t_range_at, weight_at
 from ddstrans.tasks import Task, TaskTable, as_tasks
 
 TINY = dict(
@@ -115,6 +115,8 @@ def test_schedules():
     assert t_range_at(0, (50, 950)) == (50, 950)
     assert t_range_at(5, (200, 950), (50, 500), 10) == (125, 725)
     assert t_range_at(99, (200, 950), (50, 500), 10) == (50, 500)
+    assert [weight_at(s, 5.0, 1000, 200) for s in (0, 999, 1000, 1100, 1200, 10**6)] == [0, 0, 0, 2.5, 5.0, 5.0]
+    assert weight_at(0, 2.0) == 2.0 and weight_at(9, 2.0, 10) == 0 and weight_at(10, 2.0, 10) == 2.0
 
 
 def test_text_pooling_modulates_every_resnet_block():

@@ -171,6 +171,37 @@ def test_shared_noise_options_are_checked(tiny_teacher):
         make_module(tiny_teacher, loss={"shared_noise_prob": 1.0, "shared_noise_tasks": ["cat2cow"]})
 
 
+def test_palette_term_joins_at_its_step_for_its_tasks(tiny_teacher, tmp_path, monkeypatch):
+    """loss.palette_*: no term before palette_start, then weight ramped to palette_weight, per-sample flags of
+    palette_tasks only; bad options refused."""
+    import ddstrans.module as module
+
+    m = make_module(tiny_teacher, loss={"warmup_steps": 2, "guidance_start": 1.0, "palette_weight": 4.0,
+                                        "palette_start": 2, "palette_ramp_steps": 2, "palette_tasks": ["cat2dog"]})
+    assert [m.current_palette_weight(s) for s in range(5)] == [0.0, 0.0, 0.0, 2.0, 4.0]
+    calls, ids = [], []
+    sample_task_ids, palette_loss = m.task_table.embeddings_for, module.palette_loss
+
+    def spy_ids(task_ids, *a, **kw):
+        ids.append(task_ids.clone())
+        return sample_task_ids(task_ids, *a, **kw)
+
+    def spy_palette(z_tgt, z_src, weight=None):
+        calls.append((m.global_step, weight.clone()))
+        return palette_loss(z_tgt, z_src, weight)
+
+    monkeypatch.setattr(m.task_table, "embeddings_for", spy_ids)
+    monkeypatch.setattr(module, "palette_loss", spy_palette)
+    make_trainer(tmp_path, steps=5).fit(m, datamodule=dm())
+    assert [s for s, _ in calls] == [3, 4]  # weight 0 at steps 0-2: not computed
+    for (step, weight) in calls:
+        assert weight.tolist() == [i == 1 for i in ids[step].tolist()]  # cat2dog's samples only
+    with pytest.raises(ValueError, match="palette_weight"):
+        make_module(tiny_teacher, loss={"palette_weight": -1.0})
+    with pytest.raises(KeyError, match="cat2lion"):
+        make_module(tiny_teacher, loss={"palette_weight": 1.0, "palette_tasks": ["cat2cow"]})
+
+
 def test_low_t_guidance_reaches_the_score(tiny_teacher):
     """loss.guidance_low_t / guidance_low: below the threshold the score uses guidance_low (here every t)."""
     z = torch.randn(2, 4, 8, 8)

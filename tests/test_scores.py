@@ -218,6 +218,25 @@ def test_identity_loss_holds_only_where_the_score_is_flat():
     assert z.grad[0, 0, 3, 3] == pytest.approx(2 / 16) and z.grad[0, 0, 0, 0] == 0
 
 
+def test_palette_loss_keeps_levels_but_not_their_places():
+    """Stripes redrawn as checkers of the same two levels cost nothing; the same checkers at other levels do, by
+    the squared distance of the sorted values; a flat gray (the average) costs most of all."""
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    stripes = torch.where(xx % 4 < 2, -0.4, 0.6).expand(1, 3, 8, 8)
+    checkers = torch.where((xx // 2 + yy // 2) % 2 == 0, -0.4, 0.6).expand(1, 3, 8, 8)
+    darker = torch.where((xx // 2 + yy // 2) % 2 == 0, -0.8, 0.6).expand(1, 3, 8, 8)
+    assert scores.palette_loss(checkers, stripes) == 0
+    assert scores.palette_loss(darker, stripes).item() == pytest.approx(3 * 0.5 * 0.4**2)  # half the pixels moved
+    assert scores.palette_loss(torch.full_like(stripes, 0.1), stripes).item() == pytest.approx(3 * 0.5**2)
+    z = darker.clone().requires_grad_(True)
+    scores.palette_loss(z, stripes).backward()  # pulls each dark value back to its sorted partner
+    dark = darker[0, 0] < 0
+    assert torch.allclose(z.grad[0, 0][dark], torch.tensor(2 * -0.4 / 64)) and torch.all(z.grad[0, 0][~dark] == 0)
+    two = torch.cat([darker, darker])
+    per_sample = scores.palette_loss(two, torch.cat([stripes, stripes]), torch.tensor([0.0, 1.0]))
+    assert per_sample.item() == pytest.approx(scores.palette_loss(darker, stripes).item())
+
+
 def test_shared_noise_is_a_function_of_the_seed_and_mixes_per_sample():
     a, b = scores.shared_noise((3, 4, 4), 7), scores.shared_noise((3, 4, 4), 7)
     assert torch.equal(a, b) and not torch.equal(a, scores.shared_noise((3, 4, 4), 8))
