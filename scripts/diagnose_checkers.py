@@ -15,7 +15,8 @@ the choice is a function of the input (a network can learn it); if not, the DDS 
 
     python scripts/diagnose_checkers.py --n 8 --seeds 0,1 --shared-noise   # one noise for every input and step
 
-Below that, per column, what the background change's diversity (``ddstrans eval``) is made of: the diversity, the two
+Below that, per column, how many inputs read as checkered for each stripe angle of the input (a change the network
+learned for some orientations only shows there), then what the background change's diversity (``ddstrans eval``) is made of: the diversity, the two
 gray levels of the output's background against the scene's own (the answer keeps the input's two grays), and what
 the renderer's answer would score redrawn with the method's most common template at each scene's own grays, and
 with each scene's own template at the method's mean levels, and with both: which of the two, phase or grays, costs
@@ -90,6 +91,10 @@ def main() -> None:
     print("\noffset agreement among inputs with the same cell size (most common offset / inputs; groups of >= 2):")
     for col, fit in zip(cols, fits):
         print(f"  {col}: {offset_agreement([f[0] for f in fit])}")
+    print("\ninputs read as checkered, by the input's stripe angle (a change learned for some orientations only):")
+    for col, imgs in zip(cols, per_method):
+        counts = checkered_by_angle(es.seeds, imgs)
+        print(f"  {col}: " + ", ".join(f"{a:g}°: {k}/{n}" for a, (k, n) in counts.items()))
     scene = scene_levels(es.seeds)
     inputs = M.as_unit(es.inputs)
     print(f"\nbackground gray levels (dark / light, mean ± sd over inputs); the scenes': {_levels(scene)}")
@@ -120,6 +125,17 @@ def background_levels(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         dark = lum < lum.mean()
         out.append((lum[dark].mean() if dark.any() else lum.mean(), lum[~dark].mean()))
     return np.array(out)
+
+
+def checkered_by_angle(seeds, images: np.ndarray) -> dict[float, tuple[int, int]]:
+    """Per stripe angle of the input scenes (sorted): how many of ``images`` read as checkered, and of how many."""
+    kinds = M.classify_background(images)
+    out: dict[float, list[int]] = {}
+    for s, kind in zip(seeds, kinds):
+        c = out.setdefault(float(sample_scene(s).stripe_angle), [0, 0])
+        c[0] += kind == "checkered"
+        c[1] += 1
+    return {a: (k, n) for a, (k, n) in sorted(out.items())}
 
 
 def scene_levels(seeds) -> np.ndarray:

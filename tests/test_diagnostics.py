@@ -68,3 +68,17 @@ def test_what_if_diversity_separates_the_phase_from_the_grays(checkers):
     both = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4), levels=(0.25, 0.7))
     assert both < min(one_template, fixed_grays)  # each choice the outputs share removes spread
     assert both < 0.7 * M.diversity(answers, inputs)
+
+
+def test_checkered_by_angle_counts_per_input_orientation(checkers):
+    seeds = list(range(40))
+    inputs = np.stack([render_scene(s, background="striped")["image"] for s in seeds])
+    answers = np.stack([render_scene(s, background="checkered")["image"] for s in seeds])
+    angles = [render_scene(s)["scene"].stripe_angle for s in seeds]
+    assert 135 in angles and len(set(angles)) == 4
+    on_answers = checkers.checkered_by_angle(seeds, answers)
+    assert sorted(on_answers) == sorted(set(angles)) and sum(n for _, n in on_answers.values()) == len(seeds)
+    assert all(k == n == angles.count(a) for a, (k, n) in on_answers.items())
+    assert all(k == 0 for k, _ in checkers.checkered_by_angle(seeds, inputs).values())
+    mixed = np.where(np.array([a == 135 for a in angles])[:, None, None, None], inputs, answers)  # 135° kept striped
+    assert all(k == (0 if a == 135 else n) for a, (k, n) in checkers.checkered_by_angle(seeds, mixed).items())
