@@ -174,6 +174,7 @@ class DDSTranslationModule(L.LightningModule):
         return mask[task_ids]
 
     def current_palette_weight(self, step: int | None = None) -> float:
+        """Weight of the palette term at ``step`` (default: now): 0 before ``loss.palette_start``, then ramped."""
         c = self.loss_cfg
         step = self.global_step if step is None else step
         return weight_at(step, float(c["palette_weight"]), int(c["palette_start"]), int(c["palette_ramp_steps"]))
