@@ -16,8 +16,8 @@ the choice is a function of the input (a network can learn it); if not, the DDS 
     python scripts/diagnose_checkers.py --n 8 --seeds 0,1 --shared-noise   # one noise for every input and step
 
 Below that, per column, how many inputs read as checkered for each stripe angle of the input (a change the network
-learned for some orientations only shows there), then what the background change's diversity (``ddstrans eval``) is made of: the diversity, the two
-gray levels of the output's background against the scene's own (the answer keeps the input's two grays), and what
+learned for some orientations only shows there), then what the background change's diversity (``ddstrans eval``)
+is made of: the diversity, the two gray levels of the output's background against the scene's own (the answer keeps the input's two grays), and what
 the renderer's answer would score redrawn with the method's most common template at each scene's own grays, and
 with each scene's own template at the method's mean levels, and with both: which of the two, phase or grays, costs
 the diversity.
