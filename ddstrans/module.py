@@ -54,6 +54,7 @@ DEFAULT_LOSS = {
     "weight": 1.0,
     "max_consecutive_nonfinite": 20,
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
+    "identity_tasks": None,  # task names it applies to (None: every task)
     "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
@@ -131,8 +132,9 @@ class DDSTranslationModule(L.LightningModule):
 
             rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
                            f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
-        # per task: uses the shared noise / the palette term (None: every task)
+        # per task: uses the shared noise / the identity term / the palette term (None: every task)
         self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
+        self._identity_task_mask = self._task_mask(self.loss_cfg["identity_tasks"])
         self._palette_task_mask = self._task_mask(self.loss_cfg["palette_tasks"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
@@ -294,7 +296,8 @@ class DDSTranslationModule(L.LightningModule):
                                 noise=noise)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         if self.loss_cfg["identity_weight"]:
-            ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"])
+            ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"],
+                                  self._task_flags("_identity_task_mask", task_ids))
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
         palette_w = self.current_palette_weight()

@@ -152,11 +152,18 @@ def edit_mask(grad: torch.Tensor) -> torch.Tensor:
     return 1 - mag / peak
 
 
-def identity_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, grad: torch.Tensor, reduction: str = "hw") -> torch.Tensor:
+def identity_loss(
+    z_tgt: torch.Tensor,
+    z_src: torch.Tensor,
+    grad: torch.Tensor,
+    reduction: str = "hw",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Structure-preserving term beyond the DDS paper: squared change of the edited latent, weighted by
     :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
-    Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W))."""
-    return _reduce((edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).sum(), z_tgt, reduction)
+    Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W)); ``weight``: one factor per sample (e.g. 0/1 by task)."""
+    per = (edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).flatten(1).sum(1)
+    return _reduce((per if weight is None else per * weight.to(per)).sum(), z_tgt, reduction)
 
 
 def palette_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -202,6 +202,37 @@ def test_palette_term_joins_at_its_step_for_its_tasks(tiny_teacher, tmp_path, mo
         make_module(tiny_teacher, loss={"palette_weight": 1.0, "palette_tasks": ["cat2cow"]})
 
 
+def test_identity_term_applies_to_its_tasks_only(tiny_teacher, tmp_path, monkeypatch):
+    """loss.identity_tasks: the identity term gets per-sample flags of those tasks (None: no flags, every task)."""
+    import ddstrans.module as module
+
+    calls, ids = [], []
+    identity_loss = module.identity_loss
+
+    def spy_identity(z_tgt, z_src, grad, reduction="hw", weight=None):
+        calls.append(None if weight is None else weight.clone())
+        return identity_loss(z_tgt, z_src, grad, reduction, weight)
+
+    monkeypatch.setattr(module, "identity_loss", spy_identity)
+    m = make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks": ["cat2dog"]})
+    sample_task_ids = m.task_table.embeddings_for
+
+    def spy_ids(task_ids, *a, **kw):
+        ids.append(task_ids.clone())
+        return sample_task_ids(task_ids, *a, **kw)
+
+    monkeypatch.setattr(m.task_table, "embeddings_for", spy_ids)
+    make_trainer(tmp_path, steps=3).fit(m, datamodule=dm())
+    assert len(calls) == 3
+    for flags, task_ids in zip(calls, ids):
+        assert flags.tolist() == [i == 1 for i in task_ids.tolist()]  # cat2dog's samples only
+    calls.clear()
+    make_trainer(tmp_path / "all", steps=1).fit(make_module(tiny_teacher, loss={"identity_weight": 0.5}), datamodule=dm())
+    assert calls == [None]
+    with pytest.raises(KeyError, match="cat2lion"):
+        make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks": ["cat2cow"]})
+
+
 def test_low_t_guidance_reaches_the_score(tiny_teacher):
     """loss.guidance_low_t / guidance_low: below the threshold the score uses guidance_low (here every t)."""
     z = torch.randn(2, 4, 8, 8)
