@@ -12,7 +12,8 @@ aggregated per task family (color / shape / background) into one markdown table,
 Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA), no_warmup, sds,
 text (text conditioning), no_ema, unseen (text conditioning trained on four color pairs, evaluated on those and on
 four pairs never trained), identity (beyond the paper: + an identity term on regions the DDS score does not call
-to change) and long (experiment=shapes_long: identity term, 2,000 steps); see configs/experiment/shapes_*.yaml.
+to change), long (experiment=shapes_long: identity term, 2,000 steps) and long_palette (beyond the paper: long, then
+1,000 steps with a palette term on the background change); see configs/experiment/shapes_*.yaml.
 Without ``--steps`` each variant trains its config's own ``trainer.max_steps``.
 """
 
@@ -41,6 +42,7 @@ VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment
     "unseen": "shapes_unseen",
     "identity": "shapes_identity",
     "long": "shapes_long",
+    "long_palette": "shapes_long_palette",
 }
 # never trained by the "unseen" variant (tasks=shapes_pairs), each from a trained source and a trained target color
 UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red")
@@ -138,7 +140,8 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # training runs are subprocesses
-        longest_first = sorted(names, key=lambda n: n != "long")  # so the 2,000-step run is not left alone at the end
+        # so the 2,000- and 3,000-step runs are not left alone at the end
+        longest_first = sorted(names, key=lambda n: not n.startswith("long"))
         dirs = dict(zip(longest_first, pool.map(lambda n: train_and_export(n, VARIANTS[n], args), longest_first)))
     for name in names:
         tr = Translator.from_pretrained(dirs[name])
