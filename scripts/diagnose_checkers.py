@@ -110,6 +110,9 @@ def main() -> None:
               f"{what_if_diversity(es.seeds, inputs, template=template):.3f}; with each scene's template at levels "
               f"{mean_levels[0]:.2f} / {mean_levels[1]:.2f}: {what_if_diversity(es.seeds, inputs, levels=mean_levels):.3f}; "
               f"with both: {what_if_diversity(es.seeds, inputs, template=template, levels=mean_levels):.3f}")
+        print(f"    one phase for every input (that template, the darker gray on the same cells) at each scene's grays: "
+              f"{what_if_diversity(es.seeds, inputs, template=template, dark_first=True):.3f} (the most a translator "
+              f"drawing one checkerboard phase can reach)")
 
 
 def _levels(lv: np.ndarray) -> str:
@@ -143,9 +146,11 @@ def scene_levels(seeds) -> np.ndarray:
     return np.array([sorted(sample_scene(s).bg_colors) for s in seeds])
 
 
-def what_if_diversity(seeds, inputs: np.ndarray, template=None, levels=None) -> float:
+def what_if_diversity(seeds, inputs: np.ndarray, template=None, levels=None, dark_first: bool = False) -> float:
     """Diversity of the renderer's answers (checkered backgrounds) with every scene's checker ``template`` (cell,
-    x offset, y offset) and/or two gray ``levels`` replaced by the given ones: ``None`` keeps the scene's."""
+    x offset, y offset) and/or two gray ``levels`` replaced by the given ones: ``None`` keeps the scene's.
+    ``dark_first``: each scene's own grays, the darker on the same cells in every scene (the renderer draws which
+    gray takes which cells at random; a translator that draws one phase for every input fixes it)."""
     images = []
     for s in seeds:
         scene = sample_scene(s, background="checkered")
@@ -153,6 +158,8 @@ def what_if_diversity(seeds, inputs: np.ndarray, template=None, levels=None) -> 
             scene = replace(scene, checker_cell=int(template[0]), checker_offset=(int(template[1]), int(template[2])))
         if levels is not None:
             scene = replace(scene, bg_colors=tuple(float(v) for v in levels))
+        elif dark_first:
+            scene = replace(scene, bg_colors=tuple(sorted(scene.bg_colors)))
         images.append(render(scene)[0])
     return M.diversity(np.stack(images), inputs)
 

@@ -68,6 +68,12 @@ def test_what_if_diversity_separates_the_phase_from_the_grays(checkers):
     both = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4), levels=(0.25, 0.7))
     assert both < min(one_template, fixed_grays)  # each choice the outputs share removes spread
     assert both < 0.7 * M.diversity(answers, inputs)
+    one_phase = checkers.what_if_diversity(seeds, inputs, template=(6, 0, 4), dark_first=True)
+    assert both < one_phase < one_template - 0.1  # which gray takes which cells is part of the phase
+    dark = checkers.what_if_diversity(seeds, inputs, dark_first=True)
+    orders = [np.argsort(render_scene(s, background="checkered")["scene"].bg_colors)[0] for s in seeds]
+    assert len(set(orders)) == 2  # the renderer puts the lighter gray first in some scenes ...
+    assert dark < M.diversity(answers, inputs) - 0.1  # ... and fixing that order alone removes spread
 
 
 def test_checkered_by_angle_counts_per_input_orientation(checkers):
