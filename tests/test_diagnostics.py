@@ -73,7 +73,7 @@ def test_what_if_diversity_separates_the_phase_from_the_grays(checkers):
     dark = checkers.what_if_diversity(seeds, inputs, dark_first=True)
     orders = [np.argsort(render_scene(s, background="checkered")["scene"].bg_colors)[0] for s in seeds]
     assert len(set(orders)) == 2  # the renderer puts the lighter gray first in some scenes ...
-    assert dark < M.diversity(answers, inputs) - 0.1  # ... and fixing that order alone removes spread
+    assert one_phase + 0.1 < dark <= M.diversity(answers, inputs)  # ... which matters once the template is shared
 
 
 def test_checkered_by_angle_counts_per_input_orientation(checkers):
