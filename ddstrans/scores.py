@@ -162,8 +162,10 @@ def identity_loss(
     """Structure-preserving term beyond the DDS paper: squared change of the edited latent, weighted by
     :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
     Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W)); ``weight``: one factor per sample (e.g. 0/1 by task)."""
-    per = (edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)).flatten(1).sum(1)
-    return _reduce((per if weight is None else per * weight.to(per)).sum(), z_tgt, reduction)
+    held = edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)
+    if weight is None:  # one sum, as before per-sample weights existed: the same floats, the same runs
+        return _reduce(held.sum(), z_tgt, reduction)
+    return _reduce((held.flatten(1).sum(1) * weight.to(held)).sum(), z_tgt, reduction)
 
 
 def palette_loss(z_tgt: torch.Tensor, z_src: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

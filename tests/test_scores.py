@@ -219,6 +219,8 @@ def test_identity_loss_holds_only_where_the_score_is_flat():
     two = torch.cat([z.detach(), z.detach()])  # per-sample weights: only the flagged sample counts
     weighted = scores.identity_loss(two, torch.cat([z_src, z_src]), torch.cat([grad, grad]), weight=torch.tensor([0.0, 1.0]))
     assert weighted.item() == pytest.approx(2 / 16)
+    ones = scores.identity_loss(two, torch.cat([z_src, z_src]), torch.cat([grad, grad]), weight=torch.ones(2))
+    assert ones.item() == pytest.approx(scores.identity_loss(two, torch.cat([z_src, z_src]), torch.cat([grad, grad])).item())
 
 
 def test_palette_loss_keeps_levels_but_not_their_places():
