@@ -20,7 +20,8 @@ learned for some orientations only shows there), then what the background change
 is made of: the diversity, the two gray levels of the output's background against the scene's own (the answer
 keeps the input's two grays), and what the renderer's answer would score redrawn with the method's most common
 template at each scene's own grays, and with each scene's own template at the method's mean levels, and with both:
-which of the two, phase or grays, costs the diversity.
+which of the two, phase or grays, costs the diversity; last, that template at each scene's grays with the darker
+gray on the same cells in every scene: the most a translator that draws one phase for every input can reach.
 
 With ``--shared-noise`` each seed is the seed of one noise tensor that every input uses at every step (as
 ``loss.shared_noise_prob=1`` in training). Below the table, per seed: of the inputs that got the same cell size, how

@@ -171,6 +171,18 @@ def test_shared_noise_options_are_checked(tiny_teacher):
         make_module(tiny_teacher, loss={"shared_noise_prob": 1.0, "shared_noise_tasks": ["cat2cow"]})
 
 
+def record_task_ids(m, monkeypatch) -> list:
+    """The task ids ``m`` draws at each training step, in order (a spy on its task table)."""
+    ids, sample = [], m.task_table.embeddings_for
+
+    def spy(task_ids, *a, **kw):
+        ids.append(task_ids.clone())
+        return sample(task_ids, *a, **kw)
+
+    monkeypatch.setattr(m.task_table, "embeddings_for", spy)
+    return ids
+
+
 def test_palette_term_joins_at_its_step_for_its_tasks(tiny_teacher, tmp_path, monkeypatch):
     """loss.palette_*: no term before palette_start, then weight ramped to palette_weight, per-sample flags of
     palette_tasks only; bad options refused."""
@@ -179,18 +191,12 @@ def test_palette_term_joins_at_its_step_for_its_tasks(tiny_teacher, tmp_path, mo
     m = make_module(tiny_teacher, loss={"warmup_steps": 2, "guidance_start": 1.0, "palette_weight": 4.0,
                                         "palette_start": 2, "palette_ramp_steps": 2, "palette_tasks": ["cat2dog"]})
     assert [m.current_palette_weight(s) for s in range(5)] == [0.0, 0.0, 0.0, 2.0, 4.0]
-    calls, ids = [], []
-    sample_task_ids, palette_loss = m.task_table.embeddings_for, module.palette_loss
-
-    def spy_ids(task_ids, *a, **kw):
-        ids.append(task_ids.clone())
-        return sample_task_ids(task_ids, *a, **kw)
+    calls, ids, palette_loss = [], record_task_ids(m, monkeypatch), module.palette_loss
 
     def spy_palette(z_tgt, z_src, weight=None):
         calls.append((m.global_step, weight.clone()))
         return palette_loss(z_tgt, z_src, weight)
 
-    monkeypatch.setattr(m.task_table, "embeddings_for", spy_ids)
     monkeypatch.setattr(module, "palette_loss", spy_palette)
     make_trainer(tmp_path, steps=5).fit(m, datamodule=dm())
     assert [s for s, _ in calls] == [3, 4]  # weight 0 at steps 0-2: not computed
@@ -206,8 +212,7 @@ def test_identity_term_applies_to_its_tasks_only(tiny_teacher, tmp_path, monkeyp
     """loss.identity_tasks: the identity term gets per-sample flags of those tasks (None: no flags, every task)."""
     import ddstrans.module as module
 
-    calls, ids = [], []
-    identity_loss = module.identity_loss
+    calls, identity_loss = [], module.identity_loss
 
     def spy_identity(z_tgt, z_src, grad, reduction="hw", weight=None):
         calls.append(None if weight is None else weight.clone())
@@ -215,13 +220,7 @@ def test_identity_term_applies_to_its_tasks_only(tiny_teacher, tmp_path, monkeyp
 
     monkeypatch.setattr(module, "identity_loss", spy_identity)
     m = make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks": ["cat2dog"]})
-    sample_task_ids = m.task_table.embeddings_for
-
-    def spy_ids(task_ids, *a, **kw):
-        ids.append(task_ids.clone())
-        return sample_task_ids(task_ids, *a, **kw)
-
-    monkeypatch.setattr(m.task_table, "embeddings_for", spy_ids)
+    ids = record_task_ids(m, monkeypatch)
     make_trainer(tmp_path, steps=3).fit(m, datamodule=dm())
     assert len(calls) == 3
     for flags, task_ids in zip(calls, ids):
