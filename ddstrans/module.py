@@ -54,7 +54,8 @@ DEFAULT_LOSS = {
     "weight": 1.0,
     "max_consecutive_nonfinite": 20,
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
-    "identity_tasks": None,  # task names it applies to (None: every task)
+    "identity_tasks": None,  # task names it applies to (None: every task) ...
+    "identity_tasks_start": 0,  # ... from this step on; before it, every task
     "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
     "shared_noise_seed": 0,
     "shared_noise_tasks": None,  # task names that use it (None: every task)
@@ -124,6 +125,8 @@ class DDSTranslationModule(L.LightningModule):
             raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
         if not 0 <= int(self.loss_cfg["guidance_low_t"] or 0) <= 1000:
             raise ValueError(f"loss.guidance_low_t must be in [0, 1000] (0: off), got {self.loss_cfg['guidance_low_t']}")
+        if int(self.loss_cfg["identity_tasks_start"]) < 0:
+            raise ValueError(f"loss.identity_tasks_start must be >= 0, got {self.loss_cfg['identity_tasks_start']}")
         if float(self.loss_cfg["palette_weight"]) < 0 or int(self.loss_cfg["palette_start"]) < 0:
             raise ValueError(f"loss.palette_weight and loss.palette_start must be >= 0, got "
                              f"{self.loss_cfg['palette_weight']} and {self.loss_cfg['palette_start']}")
@@ -174,6 +177,13 @@ class DDSTranslationModule(L.LightningModule):
             mask = mask.to(task_ids.device)
             setattr(self, attr, mask)
         return mask[task_ids]
+
+    def _identity_flags(self, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample flags of ``loss.identity_tasks`` from ``loss.identity_tasks_start`` on; None (every task, the
+        unweighted sum) before it, so a run's first steps are those of the same run without the restriction."""
+        if self.global_step < int(self.loss_cfg["identity_tasks_start"]):
+            return None
+        return self._task_flags("_identity_task_mask", task_ids)
 
     def current_palette_weight(self, step: int | None = None) -> float:
         """Weight of the palette term at ``step`` (default: now): 0 before ``loss.palette_start``, then ramped."""
@@ -297,7 +307,7 @@ class DDSTranslationModule(L.LightningModule):
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         if self.loss_cfg["identity_weight"]:
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"],
-                                  self._task_flags("_identity_task_mask", task_ids))
+                                  self._identity_flags(task_ids))
             self.log("train/loss_identity", ident.detach())
             loss = loss + self.loss_cfg["identity_weight"] * ident
         palette_w = self.current_palette_weight()

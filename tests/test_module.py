@@ -230,6 +230,15 @@ def test_identity_term_applies_to_its_tasks_only(tiny_teacher, tmp_path, monkeyp
     assert calls == [None]
     with pytest.raises(KeyError, match="cat2lion"):
         make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks": ["cat2cow"]})
+    # loss.identity_tasks_start: every task (no flags) before that step, the tasks' flags from it on
+    calls.clear()
+    m = make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks": ["cat2dog"], "identity_tasks_start": 2})
+    ids = record_task_ids(m, monkeypatch)
+    make_trainer(tmp_path / "late", steps=4).fit(m, datamodule=dm())
+    assert calls[:2] == [None, None]
+    assert [f.tolist() for f in calls[2:]] == [[i == 1 for i in t.tolist()] for t in ids[2:4]]
+    with pytest.raises(ValueError, match="identity_tasks_start"):
+        make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks_start": -1})
 
 
 def test_low_t_guidance_reaches_the_score(tiny_teacher):
