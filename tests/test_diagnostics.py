@@ -88,3 +88,52 @@ def test_checkered_by_angle_counts_per_input_orientation(checkers):
     assert all(k == 0 for k, _ in checkers.checkered_by_angle(seeds, inputs).values())
     mixed = np.where(np.array([a == 135 for a in angles])[:, None, None, None], inputs, answers)  # 135° kept striped
     assert all(k == (0 if a == 135 else n) for a, (k, n) in checkers.checkered_by_angle(seeds, mixed).items())
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _load_script("diagnose_color_pairs")
+
+
+def test_pair_geometry_is_the_palette_distance_and_the_midpoints_chroma(pairs):
+    from ddstrans.shapes import COLORS
+
+    a, b = np.asarray(COLORS["blue"]), np.asarray(COLORS["yellow"])
+    g = pairs.pair_geometry("blue", "yellow")
+    assert g["distance"] == pytest.approx(float(np.sqrt(((a - b) ** 2).sum())))
+    assert g["midpoint_chroma"] == pytest.approx(float(((a + b) / 2).max() - ((a + b) / 2).min()))
+    assert g == pairs.pair_geometry("yellow", "blue")
+    assert g["midpoint_chroma"] < 0.1 < pairs.pair_geometry("red", "yellow")["midpoint_chroma"]  # the gray midpoint
+
+
+def test_spearman_ranks(pairs):
+    assert pairs.spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
+    assert pairs.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert pairs.spearman([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)  # ties share a rank
+    assert np.isnan(pairs.spearman([1, 2, 3], [7, 7, 7]))
+
+
+def test_scene_groups_by_background_and_pair_parsing(pairs):
+    from ddstrans.shapes import sample_scene
+
+    light, dark = pairs.scenes_by_background(5, True), pairs.scenes_by_background(5, False)
+    assert len(light) == len(dark) == 5 and not set(light) & set(dark)
+    assert all(np.mean(sample_scene(s).bg_colors) >= pairs.LIGHT for s in light)
+    assert all(np.mean(sample_scene(s).bg_colors) <= pairs.DARK for s in dark)
+    assert pairs.scenes_by_background(3, None, start=7) == [7, 8, 9]
+    assert len(pairs.parse_pairs("all")) == 12 and ("red", "blue") in pairs.parse_pairs("all")
+    assert pairs.parse_pairs("blue>green>yellow", hops=3) == [("blue", "green", "yellow")]
+    for bad in ("red>purple", "red", "red>green>blue"):
+        with pytest.raises(ValueError, match="expected 2"):
+            pairs.parse_pairs(bad)
+
+
+def test_color_pairs_cli_prints_a_row_per_pair_group_and_chain(pairs, capsys):
+    pairs.main(["--n", "2", "--steps", "2", "--pairs", "red>blue,green>yellow", "--bg-split", "--via", "blue>green>yellow"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "->" in line]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| red->blue", "all"], ["| green->yellow", "all"], ["| red->blue", "light"], ["| green->yellow", "light"],
+        ["| red->blue", "dark"], ["| green->yellow", "dark"], ["| blue->green->yellow", rows[-1].split(" | ")[1]]]
+    assert rows[-1].split(" | ")[1].startswith("all (two edits")
+    with pytest.raises(SystemExit):
+        pairs.main(["--pairs", "red>purple"])
