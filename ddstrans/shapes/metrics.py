@@ -9,8 +9,8 @@ Conventions
 
 How attributes are read from an arbitrary image (a render, a teacher sample, a network output)
 ---------------------------------------------------------------------------------------------
-- **Shape mask**: background pixels are gray (chroma 0) and shape colors are strongly saturated
-  (chroma >= 0.7), so ``mask = max(rgb) - min(rgb) > CHROMA_THRESHOLD`` (0.35). On renders this
+- **Shape mask**: background pixels are gray (chroma 0) and shape colors are clearly colored
+  (chroma >= 0.5), so ``mask = max(rgb) - min(rgb) > CHROMA_THRESHOLD`` (0.25, halfway). On renders this
   reproduces the ground-truth mask exactly (tested).
 - **Color**: every pixel of the estimated mask votes for its nearest palette color (Euclidean in
   RGB); the majority wins. No mask (fewer than ``MIN_PIXELS`` pixels) -> ``None`` (never correct).
@@ -36,7 +36,7 @@ import numpy as np
 
 from .world import BACKGROUNDS, COLOR_ARRAY, COLOR_NAMES, SHAPES, SIZE, shape_mask
 
-CHROMA_THRESHOLD = 0.35
+CHROMA_THRESHOLD = 0.25
 MIN_PIXELS = 4
 BACKGROUND_RATIO_THRESHOLD = 0.6
 CHECKER_R2_THRESHOLD = 0.6

@@ -1,9 +1,9 @@
 """The shapes world: tiny RGB scenes whose ground truth is known exactly.
 
-A scene is one shape (circle / square / triangle) in one of four saturated colors at a random
-position and size, on a textured background (stripes or checkers) whose two colors are *grays*
+A scene is one shape (circle / square / triangle) in one of four light colors at a random
+position and size, on a textured background (stripes or checkers) whose two colors are dark *grays*
 drawn from a palette disjoint from the shape colors. Because every background pixel is gray and
-every shape pixel is strongly saturated, the shape mask of *any* image (also a network's output)
+every shape pixel is clearly colored (chroma >= 0.5), the shape mask of *any* image (also a network's output)
 can be estimated from chroma alone (see :mod:`ddstrans.shapes.metrics`).
 
 Everything is pure numpy and deterministic from an integer seed. All attributes are drawn from
@@ -24,16 +24,21 @@ import numpy as np
 
 SIZE = 32
 
+# Light colors on dark grays (world v2): every shape color is closer to every other than both are to any background
+# gray (|a - b|^2 < |a - g|^2 + |b - g|^2 with room to spare), so a shape halfway between two colors still reads as
+# the shape, not as background. With saturated colors on mid grays (v1: red 0.9/0.1/0.1, ..., grays 0.10-0.85)
+# zero-shot DDS redrew the recolored shape elsewhere, the more the farther apart the two colors (teacher card).
 COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (0.90, 0.10, 0.10),
-    "green": (0.10, 0.75, 0.15),
-    "blue": (0.10, 0.25, 0.95),
-    "yellow": (0.95, 0.85, 0.10),
+    "red": (1.00, 0.45, 0.45),
+    "green": (0.45, 0.95, 0.45),
+    "blue": (0.45, 0.60, 1.00),
+    "yellow": (0.95, 0.90, 0.35),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUNDS: tuple[str, ...] = ("striped", "checkered")
 # Background colors: grays only (chroma 0), disjoint from the saturated shape colors.
-GRAYS: tuple[float, ...] = (0.10, 0.25, 0.40, 0.55, 0.70, 0.85)
+GRAYS: tuple[float, ...] = (0.00, 0.10, 0.20, 0.30)
+MIN_GRAY_CONTRAST = 0.19  # the two grays of a texture differ by at least this (0.2 or 0.3): visible texture
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 COLOR_ARRAY = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
@@ -106,7 +111,7 @@ def sample_scene(seed: int, **overrides) -> Scene:
     cx = float(rng.uniform(margin, SIZE - margin))
     cy = float(rng.uniform(margin, SIZE - margin))
     g1, g2 = rng.choice(len(GRAYS), size=2, replace=False)
-    while abs(GRAYS[g1] - GRAYS[g2]) < 0.29:  # keep the texture visible
+    while abs(GRAYS[g1] - GRAYS[g2]) < MIN_GRAY_CONTRAST:  # keep the texture visible
         g1, g2 = rng.choice(len(GRAYS), size=2, replace=False)
     angle = float((0, 45, 90, 135)[rng.integers(4)])
     period = float(rng.uniform(4.0, 8.0))
