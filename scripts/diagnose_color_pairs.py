@@ -8,7 +8,11 @@ so the IoU can be read against it:
 - ``distance``: Euclidean distance of the two palette colors (RGB in [0, 1]);
 - ``midpoint chroma``: chroma (max - min channel) of their mean, the color halfway along the edit's path; a gray
   midpoint means the object is as good as gone halfway, and a teacher that sees no object redraws it anywhere;
-- Spearman rank correlations of the IoU with both, over the pairs measured.
+- ``margin``: mean over the scenes' two grays g of |a - g|^2 + |b - g|^2 - |a - b|^2 (a, b the two colors): how much
+  better "the shape is here, in the new color" explains a shape seen in the old color than "background here, the
+  new shape elsewhere" does. Where it is small or negative, the teacher's own posterior, at the noise levels where
+  color is decided, puts the recolored shape elsewhere;
+- Spearman rank correlations of the IoU with the three, over the pairs measured.
 
 ``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray >= 0.6) and on dark ones
 (<= 0.35); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
@@ -44,6 +48,17 @@ def pair_geometry(src: str, tgt: str) -> dict[str, float]:
     a, b = np.asarray(COLORS[src]), np.asarray(COLORS[tgt])
     mid = (a + b) / 2
     return {"distance": float(np.linalg.norm(a - b)), "midpoint_chroma": float(mid.max() - mid.min())}
+
+
+def background_margin(src: str, tgt: str, grays) -> float:
+    """Mean over ``grays`` of |a - g|^2 + |b - g|^2 - |a - b|^2 for the palette colors a, b (RGB in [0, 1])."""
+    a, b = np.asarray(COLORS[src]), np.asarray(COLORS[tgt])
+    return float(np.mean([((a - g) ** 2).sum() + ((b - g) ** 2).sum() - ((a - b) ** 2).sum() for g in grays]))
+
+
+def scene_grays(seeds) -> list[float]:
+    """The two background grays of each scene, flattened."""
+    return [g for s in seeds for g in sample_scene(s).bg_colors]
 
 
 def spearman(x, y) -> float:
@@ -133,27 +148,30 @@ def main(argv=None) -> None:
     if args.bg_split:
         groups.update(light=scenes_by_background(args.n, True), dark=scenes_by_background(args.n, False))
     t0 = time.time()
-    print("| pair | scenes | distance | midpoint chroma | target acc | mask IoU | kept PSNR (dB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pair | scenes | distance | midpoint chroma | margin | target acc | mask IoU | kept PSNR (dB) |")
+    print("|---|---|---|---|---|---|---|---|")
     ious, geo = [], []
     for group, seeds in groups.items():
         for src, tgt in pairs:
             g = pair_geometry(src, tgt)
+            g["margin"] = background_margin(src, tgt, scene_grays(seeds))
             r = edit(seeds, src, tgt)[1]
             if group == "all":
                 ious.append(r["mask_iou"])
                 geo.append(g)
-            print(f"| {src}->{tgt} | {group} | {g['distance']:.2f} | {g['midpoint_chroma']:.2f} | {r['target_acc']:.3f} "
+            print(f"| {src}->{tgt} | {group} | {g['distance']:.2f} | {g['midpoint_chroma']:.2f} | {g['margin']:+.2f} "
+                  f"| {r['target_acc']:.3f} "
                   f"| {r['mask_iou']:.3f} | {r['keep_psnr']:.1f} |", flush=True)
     seeds = groups["all"]
     for src, mid, tgt in vias:
         y1, r1 = edit(seeds, src, mid)
         r2 = edit(seeds, mid, tgt, x=y1, first=src)[1]  # from the first hop's result, scored against the input
-        print(f"| {src}->{mid}->{tgt} | all (two edits; first hop IoU {r1['mask_iou']:.3f}) | | | {r2['target_acc']:.3f} "
+        print(f"| {src}->{mid}->{tgt} | all (two edits; first hop IoU {r1['mask_iou']:.3f}) | | | | {r2['target_acc']:.3f} "
               f"| {r2['mask_iou']:.3f} | {r2['keep_psnr']:.1f} |", flush=True)
     if len(ious) > 2:
         print(f"\nSpearman over {len(ious)} pairs: IoU vs distance {spearman([g['distance'] for g in geo], ious):+.2f}, "
-              f"vs midpoint chroma {spearman([g['midpoint_chroma'] for g in geo], ious):+.2f}")
+              f"vs midpoint chroma {spearman([g['midpoint_chroma'] for g in geo], ious):+.2f}, "
+              f"vs margin {spearman([g['margin'] for g in geo], ious):+.2f}")
     print(f"({time.time() - t0:.0f} s, {args.threads} thread(s), teacher {args.teacher}, {args.n} scenes per row)")
 
 

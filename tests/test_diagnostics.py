@@ -106,6 +106,24 @@ def test_pair_geometry_is_the_palette_distance_and_the_midpoints_chroma(pairs):
     assert g["midpoint_chroma"] < 0.1 < pairs.pair_geometry("red", "yellow")["midpoint_chroma"]  # the gray midpoint
 
 
+def test_background_margin_compares_recolor_in_place_with_background_here(pairs):
+    from ddstrans.shapes import COLORS
+
+    a, b = np.asarray(COLORS["red"]), np.asarray(COLORS["yellow"])
+    want = np.mean([((a - g) ** 2).sum() + ((b - g) ** 2).sum() - ((a - b) ** 2).sum() for g in (0.1, 0.7)])
+    assert pairs.background_margin("red", "yellow", [0.1, 0.7]) == pytest.approx(float(want))
+    assert pairs.background_margin("red", "red", [0.5]) > 0  # no change: always explained in place
+    # far-apart colors on mid grays: "background here" wins (negative), nearby colors do not
+    assert pairs.background_margin("blue", "yellow", [0.55]) < 0 < pairs.background_margin("red", "yellow", [0.55])
+    assert pairs.scene_grays([3, 4]) == [*sample_grays(3), *sample_grays(4)]
+
+
+def sample_grays(seed):
+    from ddstrans.shapes import sample_scene
+
+    return list(sample_scene(seed).bg_colors)
+
+
 def test_spearman_ranks(pairs):
     assert pairs.spearman([1, 2, 3, 4], [10, 20, 25, 100]) == pytest.approx(1.0)
     assert pairs.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
