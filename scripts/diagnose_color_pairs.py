@@ -14,8 +14,8 @@ so the IoU can be read against it:
   color is decided, puts the recolored shape elsewhere;
 - Spearman rank correlations of the IoU with the three, over the pairs measured.
 
-``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray >= 0.6) and on dark ones
-(<= 0.35); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
+``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray in the palette's upper third: >= 0.6
+for grays 0.10-0.85) and on dark ones (lower third: <= 0.35); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
 result; IoU against the input's mask). Edit settings default to the teacher card's (100 steps, lr 0.02, guidance
 7.5, t in [50, 600)).
 
@@ -37,10 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddstrans.shapes import COLOR_NAMES, COLORS, render_batch, sample_scene, to_model  # noqa: E402
+from ddstrans.shapes import COLOR_NAMES, COLORS, GRAYS, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 
-LIGHT, DARK = 0.6, 0.35  # mean background gray of the --bg-split groups (>= LIGHT, <= DARK)
+# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.6 and 0.35
+# for grays 0.10-0.85)
+LIGHT = min(GRAYS) + 2 / 3 * (max(GRAYS) - min(GRAYS))
+DARK = min(GRAYS) + 1 / 3 * (max(GRAYS) - min(GRAYS))
 
 
 def pair_geometry(src: str, tgt: str) -> dict[str, float]:
@@ -78,10 +81,14 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def scenes_by_background(n: int, light: bool | None, start: int = 0) -> list[int]:
-    """The first ``n`` scene seeds from ``start`` on: any (None), light (mean gray >= LIGHT) or dark (<= DARK)."""
+def scenes_by_background(n: int, light: bool | None, start: int = 0, max_tries: int = 100_000) -> list[int]:
+    """The first ``n`` scene seeds from ``start`` on: any (None), light (mean gray >= LIGHT) or dark (<= DARK);
+    RuntimeError when ``max_tries`` seeds do not hold ``n``."""
     seeds, s = [], start
     while len(seeds) < n:
+        if s - start >= max_tries:
+            raise RuntimeError(f"only {len(seeds)} of {n} scenes with a {'light' if light else 'dark'} background "
+                               f"in {max_tries} seeds")
         g = float(np.mean(sample_scene(s).bg_colors))
         if light is None or (light and g >= LIGHT) or (light is False and g <= DARK):
             seeds.append(s)

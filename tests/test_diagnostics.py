@@ -139,6 +139,8 @@ def test_scene_groups_by_background_and_pair_parsing(pairs):
     assert all(np.mean(sample_scene(s).bg_colors) >= pairs.LIGHT for s in light)
     assert all(np.mean(sample_scene(s).bg_colors) <= pairs.DARK for s in dark)
     assert pairs.scenes_by_background(3, None, start=7) == [7, 8, 9]
+    with pytest.raises(RuntimeError, match="only 0 of 1"):  # no endless search
+        pairs.scenes_by_background(1, True, start=light[0], max_tries=0)
     assert len(pairs.parse_pairs("all")) == 12 and ("red", "blue") in pairs.parse_pairs("all")
     assert pairs.parse_pairs("blue>green>yellow", hops=3) == [("blue", "green", "yellow")]
     for bad in ("red>purple", "red", "red>green>blue"):
