@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.n < 1 or args.steps < 1:
+        p.error(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
     try:
         pairs, vias = parse_pairs(args.pairs), parse_pairs(args.via, hops=3)
     except ValueError as e:
@@ -147,7 +149,8 @@ def main(argv=None) -> None:
         in ``first`` (default ``src``): the input of a chain of edits."""
         imgs, masks, _ = render_batch(seeds, color=first or src)
         x = to_model(imgs) if x is None else x
-        z = edit_latents(teacher, teacher.encode_images(x), captions(seeds, src), captions(seeds, tgt), cfg)
+        z = edit_latents(teacher, teacher.encode_images(x), captions(seeds, src), captions(seeds, tgt), cfg,
+                         progress=True)
         y = teacher.decode_latents(z)
         return y, M.evaluate_edit(y, imgs, masks, "color", tgt)
 
