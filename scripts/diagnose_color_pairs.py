@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
 from ddstrans.shapes import COLOR_NAMES, COLORS, GRAYS, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 
-# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.6 and 0.35
-# for grays 0.10-0.85)
+# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays, bounds included
+# (0.6 and 0.35 for grays 0.10-0.85)
 LIGHT = min(GRAYS) + 2 / 3 * (max(GRAYS) - min(GRAYS))
 DARK = min(GRAYS) + 1 / 3 * (max(GRAYS) - min(GRAYS))
 
@@ -90,7 +90,7 @@ def scenes_by_background(n: int, light: bool | None, start: int = 0, max_tries: 
             raise RuntimeError(f"only {len(seeds)} of {n} scenes with a {'light' if light else 'dark'} background "
                                f"in {max_tries} seeds")
         g = float(np.mean(sample_scene(s).bg_colors))
-        if light is None or (light and g >= LIGHT) or (light is False and g <= DARK):
+        if light is None or (light and g >= LIGHT - 1e-9) or (light is False and g <= DARK + 1e-9):
             seeds.append(s)
         s += 1
     return seeds
@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.n < 1 or args.steps < 1:
+        p.error(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
     try:
         pairs, vias = parse_pairs(args.pairs), parse_pairs(args.via, hops=3)
     except ValueError as e:
@@ -147,7 +149,8 @@ def main(argv=None) -> None:
         in ``first`` (default ``src``): the input of a chain of edits."""
         imgs, masks, _ = render_batch(seeds, color=first or src)
         x = to_model(imgs) if x is None else x
-        z = edit_latents(teacher, teacher.encode_images(x), captions(seeds, src), captions(seeds, tgt), cfg)
+        z = edit_latents(teacher, teacher.encode_images(x), captions(seeds, src), captions(seeds, tgt), cfg,
+                         progress=True)
         y = teacher.decode_latents(z)
         return y, M.evaluate_edit(y, imgs, masks, "color", tgt)
 

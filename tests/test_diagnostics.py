@@ -155,5 +155,6 @@ def test_color_pairs_cli_prints_a_row_per_pair_group_and_chain(pairs, capsys):
         ["| red->blue", "all"], ["| green->yellow", "all"], ["| red->blue", "light"], ["| green->yellow", "light"],
         ["| red->blue", "dark"], ["| green->yellow", "dark"], ["| blue->green->yellow", rows[-1].split(" | ")[1]]]
     assert rows[-1].split(" | ")[1].startswith("all (two edits")
-    with pytest.raises(SystemExit):
-        pairs.main(["--pairs", "red>purple"])
+    for bad in (["--pairs", "red>purple"], ["--n", "0"]):
+        with pytest.raises(SystemExit):
+            pairs.main(bad)
