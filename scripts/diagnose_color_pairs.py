@@ -40,10 +40,10 @@ if str(ROOT) not in sys.path:
 from ddstrans.shapes import COLOR_NAMES, COLORS, GRAYS, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 
-# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays, bounds included
-# (0.6 and 0.35 for grays 0.10-0.85)
-LIGHT = min(GRAYS) + 2 / 3 * (max(GRAYS) - min(GRAYS))
-DARK = min(GRAYS) + 1 / 3 * (max(GRAYS) - min(GRAYS))
+# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.6 and 0.35
+# for grays 0.10-0.85); 1e-9 of slack so that a scene exactly at a bound (world v2's grays) is in its group
+LIGHT = min(GRAYS) + 2 / 3 * (max(GRAYS) - min(GRAYS)) - 1e-9
+DARK = min(GRAYS) + 1 / 3 * (max(GRAYS) - min(GRAYS)) + 1e-9
 
 
 def pair_geometry(src: str, tgt: str) -> dict[str, float]:
@@ -90,7 +90,7 @@ def scenes_by_background(n: int, light: bool | None, start: int = 0, max_tries: 
             raise RuntimeError(f"only {len(seeds)} of {n} scenes with a {'light' if light else 'dark'} background "
                                f"in {max_tries} seeds")
         g = float(np.mean(sample_scene(s).bg_colors))
-        if light is None or (light and g >= LIGHT - 1e-9) or (light is False and g <= DARK + 1e-9):
+        if light is None or (light and g >= LIGHT) or (light is False and g <= DARK):
             seeds.append(s)
         s += 1
     return seeds

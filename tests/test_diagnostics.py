@@ -136,8 +136,8 @@ def test_scene_groups_by_background_and_pair_parsing(pairs):
 
     light, dark = pairs.scenes_by_background(5, True), pairs.scenes_by_background(5, False)
     assert len(light) == len(dark) == 5 and not set(light) & set(dark)
-    assert all(np.mean(sample_scene(s).bg_colors) >= pairs.LIGHT - 1e-9 for s in light)
-    assert all(np.mean(sample_scene(s).bg_colors) <= pairs.DARK + 1e-9 for s in dark)
+    assert all(np.mean(sample_scene(s).bg_colors) >= pairs.LIGHT for s in light)
+    assert all(np.mean(sample_scene(s).bg_colors) <= pairs.DARK for s in dark)
     assert pairs.scenes_by_background(3, None, start=7) == [7, 8, 9]
     with pytest.raises(RuntimeError, match="only 0 of 1"):  # no endless search
         pairs.scenes_by_background(1, True, start=light[0], max_tries=0)
