@@ -455,6 +455,7 @@ def main(argv=None):
         if improved:
             best.update(score=score, step=step)
             export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
+            write_card(out, info())  # the card names the exported step: never the previous best's
 
     unet.train()
     text_encoder.train()

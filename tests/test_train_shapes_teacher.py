@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_teacher.py"
+# a teacher small enough to train a few steps in seconds, probed every 2 steps (1 sample per caption)
+TINY = ["--channels", "8,16", "--attn-from", "1", "--head-dim", "8", "--text-dim", "16", "--text-layers", "1",
+        "--batch-size", "2", "--probe-every", "2", "--probe-n", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,7 @@ def test_drop_rows_after_keeps_the_header_and_steps_up_to_the_saved_one(trainer,
 
 @pytest.mark.slow
 def test_a_resumed_run_writes_each_step_once(trainer, tmp_path):
-    tiny = ["--out", str(tmp_path), "--channels", "8,16", "--attn-from", "1", "--head-dim", "8", "--text-dim", "16",
-            "--text-layers", "1", "--batch-size", "2", "--log-every", "1", "--probe-every", "2", "--probe-n", "1"]
+    tiny = ["--out", str(tmp_path), *TINY, "--log-every", "1"]
     trainer.main([*tiny, "--steps", "4"])
     # rows a crash would leave behind: written after the last save (step 4), so the resumed run writes them again
     with open(tmp_path / "train_log.csv", "a") as f:
@@ -51,3 +53,17 @@ def test_a_resumed_run_writes_each_step_once(trainer, tmp_path):
     assert _steps(tmp_path / "train_log.csv", header=True) == [1, 2, 3, 4, 5, 6]
     assert _steps(tmp_path / "probe_log.csv", header=False) == [2, 4, 6]
     assert "9.9999" not in (tmp_path / "probe_log.csv").read_text()  # the stale probe row is gone
+    best = max((float(r[1]), -int(r[0])) for r in csv.reader(open(tmp_path / "probe_log.csv")))
+    assert f"EMA at step {-best[1]}," in (tmp_path / "README.md").read_text()  # the card names the exported step
+
+
+@pytest.mark.slow
+def test_the_card_names_the_exported_probe_step_before_any_save(trainer, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):  # the process dies at its first state save, after the probe exported
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "atomic_torch_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2"])
+    assert (tmp_path / "unet").is_dir()  # exported by the probe
+    assert "EMA at step 2," in (tmp_path / "README.md").read_text()
