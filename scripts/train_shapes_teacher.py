@@ -285,6 +285,22 @@ def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, para
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def drop_rows_after(path: Path, step: int, header: bool) -> None:
+    """Keep only the rows of a CSV log whose first column (the step) is <= ``step``.
+
+    A run resumes from its last saved state, so rows written after that save (loss lines, probes) would be written
+    again: without this the logs would repeat steps after every interruption.
+    """
+    if not path.exists():
+        return
+    rows = list(csv.reader(open(path, newline="")))
+    head, body = (rows[:1], rows[1:]) if header else ([], rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(head + [r for r in body if r and int(r[0]) <= step])
+    os.replace(tmp, path)
+
+
 def write_card(out: Path, info: dict):
     """Model card; keeps an existing quality section (written by scripts/eval_shapes_teacher.py)."""
     info = dict(info)
@@ -371,6 +387,8 @@ def main(argv=None):
             e.copy_(v)
         step, elapsed, recent = st["step"], st["elapsed"], st.get("recent", [])
         best = st.get("best", best)
+        drop_rows_after(out / "train_log.csv", step, header=True)
+        drop_rows_after(out / "probe_log.csv", step, header=False)
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
     elif args.fresh:
         for name in ("train_log.csv", "probe_log.csv"):
@@ -414,16 +432,6 @@ def main(argv=None):
     writer = csv.writer(log_f)
     if new_log:
         writer.writerow(["step", "loss", "lr", "elapsed_s"])
-    else:  # drop rows past the resumed step (written after the last save)
-        log_f.close()
-        rows = list(csv.reader(open(log_path)))
-        rows = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-        tmp = log_path.with_name("train_log.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(tmp, log_path)
-        log_f = open(log_path, "a", newline="")
-        writer = csv.writer(log_f)
 
     def save():
         atomic_torch_save(
@@ -447,6 +455,7 @@ def main(argv=None):
         if improved:
             best.update(score=score, step=step)
             export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
+            write_card(out, info())  # the card names the exported step: never the previous best's
 
     unet.train()
     text_encoder.train()

@@ -1,0 +1,69 @@
+"""scripts/train_shapes_teacher.py: an interrupted run resumes without repeating its logs' steps."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_teacher.py"
+# a teacher small enough to train a few steps in seconds, probed every 2 steps (1 sample per caption)
+TINY = ["--channels", "8,16", "--attn-from", "1", "--head-dim", "8", "--text-dim", "16", "--text-layers", "1",
+        "--batch-size", "2", "--probe-every", "2", "--probe-n", "1"]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_shapes_teacher", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _steps(path: Path, header: bool) -> list[int]:
+    rows = list(csv.reader(open(path, newline="")))
+    return [int(r[0]) for r in (rows[1:] if header else rows)]
+
+
+def test_drop_rows_after_keeps_the_header_and_steps_up_to_the_saved_one(trainer, tmp_path):
+    log = tmp_path / "train_log.csv"
+    log.write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n")
+    trainer.drop_rows_after(log, 2, header=True)
+    assert log.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4"]
+    probes = tmp_path / "probe_log.csv"
+    probes.write_text("250,0.9271,1\n500,0.8750,0\n750,0.9479,1\n")
+    trainer.drop_rows_after(probes, 700, header=False)
+    assert probes.read_text().splitlines() == ["250,0.9271,1", "500,0.8750,0"]
+    trainer.drop_rows_after(tmp_path / "missing.csv", 1, header=True)  # nothing to trim: no error, no file
+    assert not (tmp_path / "missing.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_writes_each_step_once(trainer, tmp_path):
+    tiny = ["--out", str(tmp_path), *TINY, "--log-every", "1"]
+    trainer.main([*tiny, "--steps", "4"])
+    # rows a crash would leave behind: written after the last save (step 4), so the resumed run writes them again
+    with open(tmp_path / "train_log.csv", "a") as f:
+        f.write("5,0.1,0.001,1.0\n6,0.1,0.001,1.0\n")
+    with open(tmp_path / "probe_log.csv", "a") as f:
+        f.write("6,9.9999,1\n")  # an impossible score: a fraction of samples is <= 1
+    trainer.main([*tiny, "--steps", "6"])
+    assert _steps(tmp_path / "train_log.csv", header=True) == [1, 2, 3, 4, 5, 6]
+    assert _steps(tmp_path / "probe_log.csv", header=False) == [2, 4, 6]
+    assert "9.9999" not in (tmp_path / "probe_log.csv").read_text()  # the stale probe row is gone
+    best = max((float(r[1]), -int(r[0])) for r in csv.reader(open(tmp_path / "probe_log.csv")))
+    assert f"EMA at step {-best[1]}," in (tmp_path / "README.md").read_text()  # the card names the exported step
+
+
+@pytest.mark.slow
+def test_the_card_names_the_exported_probe_step_before_any_save(trainer, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):  # the process dies at its first state save, after the probe exported
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "atomic_torch_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2"])
+    assert (tmp_path / "unet").is_dir()  # exported by the probe
+    assert "EMA at step 2," in (tmp_path / "README.md").read_text()
