@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Which color changes keep the outline under zero-shot DDS editing, and why: one table over color pairs.
 
-The teacher card's DDS edits lose the shape's outline on some color changes (mask IoU 0.39-0.84 against a 0.85
-bar). This script edits the *same* rendered scenes for every ordered color pair, beside each pair's color geometry,
+On world v1 (saturated colors on mid grays) the teacher's DDS edits lost the shape's outline on most color changes
+(mask IoU 0.13-0.93 against a 0.85 bar; docs/results-world-v1.md), which led to world v2. This script edits the *same* rendered scenes for every ordered color pair, beside each pair's color geometry,
 so the IoU can be read against it:
 
 - ``distance``: Euclidean distance of the two palette colors (RGB in [0, 1]);
@@ -14,8 +14,8 @@ so the IoU can be read against it:
   color is decided, puts the recolored shape elsewhere;
 - Spearman rank correlations of the IoU with the three, over the pairs measured.
 
-``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray in the palette's upper third: >= 0.6
-for grays 0.10-0.85) and on dark ones (lower third: <= 0.35); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
+``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray in the palette's upper third: >= 0.2
+for v2's grays 0.0-0.3) and on dark ones (lower third: <= 0.1); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
 result; IoU against the input's mask). Edit settings default to the teacher card's (100 steps, lr 0.02, guidance
 7.5, t in [50, 600)).
 
@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
 from ddstrans.shapes import COLOR_NAMES, COLORS, GRAYS, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
 
-# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.6 and 0.35
-# for grays 0.10-0.85); 1e-9 of slack so that a scene exactly at a bound (world v2's grays) is in its group
+# mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.2 and 0.1
+# for grays 0.0-0.3); 1e-9 of slack so that a scene exactly at a bound (as v2's grays allow) is in its group
 LIGHT = min(GRAYS) + 2 / 3 * (max(GRAYS) - min(GRAYS)) - 1e-9
 DARK = min(GRAYS) + 1 / 3 * (max(GRAYS) - min(GRAYS)) + 1e-9
 
