@@ -36,7 +36,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUNDS: tuple[str, ...] = ("striped", "checkered")
-# Background colors: grays only (chroma 0), disjoint from the saturated shape colors.
+# Background colors: grays only (chroma 0), disjoint from the (chroma >= 0.5) shape colors.
 GRAYS: tuple[float, ...] = (0.00, 0.10, 0.20, 0.30)
 MIN_GRAY_CONTRAST = 0.19  # the two grays of a texture differ by at least this (0.2 or 0.3): visible texture
 
