@@ -92,6 +92,9 @@ def parse_args(argv=None):
                    help="fraction of timesteps drawn from [0, 500) instead of [0, 1000)")
     p.add_argument("--save-every-min", type=float, default=5.0)
     p.add_argument("--time-limit-min", type=float, default=0.0, help="stop (and export) after this many minutes; 0 = none")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="stop (and export) after this step; the schedule still runs over --steps. Replays, on any "
+                        "machine, a run that a time limit stopped (its card names the step); 0 = none")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--fresh", action="store_true", help="ignore an existing _train_state and start over")
     p.add_argument("--card-only", action="store_true",
@@ -494,6 +497,9 @@ def main(argv=None):
             last_save = time.time()
         if args.time_limit_min and (time.time() - t_run0) > args.time_limit_min * 60:
             print(f"time limit reached at step {step}", flush=True)
+            break
+        if args.stop_at and step >= args.stop_at:
+            print(f"stopped at step {step} (--stop-at)", flush=True)
             break
     pbar.close()
     if args.probe_every and step % args.probe_every != 0:  # the last step was not probed yet

@@ -67,3 +67,14 @@ def test_the_card_names_the_exported_probe_step_before_any_save(trainer, tmp_pat
         trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2"])
     assert (tmp_path / "unet").is_dir()  # exported by the probe
     assert "EMA at step 2," in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_stop_at_ends_early_on_the_full_runs_schedule(trainer, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    trainer.main(["--out", str(full), *TINY, "--log-every", "1", "--steps", "6", "--warmup", "1"])
+    trainer.main(["--out", str(cut), *TINY, "--log-every", "1", "--steps", "6", "--warmup", "1", "--stop-at", "4"])
+    rows = {p: list(csv.reader(open(p / "train_log.csv")))[1:] for p in (full, cut)}
+    assert [int(r[0]) for r in rows[cut]] == [1, 2, 3, 4]
+    assert [r[2] for r in rows[cut]] == [r[2] for r in rows[full][:4]]  # the lr of a 6-step schedule, not a 4-step one
+    assert [r[1] for r in rows[cut]] == [r[1] for r in rows[full][:4]]  # seeded: the same batches and losses
