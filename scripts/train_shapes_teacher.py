@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="every N steps sample --probe-n images per caption with the EMA weights and export only "
                         "when color-and-shape accuracy improves (best snapshot kept); 0 = export the last weights")
     p.add_argument("--probe-n", type=int, default=4)
+    p.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of the probe's samples")
+    p.add_argument("--probe-guidance", type=float, default=4.0,
+                   help="guidance of the probe's samples (the card's sampling setting is DDIM 20 at guidance 2)")
     p.add_argument("--init-from", default="",
                    help="start from this diffusers teacher folder (weights whose names and shapes match); a text-time "
                         "embedding it lacks starts at zero output, so the model starts as the old one")
@@ -204,7 +207,7 @@ def make_batch(step, args, alphas_cumprod):
 
 
 @torch.no_grad()
-def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, guidance: float = 4.0) -> float:
+def probe(tokenizer, text_encoder, unet, scheduler, args) -> float:
     """Fraction of samples with the right color *and* shape, ``--probe-n`` per caption (all 24).
 
     Fixed noise (seeded by ``--seed``) so that probes at different steps compare like with like.
@@ -219,7 +222,7 @@ def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, gui
     text_encoder.eval()
     caps = [c for c in all_captions() for _ in range(args.probe_n)]
     sched = DDIMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(n_steps)
+    sched.set_timesteps(args.probe_steps)
     g = torch.Generator().manual_seed(args.seed + 1)
     z = torch.randn(len(caps), 3, 32, 32, generator=g)
     emb = encode(tokenizer, text_encoder, caps)
@@ -227,7 +230,7 @@ def probe(tokenizer, text_encoder, unet, scheduler, args, n_steps: int = 10, gui
     for t in sched.timesteps:
         tt = t.reshape(1).expand(len(caps))
         eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([unc, emb])).sample.chunk(2)
-        z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z).prev_sample
+        z = sched.step(eps_u + args.probe_guidance * (eps_c - eps_u), t, z).prev_sample
     x = from_model(z)
     colors, shapes = M.classify_color(x), M.classify_shape(x)
     right = [parse_caption(c)["color"] == col and parse_caption(c)["shape"] == shp for c, col, shp in zip(caps, colors, shapes)]
@@ -314,7 +317,8 @@ def write_card(out: Path, info: dict):
     best = info.get("best")
     info["snapshot"] = (
         f"\nThe exported weights are the EMA at step {best['step']}, the best of the probes run every "
-        f"few hundred steps ({info['probe_n']} DDIM-10 samples per caption, guidance 4: color and shape right in "
+        f"few hundred steps ({info['probe_n']} DDIM-{info.get('probe_steps', 10)} samples per caption, guidance "
+        f"{info.get('probe_guidance', 4.0):g}: color and shape right in "
         f"{best['score']:.1%}; log in `probe_log.csv`), not necessarily the last step's."
         if best and best.get("step") else "")
     card = out / "README.md"
@@ -413,7 +417,7 @@ def main(argv=None):
             step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
             wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
             text_time_embed=args.text_time_embed, best=dict(best) if args.probe_every else None,
-            probe_n=args.probe_n,
+            probe_n=args.probe_n, probe_steps=args.probe_steps, probe_guidance=args.probe_guidance,
         )
 
     def info():

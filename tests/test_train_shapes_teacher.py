@@ -78,3 +78,20 @@ def test_stop_at_ends_early_on_the_full_runs_schedule(trainer, tmp_path):
     assert [int(r[0]) for r in rows[cut]] == [1, 2, 3, 4]
     assert [r[2] for r in rows[cut]] == [r[2] for r in rows[full][:4]]  # the lr of a 6-step schedule, not a 4-step one
     assert [r[1] for r in rows[cut]] == [r[1] for r in rows[full][:4]]  # seeded: the same batches and losses
+
+
+@pytest.mark.slow
+def test_the_probe_samples_with_the_given_sampler_and_the_card_says_so(trainer, tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    seen = []
+    real = DDIMScheduler.set_timesteps
+
+    def spy(self, n, *args, **kwargs):
+        seen.append(n)
+        return real(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "set_timesteps", spy)
+    trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2", "--probe-steps", "3", "--probe-guidance", "2"])
+    assert seen == [3]  # one probe (step 2), three DDIM steps
+    assert "1 DDIM-3 samples per caption, guidance 2:" in (tmp_path / "README.md").read_text()
