@@ -299,7 +299,8 @@ def drop_rows_after(path: Path, step: int, header: bool) -> None:
     """
     if not path.exists():
         return
-    rows = list(csv.reader(open(path, newline="")))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     head, body = (rows[:1], rows[1:]) if header else ([], rows)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -317,8 +318,8 @@ def write_card(out: Path, info: dict):
     best = info.get("best")
     info["snapshot"] = (
         f"\nThe exported weights are the EMA at step {best['step']}, the best of the probes run every "
-        f"few hundred steps ({info['probe_n']} DDIM-{info.get('probe_steps', 10)} samples per caption, guidance "
-        f"{info.get('probe_guidance', 4.0):g}: color and shape right in "
+        f"few hundred steps ({info['probe_n']} DDIM-{info['probe_steps']} samples per caption, guidance "
+        f"{info['probe_guidance']:g}: color and shape right in "
         f"{best['score']:.1%}; log in `probe_log.csv`), not necessarily the last step's."
         if best and best.get("step") else "")
     card = out / "README.md"
@@ -394,8 +395,6 @@ def main(argv=None):
             e.copy_(v)
         step, elapsed, recent = st["step"], st["elapsed"], st.get("recent", [])
         best = st.get("best", best)
-        drop_rows_after(out / "train_log.csv", step, header=True)
-        drop_rows_after(out / "probe_log.csv", step, header=False)
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
     elif args.fresh:
         for name in ("train_log.csv", "probe_log.csv"):
@@ -434,6 +433,9 @@ def main(argv=None):
         return
 
     log_path = out / "train_log.csv"
+    if step:  # resumed: rows written after the saved step would be written again
+        drop_rows_after(log_path, step, header=True)
+        drop_rows_after(out / "probe_log.csv", step, header=False)
     new_log = not log_path.exists()
     log_f = open(log_path, "a", newline="")
     writer = csv.writer(log_f)
