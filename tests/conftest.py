@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +55,17 @@ def tiny_teacher(tiny_teacher_dir, tmp_path):
     from ddstrans.teacher import Teacher
 
     return Teacher.from_pretrained(tiny_teacher_dir, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a file of ``scripts/`` (not a package) as a module, to test its functions: ``load_script("name")``."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

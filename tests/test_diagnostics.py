@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import render_scene
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
-def outline():
-    return _load_script("diagnose_outline")
+def outline(load_script):
+    return load_script("diagnose_outline")
 
 
 def test_a_shape_moved_one_pixel_left_adds_on_the_left_and_misses_on_the_right(outline):
@@ -47,8 +35,8 @@ def test_the_answer_itself_has_no_outline_error(outline):
 
 
 @pytest.fixture(scope="module")
-def checkers():
-    return _load_script("diagnose_checkers")
+def checkers(load_script):
+    return load_script("diagnose_checkers")
 
 
 def test_background_levels_of_the_answer_are_the_scenes_grays(checkers):
@@ -91,8 +79,8 @@ def test_checkered_by_angle_counts_per_input_orientation(checkers):
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    return _load_script("diagnose_color_pairs")
+def pairs(load_script):
+    return load_script("diagnose_color_pairs")
 
 
 def test_pair_geometry_is_the_palette_distance_and_the_midpoints_chroma(pairs):

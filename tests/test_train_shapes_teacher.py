@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes_teacher.py"
 # a teacher small enough to train a few steps in seconds, probed every 2 steps (1 sample per caption)
 TINY = ["--channels", "8,16", "--attn-from", "1", "--head-dim", "8", "--text-dim", "16", "--text-layers", "1",
         "--batch-size", "2", "--probe-every", "2", "--probe-n", "1"]
 
 
 @pytest.fixture(scope="module")
-def trainer():
-    spec = importlib.util.spec_from_file_location("train_shapes_teacher", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def trainer(load_script):
+    return load_script("train_shapes_teacher")
 
 
 def _steps(path: Path, header: bool) -> list[int]:
