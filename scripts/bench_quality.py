@@ -6,14 +6,15 @@ scores it on held-out inputs; per-image DDS and SDS editing of the same inputs r
 aggregated per task family (color / shape / background) into one markdown table, written to
 ``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on this machine.
 
-    python scripts/bench_quality.py --edit-n 8            # all variants, each as its config (about 1.5 h on 2 cores)
+    python scripts/bench_quality.py --edit-n 8            # the README's variants, each as its config (about 1 h on 2 cores)
     python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
 
-Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA), no_warmup, sds,
-text (text conditioning), no_ema, unseen (text conditioning trained on four color pairs, evaluated on those and on
-four pairs never trained), identity (beyond the paper: + an identity term on regions the DDS score does not call
-to change), long (experiment=shapes_long: identity term, 2,000 steps) and long_palette (beyond the paper: long, then
-1,000 steps with a palette term on the background change); see configs/experiment/shapes_*.yaml.
+Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA, and beyond the paper
+an identity term on regions the DDS score does not call to change), no_warmup, sds, text (text conditioning),
+no_ema, unseen (text conditioning trained on four color pairs, evaluated on those and on four pairs never trained),
+no_identity (the paper's loss alone); on request long (experiment=shapes_long: 2,000 steps) and long_palette
+(beyond the paper: long, then 1,000 steps with a palette term on the background change); see
+configs/experiment/shapes_*.yaml.
 Without ``--steps`` each variant trains its config's own ``trainer.max_steps``.
 """
 
@@ -40,10 +41,12 @@ VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment
     "text": "shapes_text",
     "no_ema": "shapes_no_ema",
     "unseen": "shapes_unseen",
-    "identity": "shapes_identity",
+    "no_identity": "shapes_no_identity",
     "long": "shapes_long",
     "long_palette": "shapes_long_palette",
 }
+# the README's table (issue 6's rows); long and long_palette (2,000 / 3,000 steps, 40 more minutes) on request
+DEFAULT_VARIANTS = ("main", "no_warmup", "sds", "text", "no_ema", "unseen", "no_identity")
 # never trained by the "unseen" variant (tasks=shapes_pairs), each from a trained source and a trained target color
 UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red")
 FAMILY = {"color": "color", "shape": "shape", "background": "background"}
@@ -104,7 +107,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every variant (default: each experiment config's own trainer.max_steps)")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task for the networks")

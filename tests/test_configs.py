@@ -109,7 +109,7 @@ def _flat(cfg, prefix=""):
     ("shapes_sds", {"loss.type": "sds"}),
     ("shapes_text", {"generator.conditioning": "text"}),
     ("shapes_no_ema", {"optim.ema.enabled": False}),
-    ("shapes_identity", {"loss.identity_weight": 0.1}),
+    ("shapes_no_identity", {"loss.identity_weight": 0.0}),
 ])
 def test_ablation_experiments_change_only_their_switch(experiment, expected, tmp_path):
     """Each ablation row of bench_quality differs from experiment=shapes in exactly its one switch."""
