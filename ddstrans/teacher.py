@@ -79,6 +79,28 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
 
+def ddim_scheduler(scheduler, num_inference_steps: int, device=None):
+    """A DDIM scheduler with the training ``scheduler``'s config, set to ``num_inference_steps``."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps, device=device)
+    return sched
+
+
+@torch.no_grad()
+def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Run ``sched``'s timesteps from latents ``z`` (float32) with classifier-free guidance (one batched UNet call
+    per step: unconditional and conditional); returns the final latents. Shared by :meth:`Teacher.sample` and the
+    shapes teacher's training probe, which samples with weights still in training."""
+    for t in sched.timesteps:
+        tt = t.reshape(1).expand(len(z)).to(z.device)
+        eps = unet(torch.cat([z, z]).to(unet.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
+        eps_u, eps_c = eps.chunk(2)
+        z = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, z).prev_sample
+    return z
+
+
 @torch.no_grad()
 def vae_encode(vae, images: torch.Tensor, scale: float, *, sample: bool = False, generator=None) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents (float32); ``vae=None`` (pixel space) returns the images."""
@@ -325,24 +347,15 @@ class Teacher:
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W)."""
-        from diffusers import DDIMScheduler
-
-        sched = DDIMScheduler.from_config(self.scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=self.device)
+        sched = ddim_scheduler(self.scheduler, num_inference_steps, self.device)
         size = size or self.image_size
         f = self.downsample_factor
         shape = (len(prompts), self.latent_channels, size // f, size // f)
         if latents is None:
             latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        z = latents.to(self.device).float()
         emb = self.encode_prompts(prompts)
-        uncond = self.uncond_embedding.expand_as(emb)
-        for t in sched.timesteps:
-            tt = t.reshape(1).expand(len(prompts)).to(self.device)
-            eps = self.unet(torch.cat([z, z]).to(self.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
-            eps_u, eps_c = eps.chunk(2)
-            out = eps_u + guidance_scale * (eps_c - eps_u)
-            z = sched.step(out, t, z).prev_sample
+        z = ddim_cfg_loop(self.unet, sched, latents.to(self.device).float(), emb, self.uncond_embedding.expand_as(emb),
+                          guidance_scale)
         return self.decode_latents(z)
 
     def describe(self) -> dict:

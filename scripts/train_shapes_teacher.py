@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from ddstrans.callbacks import atomic_torch_save  # noqa: E402
 from ddstrans.shapes import VOCAB, from_model, render_batch, to_model  # noqa: E402
+from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler  # noqa: E402
 from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
 
 TRAIN_SEED_OFFSET = 10**7
@@ -169,6 +170,8 @@ def init_from(src: Path, unet, text_encoder) -> None:
 
 
 def encode(tokenizer, text_encoder, prompts):
+    """Prompt embeddings *with* gradients: the text encoder trains here (``ddstrans.teacher.encode_text`` runs
+    under ``no_grad`` for the frozen teacher)."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids)[0]
@@ -212,8 +215,6 @@ def probe(tokenizer, text_encoder, unet, scheduler, args) -> float:
 
     Fixed noise (seeded by ``--seed``) so that probes at different steps compare like with like.
     """
-    from diffusers import DDIMScheduler
-
     from ddstrans.shapes import all_captions, parse_caption
     from ddstrans.shapes import metrics as M
 
@@ -221,17 +222,11 @@ def probe(tokenizer, text_encoder, unet, scheduler, args) -> float:
     unet.eval()
     text_encoder.eval()
     caps = [c for c in all_captions() for _ in range(args.probe_n)]
-    sched = DDIMScheduler.from_config(scheduler.config)
-    sched.set_timesteps(args.probe_steps)
     g = torch.Generator().manual_seed(args.seed + 1)
     z = torch.randn(len(caps), 3, 32, 32, generator=g)
     emb = encode(tokenizer, text_encoder, caps)
     unc = encode(tokenizer, text_encoder, [""]).expand_as(emb)
-    for t in sched.timesteps:
-        tt = t.reshape(1).expand(len(caps))
-        eps_u, eps_c = unet(torch.cat([z, z]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([unc, emb])).sample.chunk(2)
-        z = sched.step(eps_u + args.probe_guidance * (eps_c - eps_u), t, z).prev_sample
-    x = from_model(z)
+    x = from_model(ddim_cfg_loop(unet, ddim_scheduler(scheduler, args.probe_steps), z, emb, unc, args.probe_guidance))
     colors, shapes = M.classify_color(x), M.classify_shape(x)
     right = [parse_caption(c)["color"] == col and parse_caption(c)["shape"] == shp for c, col, shp in zip(caps, colors, shapes)]
     if was_training:
