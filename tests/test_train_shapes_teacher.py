@@ -17,8 +17,13 @@ def trainer(load_script):
     return load_script("train_shapes_teacher")
 
 
+def _rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
 def _steps(path: Path, header: bool) -> list[int]:
-    rows = list(csv.reader(open(path, newline="")))
+    rows = _rows(path)
     return [int(r[0]) for r in (rows[1:] if header else rows)]
 
 
@@ -69,7 +74,7 @@ def test_stop_at_ends_early_on_the_full_runs_schedule(trainer, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     trainer.main(["--out", str(full), *TINY, "--log-every", "1", "--steps", "6", "--warmup", "1"])
     trainer.main(["--out", str(cut), *TINY, "--log-every", "1", "--steps", "6", "--warmup", "1", "--stop-at", "4"])
-    rows = {p: list(csv.reader(open(p / "train_log.csv")))[1:] for p in (full, cut)}
+    rows = {p: _rows(p / "train_log.csv")[1:] for p in (full, cut)}
     assert [int(r[0]) for r in rows[cut]] == [1, 2, 3, 4]
     assert [r[2] for r in rows[cut]] == [r[2] for r in rows[full][:4]]  # the lr of a 6-step schedule, not a 4-step one
     assert [r[1] for r in rows[cut]] == [r[1] for r in rows[full][:4]]  # seeded: the same batches and losses
