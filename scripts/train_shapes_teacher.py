@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--probe-every", type=int, default=0,
                    help="every N steps sample --probe-n images per caption with the EMA weights and export only "
                         "when color-and-shape accuracy improves (best snapshot kept); 0 = export the last weights")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="with --probe-every: export the best-probed EMA snapshot (best) or, probes only logged, the "
+                        "last step's EMA (last: for a probe too small to rank near-perfect snapshots, which saturates "
+                        "at 100%% and would pin the export to the first snapshot that reaches it)")
     p.add_argument("--probe-n", type=int, default=4)
     p.add_argument("--probe-steps", type=int, default=10, help="DDIM steps of the probe's samples")
     p.add_argument("--probe-guidance", type=float, default=4.0,
@@ -404,13 +408,15 @@ def main(argv=None):
     text_params = sum(p.numel() for p in text_encoder.parameters())
     print(f"unet {unet_params:,} params, text encoder {text_params:,} params, threads {torch.get_num_threads()}", flush=True)
 
+    exports_last = not args.probe_every or args.keep == "last"
+
     def info_for(step, elapsed, recent):
         return dict(
             command=command, channels=args.channels, attn=attn_desc, unet_params=unet_params, text_params=text_params,
             text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
             step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
             wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
-            text_time_embed=args.text_time_embed, best=dict(best) if args.probe_every else None,
+            text_time_embed=args.text_time_embed, best=None if exports_last else dict(best),
             probe_n=args.probe_n, probe_steps=args.probe_steps, probe_guidance=args.probe_guidance,
         )
 
@@ -444,18 +450,20 @@ def main(argv=None):
              "command": command, "best": best},
             state_path,
         )
-        if not args.probe_every:
+        if exports_last:
             export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)
         write_card(out, info())
 
     def probe_and_keep_best():
-        """Probe the EMA weights; export them when they beat the best snapshot so far."""
+        """Probe the EMA weights; with ``--keep best``, export them when they beat the best snapshot so far."""
         with swapped_in(params, ema_params):
             score = probe(tokenizer, text_encoder, unet, scheduler, args)
-        improved = score > best["score"]
+        improved = score > best["score"] and not exports_last
         with open(out / "probe_log.csv", "a") as f:
             f.write(f"{step},{score:.4f},{int(improved)}\n")
-        tqdm.write(f"probe at step {step}: color-and-shape right {score:.3f}" + (" (best; exported)" if improved else f" (best {best['score']:.3f} at {best['step']})"))
+        note = (" (logged; --keep last)" if exports_last else " (best; exported)" if improved
+                else f" (best {best['score']:.3f} at {best['step']})")
+        tqdm.write(f"probe at step {step}: color-and-shape right {score:.3f}" + note)
         if improved:
             best.update(score=score, step=step)
             export(out, tokenizer, text_encoder, unet, scheduler, ema_params, params)

@@ -95,3 +95,20 @@ def test_the_probe_samples_with_the_given_sampler_and_the_card_says_so(trainer, 
     trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2", "--probe-steps", "3", "--probe-guidance", "2"])
     assert seen == [3]  # one probe (step 2), three DDIM steps
     assert "1 DDIM-3 samples per caption, guidance 2:" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_keep_last_exports_the_last_steps_ema_and_still_logs_the_probes(trainer, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    trainer.main(["--out", str(tmp_path), *TINY, "--steps", "4", "--keep", "last"])
+    assert _steps(tmp_path / "probe_log.csv", header=False) == [2, 4]
+    assert all(r[2] == "0" for r in _rows(tmp_path / "probe_log.csv"))  # logged, none exported as a best snapshot
+    state = torch.load(tmp_path / "_train_state" / "state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 4
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    n = len(list(unet.parameters()))
+    for p, e in zip(unet.parameters(), state["ema"][:n]):  # the unet's parameters come first in the EMA list
+        assert torch.equal(p.detach(), e)
+    assert "EMA at step" not in (tmp_path / "README.md").read_text()
