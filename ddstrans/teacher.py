@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,25 +80,29 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
 
-def ddim_scheduler(scheduler, num_inference_steps: int, device=None):
-    """A DDIM scheduler with the training ``scheduler``'s config, set to ``num_inference_steps``."""
+def ddim_scheduler(scheduler, num_inference_steps: int, device=None, **overrides):
+    """A DDIM scheduler with the training ``scheduler``'s config (``overrides``, e.g. ``timestep_spacing``, replace
+    entries), set to ``num_inference_steps``."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(scheduler.config)
+    sched = DDIMScheduler.from_config(scheduler.config, **overrides)
     sched.set_timesteps(num_inference_steps, device=device)
     return sched
 
 
 @torch.no_grad()
-def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch.Tensor,
+                  guidance_scale: float | Callable[[int], float]) -> torch.Tensor:
     """Run ``sched``'s timesteps from latents ``z`` (float32) with classifier-free guidance (one batched UNet call
-    per step: unconditional and conditional); returns the final latents. Shared by :meth:`Teacher.sample` and the
-    shapes teacher's training probe, which samples with weights still in training."""
+    per step: unconditional and conditional); returns the final latents. ``guidance_scale`` may be a function of the
+    timestep (guidance schedules). Shared by :meth:`Teacher.sample` and the shapes teacher's training probe, which
+    samples with weights still in training."""
     for t in sched.timesteps:
+        scale = guidance_scale(int(t)) if callable(guidance_scale) else guidance_scale
         tt = t.reshape(1).expand(len(z)).to(z.device)
         eps = unet(torch.cat([z, z]).to(unet.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
         eps_u, eps_c = eps.chunk(2)
-        z = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, z).prev_sample
+        z = sched.step(eps_u + scale * (eps_c - eps_u), t, z).prev_sample
     return z
 
 

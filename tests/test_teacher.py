@@ -121,3 +121,24 @@ def test_prompt_cache_is_invalidated_when_the_text_encoder_is_retrained_in_place
     again = Teacher.from_pretrained(root, cache_dir=tmp_path / "cache")
     again.encode_prompts(["a photo of a cat"])
     assert again.text_encoder_calls == 1  # not served from the stale disk cache
+
+
+def test_ddim_cfg_loop_takes_a_guidance_schedule_per_timestep(tiny_teacher):
+    from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler
+
+    t = tiny_teacher
+    emb = t.encode_prompts(["a cat", "a dog"])
+    unc = t.uncond_embedding.expand_as(emb)
+    z = torch.randn(2, t.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(g, **overrides):
+        return ddim_cfg_loop(t.unet, ddim_scheduler(t.scheduler, 4, **overrides), z, emb, unc, g)
+
+    seen = []
+    constant = run(lambda step: seen.append(step) or 3.0)
+    assert seen == [int(s) for s in ddim_scheduler(t.scheduler, 4).timesteps]  # called once per step, with its t
+    assert torch.equal(constant, run(3.0))  # a constant schedule is the float
+    split = run(lambda step: 3.0 if step >= 500 else 1.0)
+    assert not torch.allclose(split, constant)
+    trailing = ddim_scheduler(t.scheduler, 4, timestep_spacing="trailing")
+    assert int(trailing.timesteps[0]) == 999 and not torch.equal(run(3.0, timestep_spacing="trailing"), constant)
