@@ -346,13 +346,17 @@ class Teacher:
         prompts: list[str],
         *,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | Callable[[int], float] = 7.5,
         generator: torch.Generator | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,
+        timestep_spacing: str | None = None,
     ) -> torch.Tensor:
-        """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W)."""
-        sched = ddim_scheduler(self.scheduler, num_inference_steps, self.device)
+        """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
+        ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
+        the scheduler config's."""
+        overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+        sched = ddim_scheduler(self.scheduler, num_inference_steps, self.device, **overrides)
         size = size or self.image_size
         f = self.downsample_factor
         shape = (len(prompts), self.latent_channels, size // f, size // f)

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from ddstrans.shapes import all_captions, parse_caption  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
-from ddstrans.teacher import Teacher, ddim_cfg_loop, ddim_scheduler  # noqa: E402
+from ddstrans.teacher import Teacher  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,16 +57,12 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher = Teacher.from_pretrained(args.teacher)
-    overrides = {"timestep_spacing": args.spacing} if args.spacing else {}
     g = torch.Generator().manual_seed(args.seed)
     rows, t0 = [], time.time()
     for cap in all_captions():
         want = parse_caption(cap)
-        z = torch.randn((args.n, teacher.latent_channels, teacher.image_size, teacher.image_size), generator=g)
-        emb = teacher.encode_prompts([cap] * args.n)
-        sched = ddim_scheduler(teacher.scheduler, args.steps, teacher.device, **overrides)
-        x = teacher.decode_latents(ddim_cfg_loop(teacher.unet, sched, z.to(teacher.device), emb,
-                                                 teacher.uncond_embedding.expand_as(emb), guidance_of(args)))
+        x = teacher.sample([cap] * args.n, num_inference_steps=args.steps, guidance_scale=guidance_of(args),
+                           generator=g, timestep_spacing=args.spacing)
         right = [c == want["color"] and s == want["shape"] for c, s in zip(M.classify_color(x), M.classify_shape(x))]
         rows.append({"caption": cap, "color_and_shape": float(np.mean(right))})
     v = np.array([r["color_and_shape"] for r in rows])

@@ -142,3 +142,8 @@ def test_ddim_cfg_loop_takes_a_guidance_schedule_per_timestep(tiny_teacher):
     assert not torch.allclose(split, constant)
     trailing = ddim_scheduler(t.scheduler, 4, timestep_spacing="trailing")
     assert int(trailing.timesteps[0]) == 999 and not torch.equal(run(3.0, timestep_spacing="trailing"), constant)
+    # Teacher.sample passes both through
+    sampled = t.sample(["a cat", "a dog"], num_inference_steps=4, latents=z, timestep_spacing="trailing",
+                       guidance_scale=lambda step: 3.0 if step >= 500 else 1.0)
+    expect = ddim_cfg_loop(t.unet, trailing, z, emb, unc, lambda step: 3.0 if step >= 500 else 1.0)
+    assert torch.equal(sampled, t.decode_latents(expect))
