@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ddstrans.shapes import all_captions, parse_caption  # noqa: E402
-from ddstrans.shapes import metrics as M  # noqa: E402
+from ddstrans.shapes.sampling_eval import sampling_accuracy  # noqa: E402
 from ddstrans.teacher import Teacher  # noqa: E402
 
 
@@ -57,14 +56,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     teacher = Teacher.from_pretrained(args.teacher)
-    g = torch.Generator().manual_seed(args.seed)
-    rows, t0 = [], time.time()
-    for cap in all_captions():
-        want = parse_caption(cap)
-        x = teacher.sample([cap] * args.n, num_inference_steps=args.steps, guidance_scale=guidance_of(args),
-                           generator=g, timestep_spacing=args.spacing)
-        right = [c == want["color"] and s == want["shape"] for c, s in zip(M.classify_color(x), M.classify_shape(x))]
-        rows.append({"caption": cap, "color_and_shape": float(np.mean(right))})
+    t0 = time.time()
+    rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=guidance_of(args), seed=args.seed,
+                             spacing=args.spacing)
     v = np.array([r["color_and_shape"] for r in rows])
     summary = {"overall": float(v.mean()), "worst": float(v.min()), "at_bar": int((v >= 0.95).sum()),
                "captions": len(v), "misses": int(round(float((1 - v).sum()) * args.n)),

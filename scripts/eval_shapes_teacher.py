@@ -35,17 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ddstrans.shapes import metrics as M  # noqa: E402
 from ddstrans.shapes import (  # noqa: E402
-    BACKGROUNDS,
-    COLOR_NAMES,
-    SHAPES,
-    caption,
-    parse_caption,
     render_batch,
     sample_scene,
     to_model,
 )
-from ddstrans.shapes import metrics as M  # noqa: E402
+from ddstrans.shapes.sampling_eval import sampling_accuracy  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
 QUALITY_END = "<!-- quality:end -->"
@@ -91,27 +87,11 @@ def parse_args(argv=None):
 
 
 def eval_sampling(teacher, args):
-    caps = [caption(c, s, b) for c in COLOR_NAMES for s in SHAPES for b in BACKGROUNDS]
-    rows = []
-    g = torch.Generator().manual_seed(args.seed)
-    for cap in caps:
-        a = parse_caption(cap)
-        col, shp, bg = a["color"], a["shape"], a["background"]
-        x = teacher.sample([cap] * args.sample_n, num_inference_steps=args.sample_steps,
-                           guidance_scale=args.sample_guidance, generator=g)
-        c = M.classify_color(x)
-        s = M.classify_shape(x)
-        b = M.classify_background(x)
-        rows.append({
-            "caption": cap,
-            "color": float(np.mean([v == col for v in c])),
-            "shape": float(np.mean([v == shp for v in s])),
-            "background": float(np.mean([v == bg for v in b])),
-            "color_and_shape": float(np.mean([a == col and v == shp for a, v in zip(c, s)])),
-        })
-        print(f"  {cap:45s} color {rows[-1]['color']:.2f} shape {rows[-1]['shape']:.2f} "
-              f"bg {rows[-1]['background']:.2f}", flush=True)
-    return rows
+    def show(r):
+        print(f"  {r['caption']:45s} color {r['color']:.2f} shape {r['shape']:.2f} bg {r['background']:.2f}", flush=True)
+
+    return sampling_accuracy(teacher, args.sample_n, steps=args.sample_steps, guidance=args.sample_guidance,
+                             seed=args.seed, on_row=show)
 
 
 def task_inputs(src: str, tgt: str, n: int, offset: int):
