@@ -92,17 +92,20 @@ def ddim_scheduler(scheduler, num_inference_steps: int, device=None, **overrides
 
 @torch.no_grad()
 def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch.Tensor,
-                  guidance_scale: float | Callable[[int], float]) -> torch.Tensor:
+                  guidance_scale: float | Callable[[int], float], *, eta: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Run ``sched``'s timesteps from latents ``z`` (float32) with classifier-free guidance (one batched UNet call
     per step: unconditional and conditional); returns the final latents. ``guidance_scale`` may be a function of the
     timestep (guidance schedules). Shared by :meth:`Teacher.sample` and the shapes teacher's training probe, which
-    samples with weights still in training."""
+    samples with weights still in training. ``eta`` > 0 adds fresh noise at every step (DDIM's eta; 1 is DDPM's
+    posterior variance), drawn from ``generator``: stochastic samplers can correct an earlier step's error."""
     for t in sched.timesteps:
         scale = guidance_scale(int(t)) if callable(guidance_scale) else guidance_scale
         tt = t.reshape(1).expand(len(z)).to(z.device)
         eps = unet(torch.cat([z, z]).to(unet.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
         eps_u, eps_c = eps.chunk(2)
-        z = sched.step(eps_u + scale * (eps_c - eps_u), t, z).prev_sample
+        guided = eps_u + scale * (eps_c - eps_u)
+        z = (sched.step(guided, t, z, eta=eta, generator=generator) if eta else sched.step(guided, t, z)).prev_sample
     return z
 
 
@@ -351,10 +354,11 @@ class Teacher:
         size: int | None = None,
         latents: torch.Tensor | None = None,
         timestep_spacing: str | None = None,
+        eta: float = 0.0,
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
         ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
-        the scheduler config's."""
+        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``)."""
         overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
         sched = ddim_scheduler(self.scheduler, num_inference_steps, self.device, **overrides)
         size = size or self.image_size
@@ -364,7 +368,7 @@ class Teacher:
             latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         emb = self.encode_prompts(prompts)
         z = ddim_cfg_loop(self.unet, sched, latents.to(self.device).float(), emb, self.uncond_embedding.expand_as(emb),
-                          guidance_scale)
+                          guidance_scale, eta=eta, generator=generator)
         return self.decode_latents(z)
 
     def describe(self) -> dict:

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
                    help="DDIM timestep spacing (default: the teacher scheduler's, 'leading')")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic (the card's), 1 adds DDPM's posterior noise at every step")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--guidance-high", type=float, default=None, help="guidance for timesteps >= --high-t")
     p.add_argument("--high-t", type=int, default=500)
@@ -58,7 +60,7 @@ def main(argv=None):
     teacher = Teacher.from_pretrained(args.teacher)
     t0 = time.time()
     rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=guidance_of(args), seed=args.seed,
-                             spacing=args.spacing)
+                             spacing=args.spacing, eta=args.eta)
     v = np.array([r["color_and_shape"] for r in rows])
     summary = {"overall": float(v.mean()), "worst": float(v.min()), "at_bar": int((v >= 0.95).sum()),
                "captions": len(v), "misses": int(round(float((1 - v).sum()) * args.n)),

@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-guidance", type=float, default=2.0,
                    help="classifier-free guidance (default: the card's 2.0; the pixel-space shapes teacher pushes the "
                    "light colors off the palette at 3 and above)")
+    p.add_argument("--sample-eta", type=float, default=0.0,
+                   help="DDIM eta: 0 deterministic, 1 stochastic (DDPM's posterior noise at every step)")
     p.add_argument("--n", type=int, default=64, help="inputs per color task (0 = skip editing)")
     p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
     p.add_argument("--methods", default="dds,sds", help="comma-separated, of: dds, sds, dds_from_target (DDS started "
@@ -91,7 +93,7 @@ def eval_sampling(teacher, args):
         print(f"  {r['caption']:45s} color {r['color']:.2f} shape {r['shape']:.2f} bg {r['background']:.2f}", flush=True)
 
     return sampling_accuracy(teacher, args.sample_n, steps=args.sample_steps, guidance=args.sample_guidance,
-                             seed=args.seed, on_row=show)
+                             seed=args.seed, eta=args.sample_eta, on_row=show)
 
 
 def task_inputs(src: str, tgt: str, n: int, offset: int):
@@ -152,8 +154,8 @@ def tables(args, sampling, editing, wall):
     lines.append(f"Measured by `{cmd}` ({wall / 60:.1f} min, {args.threads} CPU thread(s)).\n")
     if sampling:
         cs = [r["color_and_shape"] for r in sampling]
-        lines.append(f"**Conditional sampling** ({args.sample_n} samples per caption, DDIM {args.sample_steps} steps, "
-                     f"guidance {args.sample_guidance}; bar: color and shape right in >= 95% for each caption): "
+        lines.append(f"**Conditional sampling** ({args.sample_n} samples per caption, DDIM {args.sample_steps} steps"
+                     f"{f', eta {args.sample_eta:g}' if args.sample_eta else ''}, guidance {args.sample_guidance}; bar: color and shape right in >= 95% for each caption): "
                      f"color and shape right in {np.mean(cs):.1%} overall, worst caption {min(cs):.1%}; "
                      f"captions meeting the bar: {sum(c >= 0.95 for c in cs)}/{len(cs)}.\n")
         lines.append("| caption | color | shape | background | color and shape |")

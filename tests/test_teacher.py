@@ -147,3 +147,25 @@ def test_ddim_cfg_loop_takes_a_guidance_schedule_per_timestep(tiny_teacher):
                        guidance_scale=lambda step: 3.0 if step >= 500 else 1.0)
     expect = ddim_cfg_loop(t.unet, trailing, z, emb, unc, lambda step: 3.0 if step >= 500 else 1.0)
     assert torch.equal(sampled, t.decode_latents(expect))
+
+
+def test_ddim_cfg_loop_eta_adds_seeded_noise_at_every_step(tiny_teacher):
+    from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler
+
+    t = tiny_teacher
+    emb = t.encode_prompts(["a cat", "a dog"])
+    unc = t.uncond_embedding.expand_as(emb)
+    z = torch.randn(2, t.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(eta, seed=1):
+        return ddim_cfg_loop(t.unet, ddim_scheduler(t.scheduler, 4), z, emb, unc, 2.0, eta=eta,
+                             generator=torch.Generator().manual_seed(seed))
+
+    deterministic = run(0.0)
+    assert torch.equal(deterministic, run(0.0, seed=2))  # eta 0 draws nothing
+    stochastic = run(1.0)
+    assert torch.equal(stochastic, run(1.0))  # reproducible from its generator
+    assert not torch.allclose(stochastic, deterministic) and not torch.allclose(stochastic, run(1.0, seed=2))
+    sampled = t.sample(["a cat", "a dog"], num_inference_steps=4, latents=z, guidance_scale=2.0, eta=1.0,
+                       generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, t.decode_latents(stochastic))
