@@ -355,11 +355,15 @@ class Teacher:
         latents: torch.Tensor | None = None,
         timestep_spacing: str | None = None,
         eta: float = 0.0,
+        clip_sample: bool | None = None,
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
         ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
-        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``)."""
+        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``); ``clip_sample``
+        replaces the config's clamping of each step's predicted clean image to [-1, 1]."""
         overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+        if clip_sample is not None:
+            overrides["clip_sample"] = clip_sample
         sched = ddim_scheduler(self.scheduler, num_inference_steps, self.device, **overrides)
         size = size or self.image_size
         f = self.downsample_factor

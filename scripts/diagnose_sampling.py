@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Sampling-side levers on the shapes teacher's sampling bar (issue 5: color and shape right in >= 95% of 32
-samples for every caption): DDIM timestep spacing and guidance as a function of the timestep.
+samples for every caption): DDIM timestep spacing, guidance as a function of the timestep, stochastic steps (eta)
+and the clamping of each step's predicted clean image.
 
 Draws the same samples as ``scripts/eval_shapes_teacher.py --sample-n N --seed S`` (same noise, one caption after
 another; with the defaults, the same numbers) and prints one line: overall fraction right, the worst caption,
@@ -9,6 +10,7 @@ below (a guidance interval).
 
     python scripts/diagnose_sampling.py --spacing trailing --seed 0
     python scripts/diagnose_sampling.py --guidance 2 --guidance-high 1 --high-t 500
+    python scripts/diagnose_sampling.py --eta 1 --no-clip --seed 0
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args(argv=None):
                    help="DDIM timestep spacing (default: the teacher scheduler's, 'leading')")
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM eta: 0 deterministic (the card's), 1 adds DDPM's posterior noise at every step")
+    p.add_argument("--no-clip", action="store_true",
+                   help="do not clamp each step's predicted clean image to [-1, 1] (the scheduler config clamps)")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--guidance-high", type=float, default=None, help="guidance for timesteps >= --high-t")
     p.add_argument("--high-t", type=int, default=500)
@@ -60,7 +64,7 @@ def main(argv=None):
     teacher = Teacher.from_pretrained(args.teacher)
     t0 = time.time()
     rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=guidance_of(args), seed=args.seed,
-                             spacing=args.spacing, eta=args.eta)
+                             spacing=args.spacing, eta=args.eta, clip_sample=False if args.no_clip else None)
     v = np.array([r["color_and_shape"] for r in rows])
     summary = {"overall": float(v.mean()), "worst": float(v.min()), "at_bar": int((v >= 0.95).sum()),
                "captions": len(v), "misses": int(round(float((1 - v).sum()) * args.n)),

@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    "light colors off the palette at 3 and above)")
     p.add_argument("--sample-eta", type=float, default=0.0,
                    help="DDIM eta: 0 deterministic, 1 stochastic (DDPM's posterior noise at every step)")
+    p.add_argument("--sample-no-clip", action="store_true",
+                   help="do not clamp each step's predicted clean image to [-1, 1] (the scheduler config clamps)")
     p.add_argument("--n", type=int, default=64, help="inputs per color task (0 = skip editing)")
     p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
     p.add_argument("--methods", default="dds,sds", help="comma-separated, of: dds, sds, dds_from_target (DDS started "
@@ -93,7 +95,8 @@ def eval_sampling(teacher, args):
         print(f"  {r['caption']:45s} color {r['color']:.2f} shape {r['shape']:.2f} bg {r['background']:.2f}", flush=True)
 
     return sampling_accuracy(teacher, args.sample_n, steps=args.sample_steps, guidance=args.sample_guidance,
-                             seed=args.seed, eta=args.sample_eta, on_row=show)
+                             seed=args.seed, eta=args.sample_eta,
+                             clip_sample=False if args.sample_no_clip else None, on_row=show)
 
 
 def task_inputs(src: str, tgt: str, n: int, offset: int):
@@ -155,7 +158,8 @@ def tables(args, sampling, editing, wall):
     if sampling:
         cs = [r["color_and_shape"] for r in sampling]
         lines.append(f"**Conditional sampling** ({args.sample_n} samples per caption, DDIM {args.sample_steps} steps"
-                     f"{f', eta {args.sample_eta:g}' if args.sample_eta else ''}, guidance {args.sample_guidance}; bar: color and shape right in >= 95% for each caption): "
+                     f"{f', eta {args.sample_eta:g}' if args.sample_eta else ''}"
+                     f"{', no clamping of the predicted clean image' if args.sample_no_clip else ''}, guidance {args.sample_guidance}; bar: color and shape right in >= 95% for each caption): "
                      f"color and shape right in {np.mean(cs):.1%} overall, worst caption {min(cs):.1%}; "
                      f"captions meeting the bar: {sum(c >= 0.95 for c in cs)}/{len(cs)}.\n")
         lines.append("| caption | color | shape | background | color and shape |")

@@ -169,3 +169,19 @@ def test_ddim_cfg_loop_eta_adds_seeded_noise_at_every_step(tiny_teacher):
     sampled = t.sample(["a cat", "a dog"], num_inference_steps=4, latents=z, guidance_scale=2.0, eta=1.0,
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(sampled, t.decode_latents(stochastic))
+
+
+def test_sample_clip_override_replaces_the_scheduler_configs_clamping(tiny_teacher):
+    from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler
+
+    t = tiny_teacher
+    assert not t.scheduler.config.clip_sample  # the tiny teacher's config does not clamp (as Stable Diffusion's)
+    emb = t.encode_prompts(["a cat"])
+    unc = t.uncond_embedding.expand_as(emb)
+    z = 3 * torch.randn(1, t.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))  # x0 estimates past 1
+    unclamped = ddim_cfg_loop(t.unet, ddim_scheduler(t.scheduler, 4), z, emb, unc, 2.0)
+    clamped = ddim_cfg_loop(t.unet, ddim_scheduler(t.scheduler, 4, clip_sample=True), z, emb, unc, 2.0)
+    assert not torch.allclose(unclamped, clamped)
+    for override, expect in ((True, clamped), (None, unclamped), (False, unclamped)):
+        got = t.sample(["a cat"], num_inference_steps=4, latents=z, guidance_scale=2.0, clip_sample=override)
+        assert torch.equal(got, t.decode_latents(expect)), override

@@ -17,7 +17,8 @@ from .world import all_captions, parse_caption
 
 
 def sampling_accuracy(teacher, n: int, *, steps: int, guidance: float | Callable[[int], float], seed: int,
-                      spacing: str | None = None, eta: float = 0.0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                      spacing: str | None = None, eta: float = 0.0, clip_sample: bool | None = None,
+                      on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Per caption: the fraction of ``n`` DDIM samples whose color, shape, background, and color *and* shape are
     the caption's. ``on_row`` sees each row as it is done (progress for a run of minutes)."""
     g = torch.Generator().manual_seed(seed)
@@ -25,7 +26,7 @@ def sampling_accuracy(teacher, n: int, *, steps: int, guidance: float | Callable
     for cap in all_captions():
         want = parse_caption(cap)
         x = teacher.sample([cap] * n, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                           timestep_spacing=spacing, eta=eta)
+                           timestep_spacing=spacing, eta=eta, clip_sample=clip_sample)
         c, s, b = M.classify_color(x), M.classify_shape(x), M.classify_background(x)
         rows.append({
             "caption": cap,
