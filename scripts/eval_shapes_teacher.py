@@ -60,7 +60,8 @@ def parse_args(argv=None):
                    help="classifier-free guidance (default: the card's 2.0; the pixel-space shapes teacher pushes the "
                    "light colors off the palette at 3 and above)")
     p.add_argument("--sample-eta", type=float, default=0.0,
-                   help="DDIM eta: 0 deterministic, 1 stochastic (DDPM's posterior noise at every step)")
+                   help="DDIM eta: 0 deterministic, 1 stochastic (DDPM's posterior noise at every step; the model card's "
+                   "sampler, which halves the layout errors)")
     p.add_argument("--sample-no-clip", action="store_true",
                    help="do not clamp each step's predicted clean image to [-1, 1] (the scheduler config clamps)")
     p.add_argument("--n", type=int, default=64, help="inputs per color task (0 = skip editing)")
