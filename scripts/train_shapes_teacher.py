@@ -7,7 +7,8 @@ Writes a diffusers-format folder (``unet/``, ``scheduler/``, ``text_encoder/``, 
 
 - Data: scenes rendered on the fly by :mod:`ddstrans.shapes` from seeds >= 10**7 (evaluation and
   tests use small seeds), images in [-1, 1], 32x32.
-- Objective: epsilon prediction, DDPM linear schedule, 1000 steps, timesteps uniform.
+- Objective: epsilon prediction (``--prediction-type v_prediction``: v = sqrt(abar) eps - sqrt(1 - abar) x0, whose
+  error does not blow up at high noise), DDPM linear schedule, 1000 steps, timesteps uniform.
 - CFG: the caption is replaced by "" (the unconditional prompt) with probability ``--cond-drop``.
 - The text encoder (a tiny ``CLIPTextModel``) is trained jointly; the exported weights are an
   exponential moving average of the trained ones.
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the UNet predicts (written to the scheduler config; ddstrans.Teacher converts v to "
+                        "epsilon for DDS); a run resumes only with the prediction type it started with")
     p.add_argument("--text-time-embed", action="store_true",
                    help="also add an attention-pooled caption embedding to the time embedding (diffusers "
                         "addition_embed_type='text'), so every ResNet block at every resolution sees the caption; "
@@ -151,7 +155,7 @@ def build_models(args):
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        prediction_type="epsilon", clip_sample=True,
+        prediction_type=args.prediction_type, clip_sample=True,
     )
     return tokenizer, text_encoder, unet, scheduler
 
@@ -192,7 +196,8 @@ def lr_at(step, args):
 
 
 def make_batch(step, args, alphas_cumprod):
-    """Batch of step ``step``: depends only on (seed, step), so resuming is exact."""
+    """Batch of step ``step``: (noisy images, timesteps, the UNet's regression target, captions); depends only on
+    (seed, step), so resuming is exact."""
     rng = np.random.default_rng([args.seed, step])
     seeds = rng.integers(TRAIN_SEED_OFFSET, 2**31 - 1, size=args.batch_size)
     imgs, _, caps = render_batch(seeds)
@@ -210,7 +215,8 @@ def make_batch(step, args, alphas_cumprod):
     noise = torch.randn(x0.shape, generator=g)
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    return xt, t, noise, caps
+    target = noise if args.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    return xt, t, target, caps
 
 
 @torch.no_grad()
@@ -340,7 +346,7 @@ There is no VAE: latents are pixels in [-1, 1].
 | `unet/` | `diffusers.UNet2DConditionModel` | in/out 3 channels, 32x32, blocks {info['channels']}, {info['attn']}, {info['unet_params']:,} params |
 | `text_encoder/` | `transformers.CLIPTextModel` | {info['text_layers']} layers, width {info['text_dim']}, trained jointly, {info['text_params']:,} params |
 | `tokenizer/` | `transformers.CLIPTokenizer` | `ddstrans.word_tokenizer.make_word_tokenizer` over the grammar's words, max length 16 |
-| `scheduler/` | `diffusers.DDPMScheduler` | epsilon prediction, 1000 steps, linear betas 1e-4..0.02 |
+| `scheduler/` | `diffusers.DDPMScheduler` | {info['prediction_type'].replace('_', ' ')}, 1000 steps, linear betas 1e-4..0.02 |
 
 The unconditional prompt is `""` (captions were dropped with probability {info['cond_drop']} in training).
 Weights are an EMA (decay {info['ema']}) of the trained weights.{info['conditioning']}{info['snapshot']}
@@ -387,6 +393,10 @@ def main(argv=None):
 
     if state_path.exists() and not args.fresh:
         st = torch.load(state_path, map_location="cpu", weights_only=False)
+        started = st.get("args", {}).get("prediction_type", "epsilon")
+        if started != args.prediction_type:
+            raise SystemExit(f"{state_path} was trained with --prediction-type {started}; resume with it, or start "
+                             "a fresh run (--fresh, or another --out)")
         unet.load_state_dict(st["unet"])
         text_encoder.load_state_dict(st["text_encoder"])
         opt.load_state_dict(st["opt"])
@@ -416,7 +426,7 @@ def main(argv=None):
             text_layers=args.text_layers, text_dim=args.text_dim, cond_drop=args.cond_drop, ema=args.ema,
             step=step, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
             wall_min=elapsed / 60, final_loss=float(np.mean(recent[-100:])) if recent else float("nan"),
-            text_time_embed=args.text_time_embed, best=None if exports_last else dict(best),
+            text_time_embed=args.text_time_embed, prediction_type=args.prediction_type, best=None if exports_last else dict(best),
             probe_n=args.probe_n, probe_steps=args.probe_steps, probe_guidance=args.probe_guidance,
         )
 
@@ -476,13 +486,13 @@ def main(argv=None):
     last_save = time.time()
     pbar = tqdm(total=args.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=5)
     while step < args.steps:
-        xt, t, noise, caps = make_batch(step, args, alphas_cumprod)
+        xt, t, target, caps = make_batch(step, args, alphas_cumprod)
         lr = lr_at(step, args)
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         emb = encode(tokenizer, text_encoder, caps)
         pred = unet(xt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

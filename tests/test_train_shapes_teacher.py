@@ -112,3 +112,29 @@ def test_keep_last_exports_the_last_steps_ema_and_still_logs_the_probes(trainer,
     for p, e in zip(unet.parameters(), state["ema"][:n]):  # the unet's parameters come first in the EMA list
         assert torch.equal(p.detach(), e)
     assert "EMA at step" not in (tmp_path / "README.md").read_text()
+
+
+def test_v_prediction_trains_on_the_schedulers_velocity_and_resumes_only_as_v(trainer, tmp_path):
+    import argparse
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ddstrans import Teacher
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    abar = sched.alphas_cumprod
+    args = argparse.Namespace(seed=0, batch_size=4, cond_drop=0.0, t_high_frac=0.0, t_low_frac=0.0)
+    xt_e, t_e, eps, _ = trainer.make_batch(3, argparse.Namespace(**vars(args), prediction_type="epsilon"), abar)
+    xt_v, t_v, v, _ = trainer.make_batch(3, argparse.Namespace(**vars(args), prediction_type="v_prediction"), abar)
+    assert torch.equal(xt_e, xt_v) and torch.equal(t_e, t_v)  # same batch, another target
+    a = abar[t_e].view(-1, 1, 1, 1)
+    x0 = (xt_e - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(v, sched.get_velocity(x0, eps, t_e), atol=1e-4, rtol=1e-4)
+
+    trainer.main(["--out", str(tmp_path), *TINY, "--steps", "2", "--prediction-type", "v_prediction"])
+    teacher = Teacher.from_pretrained(str(tmp_path))
+    assert teacher.prediction_type == "v_prediction"
+    assert "v prediction, 1000 steps" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit, match="v_prediction"):
+        trainer.main(["--out", str(tmp_path), *TINY, "--steps", "4"])  # an epsilon run may not resume it
