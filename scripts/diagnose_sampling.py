@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
                    help="DDIM timestep spacing (default: the teacher scheduler's, 'leading')")
     p.add_argument("--eta", type=float, default=0.0,
-                   help="DDIM eta: 0 deterministic (the card's), 1 adds DDPM's posterior noise at every step")
+                   help="DDIM eta: 0 deterministic (the default), 1 adds DDPM's posterior noise at every step (the "
+                   "model card's sampler)")
     p.add_argument("--no-clip", action="store_true",
                    help="do not clamp each step's predicted clean image to [-1, 1] (the scheduler config clamps)")
     p.add_argument("--guidance", type=float, default=2.0)
