@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.scores import eps_from_sample, eps_from_v
+from ddstrans.scores import classifier_free_guidance, eps_from_sample, eps_from_v
 
 REQUIRED_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")
 
@@ -104,8 +104,8 @@ def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch
         tt = t.reshape(1).expand(len(z)).to(z.device)
         eps = unet(torch.cat([z, z]).to(unet.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
         eps_u, eps_c = eps.chunk(2)
-        guided = eps_u + scale * (eps_c - eps_u)
-        z = (sched.step(guided, t, z, eta=eta, generator=generator) if eta else sched.step(guided, t, z)).prev_sample
+        # eta 0: DDIMScheduler.step draws no noise, so the generator is left untouched
+        z = sched.step(classifier_free_guidance(eps_u, eps_c, scale), t, z, eta=eta, generator=generator).prev_sample
     return z
 
 
