@@ -91,6 +91,13 @@ def guidance_for_timesteps(t: torch.Tensor, scale, low_t: int = 0, low_scale: fl
     return torch.where(t < int(low_t), torch.full_like(full, float(low_scale)), full)
 
 
+def velocity(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z`` of :func:`add_noise`'s ``z_t``
+    (Salimans & Ho, 2022): unlike epsilon, its error does not grow into the x0 estimate at high noise."""
+    abar = abar_at(alphas_cumprod, t, z.ndim)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * z
+
+
 def eps_from_v(v: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Epsilon from a v-prediction: ``eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t``."""
     abar = abar_at(alphas_cumprod, t, z_t.ndim)

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ddstrans.callbacks import atomic_torch_save  # noqa: E402
+from ddstrans.scores import add_noise, velocity  # noqa: E402
 from ddstrans.shapes import VOCAB, from_model, render_batch, to_model  # noqa: E402
 from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler  # noqa: E402
 from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
@@ -213,9 +214,8 @@ def make_batch(step, args, alphas_cumprod):
         low = torch.rand(args.batch_size, generator=g) < args.t_low_frac
         t = torch.where(low, torch.randint(0, 500, (args.batch_size,), generator=g), t)
     noise = torch.randn(x0.shape, generator=g)
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    target = noise if args.prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    xt = add_noise(x0, noise, t, alphas_cumprod)
+    target = noise if args.prediction_type == "epsilon" else velocity(x0, noise, t, alphas_cumprod)
     return xt, t, target, caps
 
 

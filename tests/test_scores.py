@@ -150,6 +150,7 @@ def test_noising_and_v_conversion_agree_with_diffusers(tiny_vpred_teacher_dir, t
     z_t = scores.add_noise(x0, eps, t, teacher.alphas_cumprod)
     torch.testing.assert_close(z_t, sched.add_noise(x0, eps, t), atol=1e-6, rtol=1e-5)
     v = sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(scores.velocity(x0, eps, t, teacher.alphas_cumprod), v, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(scores.eps_from_v(v, z_t, t, teacher.alphas_cumprod), eps, atol=1e-5, rtol=1e-5)
     x0_back = scores.eps_from_sample(x0, z_t, t, teacher.alphas_cumprod)
     torch.testing.assert_close(x0_back, eps, atol=1e-4, rtol=1e-4)
