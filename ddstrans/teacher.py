@@ -92,20 +92,22 @@ def ddim_scheduler(scheduler, num_inference_steps: int, device=None, **overrides
 
 @torch.no_grad()
 def ddim_cfg_loop(unet, sched, z: torch.Tensor, emb: torch.Tensor, uncond: torch.Tensor,
-                  guidance_scale: float | Callable[[int], float], *, eta: float = 0.0,
+                  guidance_scale: float | Callable[[int], float], *, eta: float | Callable[[int], float] = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Run ``sched``'s timesteps from latents ``z`` (float32) with classifier-free guidance (one batched UNet call
     per step: unconditional and conditional); returns the final latents. ``guidance_scale`` may be a function of the
     timestep (guidance schedules). Shared by :meth:`Teacher.sample` and the shapes teacher's training probe, which
     samples with weights still in training. ``eta`` > 0 adds fresh noise at every step (DDIM's eta; 1 is DDPM's
-    posterior variance), drawn from ``generator``: stochastic samplers can correct an earlier step's error."""
+    posterior variance), drawn from ``generator``: stochastic samplers can correct an earlier step's error; it may be
+    a function of the timestep too (noise only where the layout is still open, say)."""
     for t in sched.timesteps:
         scale = guidance_scale(int(t)) if callable(guidance_scale) else guidance_scale
+        step_eta = eta(int(t)) if callable(eta) else eta
         tt = t.reshape(1).expand(len(z)).to(z.device)
         eps = unet(torch.cat([z, z]).to(unet.dtype), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, emb])).sample.float()
         eps_u, eps_c = eps.chunk(2)
         # eta 0: DDIMScheduler.step draws no noise, so the generator is left untouched
-        z = sched.step(classifier_free_guidance(eps_u, eps_c, scale), t, z, eta=eta, generator=generator).prev_sample
+        z = sched.step(classifier_free_guidance(eps_u, eps_c, scale), t, z, eta=step_eta, generator=generator).prev_sample
     return z
 
 
@@ -354,12 +356,13 @@ class Teacher:
         size: int | None = None,
         latents: torch.Tensor | None = None,
         timestep_spacing: str | None = None,
-        eta: float = 0.0,
+        eta: float | Callable[[int], float] = 0.0,
         clip_sample: bool | None = None,
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
         ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
-        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``); ``clip_sample``
+        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``; a
+        function of the timestep, too); ``clip_sample``
         replaces the config's clamping of each step's predicted clean image to [-1, 1]."""
         overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
         if clip_sample is not None:

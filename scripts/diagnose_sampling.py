@@ -6,7 +6,7 @@ and the clamping of each step's predicted clean image.
 Draws the same samples as ``scripts/eval_shapes_teacher.py --sample-n N --seed S`` (same noise, one caption after
 another; with the defaults, the same numbers) and prints one line: overall fraction right, the worst caption,
 captions at the bar, misses. ``--guidance-high G --high-t T`` uses guidance G for timesteps >= T and ``--guidance``
-below (a guidance interval).
+below (a guidance interval); ``--eta-high E`` likewise for eta (stochastic steps only where the layout is open).
 
     python scripts/diagnose_sampling.py --spacing trailing --seed 0
     python scripts/diagnose_sampling.py --guidance 2 --guidance-high 1 --high-t 500
@@ -46,6 +46,7 @@ def parse_args(argv=None):
                    help="do not clamp each step's predicted clean image to [-1, 1] (the scheduler config clamps)")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--guidance-high", type=float, default=None, help="guidance for timesteps >= --high-t")
+    p.add_argument("--eta-high", type=float, default=None, help="eta for timesteps >= --high-t (--eta below)")
     p.add_argument("--high-t", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -53,10 +54,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def guidance_of(args):
-    if args.guidance_high is None:
-        return args.guidance
-    return lambda t: args.guidance_high if t >= args.high_t else args.guidance
+def split_at_high_t(low: float, high: float | None, high_t: int):
+    """``low`` below timestep ``high_t`` and ``high`` from it on (a constant ``low`` when ``high`` is None)."""
+    if high is None:
+        return low
+    return lambda t: high if t >= high_t else low
 
 
 def main(argv=None):
@@ -64,8 +66,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     teacher = Teacher.from_pretrained(args.teacher)
     t0 = time.time()
-    rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=guidance_of(args), seed=args.seed,
-                             spacing=args.spacing, eta=args.eta, clip_sample=False if args.no_clip else None)
+    rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=split_at_high_t(args.guidance, args.guidance_high, args.high_t),
+                             seed=args.seed, spacing=args.spacing,
+                             eta=split_at_high_t(args.eta, args.eta_high, args.high_t), clip_sample=False if args.no_clip else None)
     v = np.array([r["color_and_shape"] for r in rows])
     summary = {"overall": float(v.mean()), "worst": float(v.min()), "at_bar": int((v >= 0.95).sum()),
                "captions": len(v), "misses": int(round(float((1 - v).sum()) * args.n)),

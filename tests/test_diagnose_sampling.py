@@ -29,3 +29,10 @@ def test_defaults_match_the_cards_sampling_eval_and_a_guidance_interval_changes_
     diag.main([*common, "--n", "2", "--steps", "3", "--guidance-high", "0", "--high-t", "0",
                "--json", str(tmp_path / "b.json")])
     assert json.loads((tmp_path / "b.json").read_text())["summary"]["overall"] < s["overall"]
+
+
+def test_split_at_high_t_gives_the_high_value_from_the_split_on(load_script):
+    split = load_script("diagnose_sampling").split_at_high_t
+    assert split(2.0, None, 500) == 2.0  # no high value: the constant
+    f = split(0.0, 1.0, 500)
+    assert [f(t) for t in (0, 499, 500, 999)] == [0.0, 0.0, 1.0, 1.0]

@@ -169,6 +169,11 @@ def test_ddim_cfg_loop_eta_adds_seeded_noise_at_every_step(tiny_teacher):
     sampled = t.sample(["a cat", "a dog"], num_inference_steps=4, latents=z, guidance_scale=2.0, eta=1.0,
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(sampled, t.decode_latents(stochastic))
+    seen = []
+    assert torch.equal(run(lambda step: seen.append(step) or 1.0), stochastic)  # a constant schedule is the float
+    assert seen == [int(s) for s in ddim_scheduler(t.scheduler, 4).timesteps]
+    split = run(lambda step: 1.0 if step >= 500 else 0.0)  # noise only at high t
+    assert not torch.allclose(split, stochastic) and not torch.allclose(split, deterministic)
 
 
 def test_sample_clip_override_replaces_the_scheduler_configs_clamping(tiny_teacher):
