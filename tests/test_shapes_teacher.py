@@ -12,6 +12,7 @@ from ddstrans.shapes import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "checkpoints" / "shapes-teacher"
+CANDIDATE = ROOT / "checkpoints" / "shapes-teacher-vpred"  # v-prediction, not the default (see its card)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +36,19 @@ def samples(teacher):
     return prompts, teacher.sample(prompts, num_inference_steps=20, guidance_scale=2.0, eta=1.0, generator=g)
 
 
-def test_checkpoint_layout_and_size():
+@pytest.mark.parametrize("folder", [TEACHER, CANDIDATE], ids=["shipped", "vpred_candidate"])
+def test_checkpoint_layout_and_size(folder):
     for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
-        assert (TEACHER / sub).is_dir(), sub
-    index = json.loads((TEACHER / "model_index.json").read_text())
+        assert (folder / sub).is_dir(), sub
+    index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
-    assert (TEACHER / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert (TEACHER / "text_encoder" / "model.safetensors").is_file()
-    shipped = [p for p in TEACHER.rglob("*") if p.is_file() and "_train_state" not in p.parts]
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "text_encoder" / "model.safetensors").is_file()
+    shipped = [p for p in folder.rglob("*") if p.is_file() and "_train_state" not in p.parts]
     assert not [p for p in shipped if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
     assert sum(p.stat().st_size for p in shipped) < 15e6
-    card = (TEACHER / "README.md").read_text()
+    card = (folder / "README.md").read_text()
     assert "python scripts/train_shapes_teacher.py" in card and "wall time" in card
 
 
@@ -67,6 +69,21 @@ def test_teacher_components(teacher):
 
 @torch.no_grad()
 def test_noise_prediction_uses_the_caption(teacher):
+    _check_denoises_and_reads_the_caption(teacher)
+
+
+@torch.no_grad()
+def test_vpred_candidate_gives_epsilon_through_the_same_interface(tmp_path):
+    """The candidate predicts v; Teacher converts it to epsilon, so DDS and this check see the same quantity."""
+    from ddstrans import Teacher
+
+    torch.set_num_threads(1)
+    candidate = Teacher.from_pretrained(str(CANDIDATE), cache_dir=tmp_path)
+    assert candidate.prediction_type == "v_prediction"
+    _check_denoises_and_reads_the_caption(candidate)
+
+
+def _check_denoises_and_reads_the_caption(teacher):
     imgs, _, caps = render_batch(range(16), color="red")
     x = to_model(imgs)
     g = torch.Generator().manual_seed(0)
