@@ -361,9 +361,9 @@ class Teacher:
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
         ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
-        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``; a
-        function of the timestep, too); ``clip_sample``
-        replaces the config's clamping of each step's predicted clean image to [-1, 1]."""
+        the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``; it may be a function
+        of the timestep, too); ``clip_sample`` replaces the config's clamping of each step's predicted clean image to
+        [-1, 1]."""
         overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
         if clip_sample is not None:
             overrides["clip_sample"] = clip_sample

@@ -66,9 +66,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     teacher = Teacher.from_pretrained(args.teacher)
     t0 = time.time()
-    rows = sampling_accuracy(teacher, args.n, steps=args.steps, guidance=split_at_high_t(args.guidance, args.guidance_high, args.high_t),
-                             seed=args.seed, spacing=args.spacing,
-                             eta=split_at_high_t(args.eta, args.eta_high, args.high_t), clip_sample=False if args.no_clip else None)
+    rows = sampling_accuracy(teacher, args.n, steps=args.steps, seed=args.seed, spacing=args.spacing,
+                             guidance=split_at_high_t(args.guidance, args.guidance_high, args.high_t),
+                             eta=split_at_high_t(args.eta, args.eta_high, args.high_t),
+                             clip_sample=False if args.no_clip else None)
     v = np.array([r["color_and_shape"] for r in rows])
     summary = {"overall": float(v.mean()), "worst": float(v.min()), "at_bar": int((v >= 0.95).sum()),
                "captions": len(v), "misses": int(round(float((1 - v).sum()) * args.n)),

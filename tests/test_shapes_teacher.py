@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddstrans.scores import add_noise
 from ddstrans.shapes import VOCAB, caption, render_batch, to_model
 from ddstrans.shapes import metrics as M
 
@@ -89,8 +90,7 @@ def _check_denoises_and_reads_the_caption(teacher):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=g)
     t = torch.full((len(x),), 400)
-    abar = teacher.alphas_cumprod[t].view(-1, 1, 1, 1).float()
-    zt = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    zt = add_noise(x, noise, t, teacher.alphas_cumprod)
     right = teacher.predict_noise(zt, t, teacher.encode_prompts(caps))
     wrong = teacher.predict_noise(zt, t, teacher.encode_prompts([c.replace("red", "blue") for c in caps]))
     err_right = (right - noise).pow(2).mean().item()

@@ -18,7 +18,7 @@ from .world import all_captions, parse_caption
 
 def sampling_accuracy(teacher, n: int, *, steps: int, guidance: float | Callable[[int], float], seed: int,
                       spacing: str | None = None, eta: float | Callable[[int], float] = 0.0,
-                       clip_sample: bool | None = None,
+                      clip_sample: bool | None = None,
                       on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Per caption: the fraction of ``n`` DDIM samples whose color, shape, background, and color *and* shape are
     the caption's. ``on_row`` sees each row as it is done (progress for a run of minutes)."""
