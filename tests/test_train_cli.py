@@ -103,6 +103,21 @@ def test_resume_from_last_continues_step_optimizer_and_ema(tmp_path):
     assert ck["lr_schedulers"][0]["last_epoch"] == 6
 
 
+def test_a_run_cut_by_max_time_says_so_and_resumes(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["experiment=smoke", "callbacks.model_checkpoint.every_n_train_steps=1", *QUIET]
+    train(compose([*base, "trainer.max_steps=100000", "trainer.max_time=00:00:00:01"], run))
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < step < 100000
+    err = capsys.readouterr().err
+    assert f"training stopped at step {step} of trainer.max_steps=100000" in err
+    cont = err.split("To finish: ")[1].split()[:3]  # the overrides it suggests, as given
+    assert cont == ["ckpt_path=last", f"hydra.run.dir={run}", "trainer.max_time=null"]
+    train(compose([*base, f"trainer.max_steps={step + 2}", *cont[:1], *cont[2:]], run))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2
+    assert "training stopped" not in capsys.readouterr().err  # a run that reaches max_steps says nothing
+
+
 def test_ckpt_path_last_without_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
         train(compose(["experiment=smoke", "ckpt_path=last", *QUIET], tmp_path / "fresh"))

@@ -266,6 +266,9 @@ def train(cfg: DictConfig) -> float | None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"ckpt_path={ckpt_path}: refusing to unpickle it (resume loads checkpoints with "
                               f"weights_only=True; it holds other objects: {first})") from None
+        short = stopped_short_message(cfg, trainer)
+        if short and trainer.is_global_zero:
+            print(short, file=sys.stderr, flush=True)
         metric = None
         name = cfg.get("optimized_metric")
         if name and name in trainer.callback_metrics:
@@ -289,6 +292,18 @@ class Preempted(SystemExit):
     def __init__(self, message: str):
         super().__init__(143)
         self.message = message
+
+
+def stopped_short_message(cfg: DictConfig, trainer) -> str | None:
+    """What to do when fit ended before ``trainer.max_steps`` (``trainer.max_time`` reached, or a callback stopped
+    it): Lightning ends such a run as quietly as a finished one, and on a slow machine the main job's time limit, a
+    safety net, would otherwise leave late-learned tasks untrained without a word."""
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    if max_steps <= 0 or trainer.global_step >= max_steps or trainer.interrupted:
+        return None
+    return (f"training stopped at step {trainer.global_step} of trainer.max_steps={max_steps} (trainer.max_time="
+            f"{cfg.trainer.get('max_time')} reached, or a callback stopped it); what was saved and exported is that "
+            f"step's. To finish: ckpt_path=last hydra.run.dir={cfg.paths.output_dir} trainer.max_time=null")
 
 
 def _preempted_message(cfg: DictConfig, trainer) -> str:
