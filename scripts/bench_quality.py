@@ -106,6 +106,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)")
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--edit-lr", type=float, default=0.02,
                    help="SGD lr on 2000 x surrogate loss (the reference's 0.1 overshoots on the pixel-space shapes teacher)")
     p.add_argument("--edit-t-max", type=int, default=600, help="per-image editing samples t in [50, t_max)")
+    p.add_argument("--edit-guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
+                   help="classifier-free guidance of per-image DDS/SDS editing (default: the teacher card's)")
     p.add_argument("--override", dest="overrides", action="append", default=[],
                    help="extra Hydra override for every variant's training run (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
@@ -163,7 +167,8 @@ def main() -> None:
         print(table(results[-3:]), flush=True)
     if not args.skip_editing:
         teacher = load_shapes_teacher()
-        edit = {"steps": args.edit_steps, "lr": args.edit_lr, "t_range": (50, args.edit_t_max)}
+        edit = {"steps": args.edit_steps, "lr": args.edit_lr, "t_range": (50, args.edit_t_max),
+                "guidance_scale": args.edit_guidance}
         for method in ("dds", "sds"):
             rows = evaluate(list(all_tasks.values()), args.edit_n, [method], teacher=teacher, edit_config=edit,
                             progress=True)

@@ -17,7 +17,7 @@ so the IoU can be read against it:
 ``--bg-split`` repeats the pairs on scenes with light backgrounds (mean gray in the palette's upper third: >= 0.2
 for v2's grays 0.0-0.3) and on dark ones (lower third: <= 0.1); ``--via A>B>C`` compares the edit A->C with two edits A->B, B->C (the second starts from the first's
 result; IoU against the input's mask). Edit settings default to the teacher card's (100 steps, lr 0.02, guidance
-7.5, t in [50, 600)).
+3, t in [50, 600); the previous teacher's card, checkpoints/shapes-teacher-eps, measured at 7.5).
 
     python scripts/diagnose_color_pairs.py --n 16                       # all 12 ordered pairs
     python scripts/diagnose_color_pairs.py --n 16 --pairs 'red>blue,green>yellow' --bg-split --via 'blue>green>yellow'
@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from ddstrans.shapes import COLOR_NAMES, COLORS, GRAYS, render_batch, sample_scene, to_model  # noqa: E402
 from ddstrans.shapes import metrics as M  # noqa: E402
+from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE  # noqa: E402
 
 # mean background gray of the --bg-split groups: the upper and the lower third of the palette's grays (0.2 and 0.1
 # for grays 0.0-0.3); 1e-9 of slack so that a scene exactly at a bound (as v2's grays allow) is in its group
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--via", default="", help="two-hop edits, e.g. 'blue>green>yellow' (comma-separated)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE)
     p.add_argument("--t-min", type=int, default=50)
     p.add_argument("--t-max", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)

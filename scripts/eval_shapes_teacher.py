@@ -41,6 +41,7 @@ from ddstrans.shapes import (  # noqa: E402
     sample_scene,
     to_model,
 )
+from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE  # noqa: E402
 from ddstrans.shapes.sampling_eval import sampling_accuracy  # noqa: E402
 
 QUALITY_BEGIN = "<!-- quality:begin -->"
@@ -71,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
     p.add_argument("--loss-scale", type=float, default=2000.0)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
+                   help="DDS/SDS classifier-free guidance (default: the card's; the SD reference is 7.5)")
     p.add_argument("--guidance-low-t", type=int, default=0, help="steps with t below this use --guidance-low (0: off)")
     p.add_argument("--guidance-low", type=float, default=1.0)
     p.add_argument("--t-min", type=int, default=50)

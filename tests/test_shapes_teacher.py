@@ -13,7 +13,7 @@ from ddstrans.shapes import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "checkpoints" / "shapes-teacher"
-CANDIDATE = ROOT / "checkpoints" / "shapes-teacher-vpred"  # v-prediction, not the default (see its card)
+PREVIOUS = ROOT / "checkpoints" / "shapes-teacher-eps"  # epsilon prediction, the default until session 17 (its card)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,13 @@ def samples(teacher):
     prompts = [caption("red", "circle", "striped"), caption("blue", "square", "checkered"),
                caption("green", "triangle", "striped"), caption("yellow", "circle", "checkered")] * 2
     g = torch.Generator().manual_seed(0)
-    # the model card's sampler. Guidance 2: at 4 and above this small pixel-space teacher's samples drift to the
-    # wrong color and shape; DDS uses its own guidance (7.5), where it edits correctly. eta 1: stochastic steps
-    # halve the layout errors (no shape, or two) of deterministic DDIM.
+    # the model card's sampler. Guidance 2: at 4 and above these small pixel-space teachers' samples drift to the
+    # wrong color and shape; DDS uses its own guidance (3 in the card). eta 1: stochastic steps halve the layout
+    # errors (no shape, or two) of deterministic DDIM.
     return prompts, teacher.sample(prompts, num_inference_steps=20, guidance_scale=2.0, eta=1.0, generator=g)
 
 
-@pytest.mark.parametrize("folder", [TEACHER, CANDIDATE], ids=["shipped", "vpred_candidate"])
+@pytest.mark.parametrize("folder", [TEACHER, PREVIOUS], ids=["shipped", "previous_eps"])
 def test_checkpoint_layout_and_size(folder):
     for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
         assert (folder / sub).is_dir(), sub
@@ -58,7 +58,8 @@ def test_teacher_components(teacher):
     assert cfg.in_channels == 3 and cfg.out_channels == 3 and cfg.sample_size == 32
     assert cfg.down_block_types[0] == "DownBlock2D"  # no attention at 32x32
     sched = teacher.scheduler.config
-    assert sched.prediction_type == "epsilon" and sched.num_train_timesteps == 1000
+    assert sched.prediction_type == "v_prediction" and sched.num_train_timesteps == 1000
+    assert teacher.prediction_type == "v_prediction"  # Teacher turns it into epsilon (next test)
     assert teacher.vae is None and teacher.image_size == 32
     tok = teacher.tokenizer
     for word in VOCAB:  # every grammar word is one token
@@ -70,18 +71,18 @@ def test_teacher_components(teacher):
 
 @torch.no_grad()
 def test_noise_prediction_uses_the_caption(teacher):
+    """The shipped teacher predicts v; Teacher converts it to epsilon, the quantity DDS and this check use."""
     _check_denoises_and_reads_the_caption(teacher)
 
 
 @torch.no_grad()
-def test_vpred_candidate_gives_epsilon_through_the_same_interface(tmp_path):
-    """The candidate predicts v; Teacher converts it to epsilon, so DDS and this check see the same quantity."""
+def test_previous_epsilon_teacher_gives_epsilon_through_the_same_interface(tmp_path):
     from ddstrans import Teacher
 
     torch.set_num_threads(1)
-    candidate = Teacher.from_pretrained(str(CANDIDATE), cache_dir=tmp_path)
-    assert candidate.prediction_type == "v_prediction"
-    _check_denoises_and_reads_the_caption(candidate)
+    previous = Teacher.from_pretrained(str(PREVIOUS), cache_dir=tmp_path)
+    assert previous.prediction_type == "epsilon"
+    _check_denoises_and_reads_the_caption(previous)
 
 
 def _check_denoises_and_reads_the_caption(teacher):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ddstrans.cli.common import CLIError, pick_device
+from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
 
 
 def add_parser(sub) -> None:
@@ -31,7 +32,9 @@ def add_parser(sub) -> None:
                    help="SGD lr on 2000 x the surrogate loss (the SD reference uses 0.1 and 200 steps; on the "
                         "pixel-space shapes teacher that overshoots: background PSNR ~15 dB)")
     p.add_argument("--edit-t-max", type=int, default=600, help="per-image editing samples t in [50, edit-t-max)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of per-image editing")
+    p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
+                   help="CFG scale of per-image editing (the shipped shapes teacher's card setting; at the SD "
+                        "reference 7.5 it keeps outlines less well: mask IoU 0.839 vs 0.984 on yellow->green, 16 inputs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
