@@ -72,8 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
     p.add_argument("--loss-scale", type=float, default=2000.0)
-    p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
-                   help="DDS/SDS classifier-free guidance (default: the card's; the SD reference is 7.5)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="DDS/SDS classifier-free guidance (default: the SD reference's, as --steps, --lr and the t range "
+                   f"here; the card passes its own settings, guidance {SHAPES_EDIT_GUIDANCE:g})")
     p.add_argument("--guidance-low-t", type=int, default=0, help="steps with t below this use --guidance-low (0: off)")
     p.add_argument("--guidance-low", type=float, default=1.0)
     p.add_argument("--t-min", type=int, default=50)

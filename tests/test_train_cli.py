@@ -113,7 +113,7 @@ def test_a_run_cut_by_max_time_says_so_and_resumes(tmp_path, capsys):
     assert f"training stopped at step {step} of trainer.max_steps=100000" in err
     cont = err.split("To finish: ")[1].split()[:3]  # the overrides it suggests, as given
     assert cont == ["ckpt_path=last", f"hydra.run.dir={run}", "trainer.max_time=null"]
-    train(compose([*base, f"trainer.max_steps={step + 2}", *cont[:1], *cont[2:]], run))
+    train(compose([*base, f"trainer.max_steps={step + 2}", *cont[:1], *cont[2:]], run))  # compose takes the run dir
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2
     assert "training stopped" not in capsys.readouterr().err  # a run that reaches max_steps says nothing
 

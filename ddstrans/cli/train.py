@@ -303,14 +303,18 @@ def stopped_short_message(cfg: DictConfig, trainer) -> str | None:
         return None
     return (f"training stopped at step {trainer.global_step} of trainer.max_steps={max_steps} (trainer.max_time="
             f"{cfg.trainer.get('max_time')} reached, or a callback stopped it); what was saved and exported is that "
-            f"step's. To finish: ckpt_path=last hydra.run.dir={cfg.paths.output_dir} trainer.max_time=null")
+            f"step's. To finish: {_resume_overrides(cfg)} trainer.max_time=null")
 
 
 def _preempted_message(cfg: DictConfig, trainer) -> str:
     saved = [c.saved_path for c in trainer.callbacks if type(c).__name__ == "SaveLastCheckpoint" and c.saved_path]
     where = f"saved {saved[0]}" if saved else "no checkpoint written (callbacks without a checkpoint directory)"
-    return (f"preempted (SIGTERM) at step {trainer.global_step}: {where}; resume with "
-            f"ckpt_path=last hydra.run.dir={cfg.paths.output_dir}")
+    return f"preempted (SIGTERM) at step {trainer.global_step}: {where}; resume with {_resume_overrides(cfg)}"
+
+
+def _resume_overrides(cfg: DictConfig) -> str:
+    """The overrides that continue this run from its last checkpoint (the messages of a cut or preempted run)."""
+    return f"ckpt_path=last hydra.run.dir={cfg.paths.output_dir}"
 
 
 def checkpoint_io_plugins(cfg: DictConfig) -> dict:
