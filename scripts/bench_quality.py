@@ -134,8 +134,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ddstrans.evaluation import evaluate
     from ddstrans.shapes.defaults import load_shapes_teacher, shapes_task, shapes_tasks
+    from ddstrans.shapes.evaluation import evaluate
     from ddstrans.translator import Translator
 
     all_tasks = {t.name: t for t in shapes_tasks()}
@@ -168,7 +168,7 @@ def main() -> None:
     if not args.skip_editing:
         teacher = load_shapes_teacher()
         edit = {"steps": args.edit_steps, "lr": args.edit_lr, "t_range": (50, args.edit_t_max),
-                "guidance_scale": args.edit_guidance}
+                "guidance": args.edit_guidance}
         for method in ("dds", "sds"):
             rows = evaluate(list(all_tasks.values()), args.edit_n, [method], teacher=teacher, edit_config=edit,
                             progress=True)

@@ -28,6 +28,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 # The repository's configs/, as an absolute path computed from this file (a relative config_path would be
 # resolved by Hydra as a *package* path when the app runs as the installed console script).
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def register_config_defaults() -> None:
+    """Register ``loss/base``: every key of the ``loss`` group with its default, taken from
+    ``ddstrans.guidance.Guidance`` and ``ddstrans.module.LOSS_TERMS`` (their one home); the YAML files of the
+    group hold only what they change."""
+    from hydra.core.config_store import ConfigStore
+
+    from ddstrans.module import loss_defaults
+
+    ConfigStore.instance().store(group="loss", name="base", node=loss_defaults())
+
+
+register_config_defaults()
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK", "GROUP_RANK")
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddstrans.guidance import Guidance
 from ddstrans.images import IMAGE_SUFFIXES, pil_to_tensor, resize_center_crop, resize_max_side, to_rgb
 
 log = logging.getLogger("ddstrans.data")
@@ -352,7 +353,7 @@ def write_from_teacher(
     seed: int = 0,
     batch_size: int = 8,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = Guidance.guidance,
     resolution: int | None = None,
     latents: bool = False,
     image_format: str = "png",
