@@ -42,3 +42,13 @@ def test_teacher_training_scenes_come_from_the_teacher_range():
 
     drawn = scene_seeds(np.random.default_rng([0, 3]), 256)
     assert len(drawn) == 256 and all(int(s) in seeds.TEACHER_TRAIN for s in drawn)
+
+
+def test_teacher_evaluation_edits_held_out_scenes_with_the_reference_settings():
+    from ddstrans.editing import EditConfig
+    from ddstrans.shapes import eval_teacher
+
+    args = eval_teacher.parse_args([])
+    ref = EditConfig()
+    assert (args.steps, args.lr, args.guidance, (args.t_min, args.t_max)) == (ref.steps, ref.lr, ref.guidance, ref.t_range)
+    assert args.start_seed in seeds.HELD_OUT and args.start_seed + 1000 * 4 + args.n in seeds.HELD_OUT

@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddstrans.editing import EditConfig
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
 from ddstrans.shapes.sampling_eval import sampling_accuracy
 from ddstrans.shapes.seeds import HELD_OUT
 from ddstrans.shapes.world import render_batch, sample_scene, to_model
 
+REF = EditConfig()  # the DDS reference's editing settings: the defaults here
 QUALITY_BEGIN = "<!-- quality:begin -->"
 QUALITY_END = "<!-- quality:end -->"
 # method -> (score, start at the answer instead of the input)
@@ -61,16 +63,16 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
     p.add_argument("--methods", default="dds,sds", help="comma-separated, of: dds, sds, dds_from_target (DDS started "
                    "at the ground-truth answer: how far a perfect edit drifts under this teacher; 0 drift is ideal)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
-    p.add_argument("--loss-scale", type=float, default=2000.0)
-    p.add_argument("--guidance", type=float, default=7.5,
+    p.add_argument("--steps", type=int, default=REF.steps)
+    p.add_argument("--lr", type=float, default=REF.lr, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
+    p.add_argument("--loss-scale", type=float, default=REF.loss_scale)
+    p.add_argument("--guidance", type=float, default=REF.guidance,
                    help="DDS/SDS classifier-free guidance (default: the SD reference's, as --steps, --lr and the t range "
                    f"here; the card passes its own settings, guidance {SHAPES_EDIT_GUIDANCE:g})")
     p.add_argument("--guidance-low-t", type=int, default=0, help="steps with t below this use --guidance-low (0: off)")
     p.add_argument("--guidance-low", type=float, default=1.0)
-    p.add_argument("--t-min", type=int, default=50)
-    p.add_argument("--t-max", type=int, default=950)
+    p.add_argument("--t-min", type=int, default=REF.t_range[0])
+    p.add_argument("--t-max", type=int, default=REF.t_range[1])
     p.add_argument("--t-end", default="", help="anneal the range linearly to 'T_MIN,T_MAX' over the edit (e.g. 20,200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-seed", type=int, default=HELD_OUT.start,
@@ -108,7 +110,7 @@ def task_inputs(src: str, tgt: str, n: int, offset: int):
 
 
 def eval_editing(teacher, args):
-    from ddstrans.editing import EditConfig, edit_latents
+    from ddstrans.editing import edit_latents
 
     results, grids = [], []
     tasks = [tuple(t.split(">")) for t in args.tasks.split(",") if t]
@@ -121,7 +123,7 @@ def eval_editing(teacher, args):
         for method in [m for m in args.methods.split(",") if m]:
             if method not in EDIT_METHODS:
                 raise SystemExit(f"unknown method {method!r}; choose from {', '.join(EDIT_METHODS)}")
-            cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
+            cfg = EditConfig(steps=args.steps, lr=args.lr, guidance=args.guidance, loss_scale=args.loss_scale,
                              t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end,
                              method=EDIT_METHODS[method][0], seed=args.seed, guidance_low_t=args.guidance_low_t,
                              guidance_low=args.guidance_low)
