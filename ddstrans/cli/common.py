@@ -12,6 +12,24 @@ class CLIError(Exception):
     """An error reported to the user as one line, without a stack trace."""
 
 
+# The library names parameters in its errors; on the command line they are flags.
+PARAMETER_FLAGS = {
+    "trust_checkpoint=True": "--trust-checkpoint",
+    "use_ema=False": "--no-ema",
+    "overwrite=True": "--overwrite",
+    "give teacher_path,": "pass --teacher PATH,",
+    "teacher (latents) needs resolution": "--latents needs --resolution",
+    "prompts must hold at least one prompt": "give at least one --prompt",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library error message in the CLI's words: parameter names become the flags that set them."""
+    for parameter, flag in PARAMETER_FLAGS.items():
+        message = message.replace(parameter, flag)
+    return message
+
+
 def quiet_libraries() -> None:
     """Silence third-party chatter (progress bars of weight loading, deprecations) in CLI output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

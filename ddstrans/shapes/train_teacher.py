@@ -335,7 +335,7 @@ def write_card(out: Path, info: dict):
     text = f"""# shapes-teacher
 
 A tiny text-conditioned **pixel-space** diffusion model of the shapes world
-(`ddstrans.shapes`, world v2: one light red/green/blue/yellow circle/square/triangle on a striped or checkered
+(`ddstrans.shapes`: one light red/green/blue/yellow circle/square/triangle on a striped or checkered
 background of dark grays, 32x32, captions like "a red circle on a striped background"). It is the default teacher
 of ddstrans: load it with `ddstrans.Teacher.from_pretrained("checkpoints/shapes-teacher")`.
 There is no VAE: latents are pixels in [-1, 1].
