@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -32,14 +31,13 @@ import torch
 
 from ddstrans.editing import EditConfig
 from ddstrans.shapes import metrics as M
+from ddstrans.shapes.card import write_quality
 from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
 from ddstrans.shapes.sampling_eval import sampling_accuracy
 from ddstrans.shapes.seeds import HELD_OUT
 from ddstrans.shapes.world import render_batch, sample_scene, to_model
 
 REF = EditConfig()  # the DDS reference's editing settings: the defaults here
-QUALITY_BEGIN = "<!-- quality:begin -->"
-QUALITY_END = "<!-- quality:end -->"
 # method -> (score, start at the answer instead of the input)
 EDIT_METHODS = {"dds": ("dds", False), "sds": ("sds", False), "dds_from_target": ("dds", True)}
 COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
@@ -184,18 +182,6 @@ def tables(args, sampling, editing, wall):
     return "\n".join(lines)
 
 
-def write_card(teacher_dir: Path, text: str):
-    card = teacher_dir / "README.md"
-    old = card.read_text() if card.exists() else f"# shapes-teacher\n\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
-    if QUALITY_BEGIN not in old:
-        old += f"\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
-    a, b = old.index(QUALITY_BEGIN), old.index(QUALITY_END) + len(QUALITY_END)
-    new = old[:a] + f"{QUALITY_BEGIN}\n{text}\n{QUALITY_END}" + old[b:]
-    tmp = card.with_name("README.md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, card)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -215,7 +201,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"sampling": sampling, "editing": editing, "args": vars(args)}, indent=2))
     if args.write_card:
-        write_card(Path(args.teacher), text)
+        write_quality(Path(args.teacher), text)
 
 
 if __name__ == "__main__":
