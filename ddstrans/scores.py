@@ -169,7 +169,7 @@ def identity_loss(
     :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
     Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W)); ``weight``: one factor per sample (e.g. 0/1 by task)."""
     held = edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)
-    if weight is None:  # one sum, as before per-sample weights existed: the same floats, the same runs
+    if weight is None:  # one plain sum: the same floats as the unweighted loss
         return _reduce(held.sum(), z_tgt, reduction)
     return _reduce((held.flatten(1).sum(1) * weight.to(held)).sum(), z_tgt, reduction)
 

@@ -153,7 +153,7 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
     m.training_noise, m.score = spy_noise, spy_score
     make_trainer(tmp_path, steps=6).fit(m, datamodule=dm())
     assert len(seen) == len(ids) == 6
-    if prob == 0.0:  # fresh noise drawn inside the score, as before the option existed
+    if prob == 0.0:  # fresh noise, drawn inside the score
         assert all(n is None for n in seen)
         return
     want = shared_noise(seen[0].shape[1:], 3)
