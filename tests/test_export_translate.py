@@ -52,7 +52,9 @@ def _module_ema_output(m, z, task_idx):
     m.swap_in_ema()
     try:
         with torch.no_grad():
-            return m.generator(z, task_ids=torch.full((z.shape[0],), task_idx, dtype=torch.long))
+            ids = torch.full((z.shape[0],), task_idx, dtype=torch.long)
+            src, tgt = m.task_table.first(ids)  # the task's first prompt pair, as the translator uses
+            return m.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt)
     finally:
         m.swap_out_ema()
 
