@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.guidance import Guidance
 from ddstrans.scores import classifier_free_guidance, eps_from_sample, eps_from_v
+from ddstrans.teacher_settings import TeacherSettings, load_settings
 
 REQUIRED_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")
 
@@ -162,6 +162,7 @@ class Teacher:
         self.text_encoder_calls = 0  # how often the text encoder actually ran (cache diagnostics)
         self.channels_last = False  # set_channels_last()
         self.compiled = False  # compile()
+        self.settings = TeacherSettings()  # recommended sampling/DDS settings (from_pretrained reads the teacher's)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -210,6 +211,10 @@ class Teacher:
         teacher = cls(unet, scheduler, text_encoder, tokenizer, vae, identity=_fingerprint(root, identity), cache_dir=cache)
         teacher.source = str(path_or_hub_id)
         teacher.root = root
+        try:
+            teacher.settings = load_settings(root)
+        except ValueError as e:  # TeacherSettingsError: names the file and the key
+            raise TeacherLoadError(str(e)) from None
         if device is not None:
             teacher.to(device)
         return teacher
@@ -351,20 +356,27 @@ class Teacher:
         self,
         prompts: list[str],
         *,
-        num_inference_steps: int = 50,
-        guidance_scale: float | Callable[[int], float] = Guidance.guidance,
-        generator: torch.Generator | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | Callable[[int], float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,
         timestep_spacing: str | None = None,
-        eta: float | Callable[[int], float] = 0.0,
+        eta: float | Callable[[int], float] | None = None,
         clip_sample: bool | None = None,
     ) -> torch.Tensor:
         """Text-to-image with DDIM and classifier-free guidance; images in [-1, 1], (B, 3, H, W).
         ``guidance_scale`` may be a function of the timestep; ``timestep_spacing`` (e.g. ``"trailing"``) replaces
         the scheduler config's; ``eta`` > 0 samples stochastically (noise from ``generator``; it may be a function
         of the timestep, too); ``clip_sample`` replaces the config's clamping of each step's predicted clean image to
-        [-1, 1]."""
+        [-1, 1]. Unset settings are the teacher's (``self.settings.sampling``); a list of generators (one per
+        prompt, with ``latents`` given) draws each sample's eta noise from its own."""
+        s = self.settings.sampling
+        num_inference_steps = num_inference_steps or s.num_inference_steps
+        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        eta = s.eta if eta is None else eta
+        timestep_spacing = timestep_spacing or s.timestep_spacing
+        clip_sample = s.clip_sample if clip_sample is None else clip_sample
         overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
         if clip_sample is not None:
             overrides["clip_sample"] = clip_sample

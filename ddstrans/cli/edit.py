@@ -13,8 +13,9 @@ def add_parser(sub) -> None:
         "edit",
         help="zero-shot edit of an image with DDS (per-image optimisation, no training)",
         description="Optimise the image's latent with Delta Denoising Score so that it matches TARGET while "
-        "keeping what SOURCE describes. Defaults are the DDS reference settings (ddstrans.editing.EditConfig: "
-        "SGD on 2000 x the surrogate loss; guidance, t range and weighting of ddstrans.guidance.Guidance).",
+        "keeping what SOURCE describes. Defaults are the teacher's (the edit section of its ddstrans_settings.json), "
+        "else the DDS reference settings (ddstrans.editing.EditConfig: SGD on 2000 x the surrogate loss; guidance, "
+        "t range and weighting of ddstrans.guidance.Guidance).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("image", type=Path, help="input image (jpg, png, webp, bmp)")
@@ -22,10 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--source", required=True, help="prompt that describes the input image")
     p.add_argument("--target", required=True, help="prompt that describes the wanted edit")
     p.add_argument("-o", "--output", type=Path, required=True, help="output PNG path")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: EditConfig's, 200)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate on the latent (default: EditConfig's)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the teacher's, else EditConfig's 200)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate on the latent (default: the teacher's, else EditConfig's)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, both branches (default: the DDS reference's, Guidance's)")
+                   help="classifier-free guidance scale, both branches (default: the teacher's, else the DDS reference's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and timestep draws")
     p.add_argument("--size", type=int, default=None, help="working resolution (default: the teacher's native size)")
     p.add_argument("--sds", action="store_true", help="use SDS instead of DDS (for comparison)")
@@ -47,15 +48,15 @@ def run(args) -> int:
     if args.output.suffix.lower() != ".png":
         raise CLIError(f"output must be a .png file, got {args.output.name}")
     given = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance}
-    try:
-        cfg = EditConfig(seed=args.seed, method="sds" if args.sds else "dds",
-                         **{k: v for k, v in given.items() if v is not None})
+    try:  # the flags alone first: a bad flag is reported before the teacher loads
+        EditConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:  # the library names the parameter; the flag has the same name
         raise CLIError(f"--{e}") from None
     image = load_image(args.image)
     device = pick_device(args.device)
     dtype = torch.float16 if args.fp16 else None
     teacher = Teacher.from_pretrained(args.teacher, torch_dtype=dtype, device=device)
+    cfg = teacher.settings.edit_config(seed=args.seed, method="sds" if args.sds else "dds", **given)
     size = args.size or teacher.image_size
     if size % teacher.downsample_factor:
         raise CLIError(f"--size {size} must be a multiple of {teacher.downsample_factor} for this teacher")

@@ -54,9 +54,17 @@ def add_parser(sub) -> None:
     t.add_argument("--count", type=int, required=True, help="total number of samples wanted in OUT")
     t.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default 0)")
     t.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (default 8)")
-    t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default: the teacher's; see --guidance)")
     t.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: ddstrans.guidance.Guidance's, the SD reference's)")
+                   help="classifier-free guidance scale (default: the teacher's ddstrans_settings.json, else its "
+                   "pipeline family's default, docs/teacher-settings.md)")
+    t.add_argument("--eta", type=float, default=None, help="DDIM eta, 0 deterministic, 1 stochastic (default: the teacher's)")
+    t.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
+                   help="timestep spacing (default: the teacher's, else its scheduler config's)")
+    t.add_argument("--filter", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop samples the shapes-world reader does not read as their caption's color and shape "
+                   "(default: on for the shapes teacher; its acceptance count is reported either way)")
     t.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
     _common(t)
     t.set_defaults(func=run_from_teacher, _parser=t)
@@ -150,13 +158,55 @@ def run_from_teacher(args) -> int:
     if args.count < 0:
         raise CLIError("--count must be >= 0")
     teacher = _load_teacher(args)
-    manifest = write_from_teacher(
-        args.out, teacher, args.prompt, args.count, seed=args.seed, batch_size=args.batch_size,
-        num_inference_steps=args.steps, resolution=args.resolution,
-        **({} if args.guidance is None else {"guidance_scale": args.guidance}),
-        latents=args.latents, image_format=args.image_format or "png", quality=args.quality,
-        maxcount=args.maxcount, maxsize=args.maxsize, command=command_line(args),
-        progress=not args.no_progress,
-    )
+    check = _caption_check(args, teacher)
+    try:
+        manifest = write_from_teacher(
+            args.out, teacher, args.prompt, args.count, seed=args.seed, batch_size=args.batch_size,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, timestep_spacing=args.spacing,
+            resolution=args.resolution, latents=args.latents, image_format=args.image_format or "png",
+            quality=args.quality, maxcount=args.maxcount, maxsize=args.maxsize, command=command_line(args),
+            progress=not args.no_progress, check=check, drop_rejected=bool(check and args.filter is not False),
+        )
+    except ValueError as e:  # a sampling setting out of range (named as its flag) or a resume with other settings
+        msg = str(e)
+        first = msg.split(" ", 1)[0]
+        raise CLIError(SAMPLING_FLAGS.get(first, first) + msg[len(first):]) from None
     _report(manifest, args.out)
+    _report_check(manifest)
     return 0
+
+
+SAMPLING_FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "eta": "--eta",
+                  "timestep_spacing": "--spacing", "resolution": "--resolution"}
+SHAPES_TEACHER_CLASS = "ShapesTeacher"  # model_index.json's _class_name of the shapes-world teachers
+
+
+def _caption_check(args, teacher):
+    """The shapes-world reader as the caption check where it applies (the shapes teacher, shapes-world captions);
+    ``--filter`` asks for it anywhere (an error where it cannot read the captions)."""
+    from ddstrans.teacher_settings import family_of
+
+    is_shapes = family_of(getattr(teacher, "root", None) or args.teacher) == SHAPES_TEACHER_CLASS
+    if args.filter is False and not is_shapes:
+        return None
+    from ddstrans.shapes.sampling_eval import matches_caption
+    from ddstrans.shapes.world import parse_caption
+
+    try:
+        for p in args.prompt:
+            parse_caption(p)
+    except ValueError as e:
+        if args.filter:
+            raise CLIError(f"--filter reads shapes-world captions only: {e}") from None
+        return None
+    return matches_caption if (is_shapes or args.filter) else None
+
+
+def _report_check(manifest: dict) -> None:
+    gate = manifest.get("caption_check")
+    if not gate or not gate.get("checked"):
+        return
+    n, k = gate["checked"], gate["accepted"]
+    dropped = manifest.get("generation", {}).get("drop_rejected")
+    print(f"caption check: {k} of {n} samples ({k / n:.1%}) match their caption"
+          + (f"; {n - k} dropped" if dropped and n > k else ""))

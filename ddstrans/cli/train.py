@@ -111,6 +111,14 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def teacher_loss(cfg: DictConfig, teacher) -> dict:
+    """The run's ``loss`` settings with the teacher's recommended training settings (the ``train`` section of its
+    ``ddstrans_settings.json``) in the keys the config leaves at ``Guidance``'s defaults."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    settings = getattr(teacher, "settings", None)
+    return settings.train_loss(loss) if settings is not None else loss
+
+
 def build_module(cfg: DictConfig, teacher=None):
     """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
@@ -128,7 +136,7 @@ def build_module(cfg: DictConfig, teacher=None):
         teacher=teacher,
         tasks=OmegaConf.to_container(cfg.tasks.tasks, resolve=True),
         generator=inst(cfg.generator),
-        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        loss=teacher_loss(cfg, teacher),
         optimizer=inst(optim.optimizer),
         scheduler=inst(optim.scheduler) if optim.get("scheduler") and "_target_" in optim.scheduler else None,
         scheduler_interval=optim.get("scheduler_interval", "step"),

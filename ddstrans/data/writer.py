@@ -23,14 +23,14 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ddstrans.guidance import Guidance
+from ddstrans.teacher_settings import TeacherSettings
 from ddstrans.images import IMAGE_SUFFIXES, pil_to_tensor, resize_center_crop, resize_max_side, to_rgb
 
 log = logging.getLogger("ddstrans.data")
@@ -352,8 +352,10 @@ def write_from_teacher(
     *,
     seed: int = 0,
     batch_size: int = 8,
-    num_inference_steps: int = 50,
-    guidance_scale: float = Guidance.guidance,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    eta: float | None = None,
+    timestep_spacing: str | None = None,
     resolution: int | None = None,
     latents: bool = False,
     image_format: str = "png",
@@ -362,27 +364,45 @@ def write_from_teacher(
     maxsize: float = 1e9,
     command: str | None = None,
     progress: bool = True,
+    check: Callable[[torch.Tensor, list[str]], list[bool]] | None = None,
+    drop_rejected: bool = False,
 ) -> dict:
     """Generate ``count`` images with the teacher (prompt ``i % len(prompts)``, seed ``seed + i``) into
-    shards; resumable. Returns the manifest."""
+    shards; resumable. Returns the manifest.
+
+    Sampling settings left None are the teacher's (``teacher.settings.sampling``: its ``ddstrans_settings.json``
+    or its family's pipeline defaults). Sample ``i``'s initial noise and its eta noise come from its own generator
+    (seed ``seed + i``), so a sample is the same whatever the batch it falls in.
+
+    ``check(images, prompts) -> [bool]`` tells which samples show what their prompt asks for (a caption reader);
+    the manifest's ``caption_check`` counts checked and accepted samples, and the rejected ones are
+    not written with ``drop_rejected`` (their indices are kept in the manifest, so a resumed run does not draw them again).
+    """
     from tqdm.auto import tqdm
 
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
+    if drop_rejected and check is None:
+        raise ValueError("drop_rejected needs check (a function telling which samples match their prompt)")
     f = teacher.downsample_factor
     resolution = int(resolution or teacher.image_size)
     if resolution % f:
         raise ValueError(f"resolution {resolution} must be a multiple of the teacher's VAE factor {f}")
+    sampling = getattr(teacher, "settings", TeacherSettings()).sampling.replace(
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+        timestep_spacing=timestep_spacing)
     generation = {
         "teacher": teacher_id(teacher), "prompts": list(prompts), "seed": seed,
-        "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,
-        "image_format": image_format, "latents": bool(latents),
+        "num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,
+        "eta": sampling.eta, "timestep_spacing": sampling.timestep_spacing, "resolution": resolution,
+        "image_format": image_format, "latents": bool(latents), "drop_rejected": bool(drop_rejected),
     }
     path = Path(out) / MANIFEST
     if path.exists():
         old = json.loads(path.read_text()).get("generation")
         if old is not None:
-            diff = {k: (old.get(k), v) for k, v in generation.items() if old.get(k) != v}
+            # keys a manifest of an earlier format lacks were at what is now the default
+            diff = {k: (old.get(k), v) for k, v in generation.items() if k in old and old[k] != v}
             if diff:
                 raise ValueError(
                     f"{out} was generated with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
@@ -395,32 +415,53 @@ def write_from_teacher(
         "downsample_factor": f, "latent_dtype": "float16" if latents else None, "requested": count,
     }
     with ShardSet(out, maxcount=maxcount, maxsize=maxsize, resume=True, info=info, command=command) as shards:
-        done = shards.done_indices()
+        gate = None if check is None else shards.manifest.setdefault(
+            "caption_check", {"checked": 0, "accepted": 0, "rejected_indices": []})
+        rejected = _from_ranges(gate["rejected_indices"]) if drop_rejected else set()
+        done = shards.done_indices() | rejected
         todo = [p for p in sample_plan(count, list(prompts), seed) if p[0] not in done]
         if done:
             log.info("%s: %d samples already done, %d to generate", out, len(done), len(todo))
         shape = (teacher.latent_channels, resolution // f, resolution // f)
         bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress)
+        meta = {"steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale, "eta": sampling.eta}
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, _, s in chunk])
-            x = teacher.sample([p for _, p, _ in chunk], num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, size=resolution, latents=noise)
+            gens = [torch.Generator().manual_seed(s) for _, _, s in chunk]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            x = teacher.sample([p for _, p, _ in chunk], num_inference_steps=sampling.num_inference_steps,
+                               guidance_scale=sampling.guidance_scale, eta=sampling.eta,
+                               timestep_spacing=sampling.timestep_spacing, size=resolution, latents=noise,
+                               generator=gens)
+            ok = [True] * len(chunk)
+            if check is not None:
+                ok = [bool(v) for v in check(x, [p for _, p, _ in chunk])]
+                if len(ok) != len(chunk):
+                    raise ValueError(f"check returned {len(ok)} verdicts for {len(chunk)} samples")
+                gate["checked"] += len(ok)
+                gate["accepted"] += sum(ok)
+                if drop_rejected:
+                    rejected |= {i for (i, _, _), v in zip(chunk, ok) if not v}
+                    gate["rejected_indices"] = _ranges(rejected)
+                    for (i, prompt, _), v in zip(chunk, ok):
+                        if not v:
+                            shards.skip("does not match its prompt (caption check)", f"sample {i} ({prompt!r})")
+            keep = [k for k, v in enumerate(ok) if v or not drop_rejected]
+            chunk, x = [chunk[k] for k in keep], x[keep]
             arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             datas = [encode_image(Image.fromarray(a), image_format, quality) for a in arr]
             z = None
-            if latents:  # encode what the loader will decode, so cached and on-the-fly latents agree
+            if latents and datas:  # encode what the loader will decode, so cached and on-the-fly latents agree
                 xs = torch.cat([pil_to_tensor(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
                 z = teacher.encode_images(xs).cpu().to(torch.float16).numpy()
             for k, ((i, prompt, s), data) in enumerate(zip(chunk, datas)):
                 sample = {
                     "__key__": f"{i:08d}", image_format: data, "txt": prompt,
-                    "json": json.dumps({"index": i, "seed": s, "prompt": prompt, "steps": num_inference_steps,
-                                        "guidance_scale": guidance_scale}).encode(),
+                    "json": json.dumps({"index": i, "seed": s, "prompt": prompt, **meta}).encode(),
                 }
                 if z is not None:
                     sample["latents.npy"] = npy_bytes(z[k])
                 shards.write(sample, i)
-            bar.update(len(chunk))
+            bar.update(len(ok))
         bar.close()
     return shards.manifest

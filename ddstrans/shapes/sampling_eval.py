@@ -38,3 +38,11 @@ def sampling_accuracy(teacher, n: int, *, steps: int, guidance: float | Callable
         if on_row:
             on_row(rows[-1])
     return rows
+
+
+def matches_caption(images: torch.Tensor, captions: list[str]) -> list[bool]:
+    """Per image in [-1, 1]: does the reader see the caption's color *and* shape (the sampling bar's criterion)?
+    The caption check of ``ddstrans make-shards from-teacher``; ValueError for an off-grammar caption."""
+    want = [parse_caption(c) for c in captions]
+    colors, shapes = M.classify_color(images), M.classify_shape(images)
+    return [w["color"] == c and w["shape"] == s for w, c, s in zip(want, colors, shapes)]
