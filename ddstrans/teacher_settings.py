@@ -2,7 +2,7 @@
 ``model_index.json``, else the defaults of its family's diffusers pipeline.
 
 A small teacher can need settings far from Stable Diffusion's (the shipped shapes teacher samples cleanly with DDIM
-20 steps, guidance 2, eta 1, and draws noisy blobs at SD's 50 deterministic steps, guidance 7.5), so the settings
+20 steps, guidance 2, eta 1, and draws noisy blobs at Stable Diffusion's 50 deterministic steps and guidance), so the settings
 travel with the weights. Who uses them: ``Teacher.sample`` (its defaults), ``ddstrans make-shards from-teacher``,
 ``ddstrans edit`` (``edit``) and training (``train``). An explicit argument, flag or config value always wins.
 
@@ -81,7 +81,8 @@ class Sampling:
 # tests/test_teacher_settings.py checks them against the installed diffusers). Keyed by model_index.json's
 # ``_class_name``. SD3 and Flux sample with flow-matching schedulers (no eta); ``Teacher.sample`` runs DDIM.
 FAMILY_SAMPLING: dict[str, tuple[str, Sampling]] = {
-    "StableDiffusionPipeline": ("sd", Sampling(num_inference_steps=50, guidance_scale=7.5, eta=0.0)),
+    # SD's guidance is the DDS reference's (Guidance's default)
+    "StableDiffusionPipeline": ("sd", Sampling(num_inference_steps=50, guidance_scale=Guidance.guidance, eta=0.0)),
     "StableDiffusionXLPipeline": ("sdxl", Sampling(num_inference_steps=50, guidance_scale=5.0, eta=0.0)),
     "StableDiffusion3Pipeline": ("sd3", Sampling(num_inference_steps=28, guidance_scale=7.0)),
     "FluxPipeline": ("flux", Sampling(num_inference_steps=28, guidance_scale=3.5)),

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddstrans.teacher_settings import TeacherSettings
 from ddstrans.images import IMAGE_SUFFIXES, pil_to_tensor, resize_center_crop, resize_max_side, to_rgb
+from ddstrans.teacher_settings import TeacherSettings
 
 log = logging.getLogger("ddstrans.data")
 
