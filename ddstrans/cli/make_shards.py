@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     t.add_argument("out", help="output directory")
     t.add_argument("--teacher", required=True, help="teacher directory or hub id")
     t.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several; used round-robin)")
-    t.add_argument("--count", type=int, required=True, help="total number of samples wanted in OUT")
+    t.add_argument("--count", type=int, required=True,
+                   help="total number of samples drawn into OUT (with --filter, OUT holds the accepted ones)")
     t.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default 0)")
     t.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (default 8)")
     t.add_argument("--steps", type=int, default=None,
