@@ -66,61 +66,6 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
     return gen.eval(), used_ema
 
 
-def _model_card(info: dict, run_config: dict | None) -> str:
-    import yaml
-
-    rows = "\n".join(
-        f"| `{t['name']}` | {' / '.join(t['source'])} | {' / '.join(t['target'])} |" for t in info["tasks"])
-    metrics = info.get("training", {}).get("metrics", {})
-    metric_lines = "\n".join(f"- `{k}`: {v:.6g}" for k, v in sorted(metrics.items())) or "- (none recorded)"
-    first = info["tasks"][0]["name"]
-    text_usage = ""
-    if info["conditioning"] == "text":
-        text_usage = '\nimages = tr(pil_images, source="a photo of a cat", target="a photo of a fox")  # new prompt pair\n'
-    cfg_yaml = yaml.safe_dump(run_config or {}, sort_keys=False, default_flow_style=False) if run_config else "{}\n"
-    return f"""# ddstrans translator
-
-Single-pass image translation network trained with Delta Denoising Score (DDS) against a frozen
-text-to-image diffusion teacher (`{info['teacher'].get('source')}`).
-
-- conditioning: **{info['conditioning']}**
-- resolution: {info['resolution']} px (latents {info['latent_channels']} x {info['resolution'] // info['downsample_factor']}^2)
-- weights: {info['weights']} (training step {info.get('training', {}).get('global_step')})
-
-## Tasks
-
-| task | source prompts | target prompts |
-|---|---|---|
-{rows}
-
-## Metrics at export
-
-{metric_lines}
-
-## Usage
-
-```python
-import ddstrans
-from PIL import Image
-
-tr = ddstrans.Translator.from_pretrained("path/to/this/dir")
-print(tr.tasks)
-images = tr([Image.open("cat.jpg")], task="{first}")   # one generator forward pass per batch
-{text_usage}```
-
-```bash
-ddstrans translate path/to/this/dir --task {first} photos/*.jpg -o translated/
-```
-
-Files are safetensors + JSON; `translator.json` lists the sha256 of every file and loading refuses tampered files.
-
-## Training configuration
-
-```yaml
-{cfg_yaml}```
-"""
-
-
 def export_checkpoint(
     ckpt_path: str | Path,
     out_dir: str | Path,
@@ -130,12 +75,18 @@ def export_checkpoint(
     teacher_path: str | Path | None = None,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
+    onnx: bool = False,
+    license: str | None = None,
+    examples: list | None = None,
 ) -> Path:
     """Write the translator directory; returns its path.
 
     ``copy_teacher``: copy the VAE (and, for text conditioning, text encoder + tokenizer) into the directory;
     otherwise reference the teacher directory by absolute path. ``teacher_path`` overrides the teacher
-    location recorded in the checkpoint (e.g. when it moved)."""
+    location recorded in the checkpoint (e.g. when it moved). ``onnx``: also write ``onnx/`` (see
+    ``ddstrans.onnx_export``). ``license``: the model card's license (default: the teacher card's, else "other").
+    ``examples``: PIL images for ``examples/`` and the card's before/after grid (shapes-world runs: rendered
+    held-out scenes when not given)."""
     from ddstrans.tasks import TaskTable
 
     out = Path(out_dir)
@@ -186,7 +137,8 @@ def export_checkpoint(
         "training": {"global_step": ckpt.get("global_step"), "metrics": payload.get("metrics", {}),
                      "checkpoint": str(Path(ckpt_path).resolve())},
     }
-    (tmp / "README.md").write_text(_model_card(info, payload.get("run_config")))
+    _write_extras(tmp, gen, table, info, payload.get("run_config"), root, onnx=onnx, license=license,
+                  examples=examples)
     info["files"] = hash_tree(tmp)
     (tmp / "translator.json").write_text(json.dumps(info, indent=2))
     if out.exists():
@@ -194,3 +146,26 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
+
+
+def _write_extras(tmp: Path, gen, table, info: dict, run_config, teacher_root, *, onnx: bool, license, examples) -> None:
+    """ONNX files, example images and the model card of the directory being built (before it is hashed)."""
+    from ddstrans import model_card
+    from ddstrans.translator import Translator
+
+    vae = None
+    if info["has_vae"]:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(tmp / "vae" if (tmp / "vae").is_dir() else Path(teacher_root) / "vae")
+    if onnx:
+        from ddstrans.onnx_export import write_onnx
+
+        emb = tuple(table.source.shape[-2:]) if info["conditioning"] == "text" else None
+        info["onnx"] = write_onnx(tmp, gen, vae, resolution=info["resolution"],
+                                  downsample_factor=info["downsample_factor"], cross_attention_shape=emb)
+    if examples is None and model_card.is_shapes_run(run_config):
+        examples = model_card.shapes_examples()
+    has_example = model_card.write_examples(tmp, Translator(gen, table, info, vae=vae), examples or [])
+    lic = license or model_card.teacher_license(teacher_root)
+    (tmp / "README.md").write_text(model_card.render_card(info, run_config, license=lic, has_example=has_example))

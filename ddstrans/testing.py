@@ -76,3 +76,46 @@ def make_tiny_sd(
         text_encoder.save_pretrained(out_dir / "text_encoder")
         tokenizer.save_pretrained(out_dir / "tokenizer")
     return out_dir
+
+
+SHAPES_TASKS = ("to_blue", "to_red", "to_yellow", "to_square", "to_checkered")
+
+
+def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str = "task_id") -> Path:
+    """Write a training checkpoint (the layout ``ddstrans-train`` saves) of a *random, non-identity* generator of
+    the shapes translator's architecture (32x32 pixels, ``configs/generator/shapes.yaml``) with the five shapes
+    tasks: what ``ddstrans export`` reads, without a training run. Returns ``path``."""
+    from ddstrans.generator import build_generator
+
+    torch.manual_seed(seed)
+    gen = build_generator(
+        conditioning=conditioning, num_tasks=len(SHAPES_TASKS), in_channels=3, sample_size=32, cross_attention_dim=64,
+        block_out_channels=(32, 64, 64), layers_per_block=1, num_task_tokens=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
+    torch.nn.init.normal_(gen.unet.conv_out.weight, std=0.05)  # not the identity
+    tasks = [{"name": n, "source": ["{caption}"], "target": ["{caption}"], "rewrite": None} for n in SHAPES_TASKS]
+    emb = torch.randn(len(tasks), 1, 16, 64)
+    ckpt = {
+        "global_step": 0,
+        "state_dict": {f"generator.{k}": v for k, v in gen.state_dict().items()},
+        "ema": {"shadow_params": [p.detach().clone() for p in gen.parameters()]},
+        "ddstrans": {
+            "format": 1, "generator_class": "TranslationUNet",
+            "generator_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.config.items()
+                                 if not k.startswith("_")},
+            "tasks": {"tasks": tasks, "meta": {}},
+            "task_tensors": {"source": emb, "target": emb.clone(), "n_source": torch.ones(len(tasks), dtype=torch.long),
+                             "n_target": torch.ones(len(tasks), dtype=torch.long)},
+            "teacher": {"source": "checkpoints/shapes-teacher", "root": None, "prediction_type": "v_prediction",
+                        "latent_channels": 3, "downsample_factor": 1, "latent_scale": 1.0, "image_size": 32,
+                        "has_vae": False},
+            "run_config": {"task_name": "shapes", "seed": seed, "trainer": {"max_steps": 0},
+                           "data": {"_target_": "ddstrans.data.shapes.ShapesDataModule", "batch_size": 16}},
+            "metrics": {},
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path

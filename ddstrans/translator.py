@@ -82,17 +82,25 @@ class Translator:
         self.latent_scale = float(info.get("latent_scale", 1.0))
         self.resolution = int(info["resolution"])
         self.conditioning = info["conditioning"]
+        self.path: Path | None = None  # the directory it was loaded from
+        self.backend = "torch"
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        verify: bool = True) -> Translator:
+                        verify: bool = True, backend: str = "torch", revision: str | None = None) -> Translator:
+        """Load a translator directory, or a hub repository id ``"org/name"`` (downloaded with
+        ``huggingface_hub``, then verified like a local directory). ``backend="onnx"`` runs the generator (and VAE)
+        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``)."""
         from diffusers import AutoencoderKL
 
         from ddstrans.generator import TranslationUNet
+        from ddstrans.hub import resolve_translator_path
         from ddstrans.tasks import TaskTable
 
-        root = Path(path)
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        root = resolve_translator_path(path, revision=revision)
         meta_path = root / "translator.json"
         if not meta_path.is_file():
             raise TranslatorLoadError(f"{root}: no translator.json (not an exported translator; see `ddstrans export`)")
@@ -123,7 +131,21 @@ class Translator:
                 tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
                 text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True)
         tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder)
-        return tr.to(device, dtype)
+        tr.path = root
+        tr.to(device, dtype)
+        if backend == "onnx":
+            from ddstrans.onnx_export import use_onnx
+
+            use_onnx(tr, root, tr.device)
+        return tr
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload this translator's directory (verified first) to the hub; see ``ddstrans.hub.push_to_hub``."""
+        from ddstrans.hub import push_to_hub
+
+        if getattr(self, "path", None) is None:
+            raise ValueError("this Translator was not loaded from a directory; nothing to push")
+        return push_to_hub(self.path, repo_id, **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:
         # dtype only when given: diffusers' ModelMixin.to warns about float32 modules whenever a dtype key is passed,
@@ -185,19 +207,36 @@ class Translator:
         """Images (B, 3, H, W) in [-1, 1] at the translator's resolution -> translated images in [-1, 1]."""
         return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target))
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes the generator takes at ``fit="native"``: multiples of the VAE factor times its
+        down-sampling (2 per UNet level after the first)."""
+        levels = len(self.generator.config.block_out_channels)
+        return int(self.info.get("downsample_factor", 1)) * 2 ** (levels - 1)
+
     def __call__(self, images: Image.Image | Sequence[Image.Image], task: str | None = None, *,
-                 source: str | None = None, target: str | None = None, keep_size: bool = True):
-        """Translate PIL image(s): resized to the training resolution, one forward pass for the whole batch,
-        resized back to each input's size (``keep_size``). Returns a list (or one image for one input)."""
+                 source: str | None = None, target: str | None = None, keep_size: bool = True, fit: str = "pad"):
+        """Translate PIL image(s), keeping the aspect ratio by default (``fit``: ``pad``, ``crop``, ``resize``,
+        ``native``; see ``ddstrans.fitting``). One forward pass per batch (per distinct size at ``native``).
+        ``keep_size``: put outputs back at each input's size (else the network's outputs as they are).
+        Returns a list (or one image for one input)."""
+        from ddstrans.fitting import fit_image, restore_image
         from ddstrans.images import pil_to_tensor, tensor_to_pil, to_rgb
 
         single = isinstance(images, Image.Image)
         ims = [images] if single else list(images)
         if not ims:
             return []
-        r = self.resolution
-        x = pil_to_tensor([to_rgb(im).resize((r, r), Image.BICUBIC) for im in ims])
-        out = tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))
-        if keep_size:
-            out = [o.resize(im.size, Image.BICUBIC) if o.size != im.size else o for o, im in zip(out, ims)]
+        if fit == "native" and self.backend == "onnx" and not self.info.get("onnx", {}).get("dynamic_size", True):
+            raise ValueError("fit='native' needs a generator exported with dynamic sizes (this one has position "
+                             "features, traced at the training size)")
+        fitted = [fit_image(to_rgb(im), fit, self.resolution, self.size_multiple) for im in ims]
+        out: list = [None] * len(ims)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (x, _) in enumerate(fitted):
+            groups.setdefault(x.size, []).append(i)
+        for idx in groups.values():
+            x = pil_to_tensor([fitted[i][0] for i in idx])
+            for i, o in zip(idx, tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))):
+                out[i] = restore_image(o, fitted[i][1]) if keep_size else o
         return out[0] if single else out

@@ -69,3 +69,14 @@ def load_script():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="session")
+def shapes_translator_dir(tmp_path_factory):
+    """A random (non-identity) translator of the shapes translator's architecture, exported with ``--onnx``
+    through the real export (32x32 pixels, the five shapes tasks, examples rendered)."""
+    from ddstrans.export import export_checkpoint
+    from ddstrans.testing import make_shapes_checkpoint
+
+    tmp = tmp_path_factory.mktemp("shapes_translator")
+    return export_checkpoint(make_shapes_checkpoint(tmp / "last.ckpt"), tmp / "translator", onnx=True)
