@@ -136,6 +136,7 @@ def _session(root: Path, rel: str, files: dict[str, str], device: torch.device):
                                   "refusing to load")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same CPU share as the PyTorch backend
     return ort.InferenceSession(data, sess_options=opts, providers=_providers(device))
 
 
