@@ -31,7 +31,7 @@ CUSTOM = "custom prompts"
 # small images (the shapes world is 32x32) are drawn large and unsmoothed, so their pixels can be judged
 CSS = """
 #input-image img, #output-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
-#before-after img { image-rendering: pixelated; }
+#before-after img, #batch-gallery img { image-rendering: pixelated; }
 """
 FIT_CHOICES = ("pad", "crop", "resize", "native")
 
@@ -231,7 +231,8 @@ def build_demo(translator, *, max_pixels: int = DEFAULT_MAX_PIXELS, title: str |
             go_many = gr.Button("Translate all", variant="primary", elem_id="batch-btn")
             batch_status = gr.Markdown(elem_id="batch-status")
             zip_out = gr.File(label="Translated images (zip)", elem_id="batch-zip", interactive=False)
-            gallery = gr.Gallery(label="Outputs", elem_id="batch-gallery", format="png")
+            gallery = gr.Gallery(label="Outputs", elem_id="batch-gallery", format="png", columns=6, height=260,
+                                 object_fit="contain")
         go.click(guarded(on_translate), [inp, task, source, target, fit], [slider, out, status], api_name="translate")
         go_many.click(guarded(on_batch), [files, task, source, target, fit], [zip_out, gallery, batch_status],
                       api_name="translate_batch")
