@@ -81,10 +81,13 @@ def make_tiny_sd(
 SHAPES_TASKS = ("to_blue", "to_red", "to_yellow", "to_square", "to_checkered")
 
 
-def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str = "task_id") -> Path:
+def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str = "task_id",
+                           teacher_root: str | Path | None = None) -> Path:
     """Write a training checkpoint (the layout ``ddstrans-train`` saves) of a *random, non-identity* generator of
     the shapes translator's architecture (32x32 pixels, ``configs/generator/shapes.yaml``) with the five shapes
-    tasks: what ``ddstrans export`` reads, without a training run. Returns ``path``."""
+    tasks: what ``ddstrans export`` reads, without a training run. Returns ``path``.
+    ``conditioning="text"`` needs ``teacher_root`` (a teacher with ``text_encoder/`` and ``tokenizer/`` of width
+    64 and 16 tokens, as ``checkpoints/shapes-teacher``), whose text encoder the export copies."""
     from ddstrans.generator import build_generator
 
     torch.manual_seed(seed)
@@ -107,7 +110,7 @@ def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str
             "tasks": {"tasks": tasks, "meta": {}},
             "task_tensors": {"source": emb, "target": emb.clone(), "n_source": torch.ones(len(tasks), dtype=torch.long),
                              "n_target": torch.ones(len(tasks), dtype=torch.long)},
-            "teacher": {"source": "checkpoints/shapes-teacher", "root": None, "prediction_type": "v_prediction",
+            "teacher": {"source": "checkpoints/shapes-teacher", "root": str(teacher_root) if teacher_root else None, "prediction_type": "v_prediction",
                         "latent_channels": 3, "downsample_factor": 1, "latent_scale": 1.0, "image_size": 32,
                         "has_vae": False},
             "run_config": {"task_name": "shapes", "seed": seed, "trainer": {"max_steps": 0},

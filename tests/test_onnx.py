@@ -102,3 +102,32 @@ def test_latent_translator_exports_vae(tiny_teacher_dir, tmp_path):
     err = (pt.translate_tensor(x, "cat2dog") - ox.translate_tensor(x, "cat2dog")).abs().max().item()
     assert err <= PARITY_ATOL, err
     assert np.isfinite(err)
+
+
+def test_text_conditioned_onnx_and_demo_prompts(tmp_path):
+    """A text-conditioned shapes translator: new prompt pairs through ONNX equal PyTorch, and the demo's custom
+    prompts give the translator's output."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ddstrans.demo import CUSTOM, DemoInputError, translate_one
+    from ddstrans.export import export_checkpoint
+    from ddstrans.testing import make_shapes_checkpoint
+
+    teacher = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-teacher"
+    ckpt = make_shapes_checkpoint(tmp_path / "c.ckpt", conditioning="text", teacher_root=teacher)
+    out = export_checkpoint(ckpt, tmp_path / "text", onnx=True, examples=[])
+    assert json.loads((out / "translator.json").read_text())["onnx"]["inputs"] == ["latents", "src_emb", "tgt_emb"]
+    pt, ox = Translator.from_pretrained(out), Translator.from_pretrained(out, backend="onnx")
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    kw = {"source": "a red circle on a striped background", "target": "a blue circle on a striped background"}
+    ref = pt.translate_tensor(x, **kw)
+    assert (ref - ox.translate_tensor(x, **kw)).abs().max().item() <= PARITY_ATOL
+    other = pt.translate_tensor(x, source=kw["source"], target="a red square on a striped background")
+    assert not torch.allclose(ref, other, atol=1e-3)  # the prompts reach the generator
+    im = Image.fromarray((np.random.default_rng(0).random((32, 40, 3)) * 255).astype(np.uint8))
+    res = translate_one(ox, im, CUSTOM, kw["source"], kw["target"])
+    assert res.images[0].tobytes() == ox(im, **kw).tobytes() and "→" in res.label
+    with pytest.raises(DemoInputError, match="Type both"):
+        translate_one(ox, im, CUSTOM, kw["source"], "  ")
