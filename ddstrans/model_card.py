@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EVAL_BEGIN, EVAL_END = "<!-- ddstrans:eval -->", "<!-- /ddstrans:eval -->"
 EXAMPLES_DIR = "examples"
 BEFORE_AFTER = f"{EXAMPLES_DIR}/before_after.png"
@@ -94,8 +96,10 @@ def render_card(info: Mapping, run_config: Mapping | None = None, *, license: st
     teacher = info.get("teacher", {}).get("source") or "unknown"
     tasks = info["tasks"]
     first = tasks[0]["name"]
-    front = {"library_name": "ddstrans", "license": license or "other", "base_model": teacher,
-             "pipeline_tag": "image-to-image", "tags": TAGS + [f"task:{t['name']}" for t in tasks][:20]}
+    front = {"library_name": "ddstrans", "license": license or "other"}
+    if _HUB_ID.match(teacher):  # a local teacher directory is no hub model: named in the text only
+        front["base_model"] = teacher
+    front.update(pipeline_tag="image-to-image", tags=TAGS + [f"task:{t['name']}" for t in tasks][:20])
     rows = "\n".join(f"| `{t['name']}` | {' / '.join(t['source'])} | {' / '.join(t['target'])} |" for t in tasks)
     metrics = info.get("training", {}).get("metrics", {})
     metric_lines = "\n".join(f"- `{k}`: {v:.6g}" for k, v in sorted(metrics.items())

@@ -53,6 +53,17 @@ def test_card_eval_update_keeps_integrity(shapes_translator_dir, tmp_path):
     assert cli(["card", str(shapes_translator_dir), "--eval", str(tmp_path / "bad.json")]) == 1
 
 
+def test_base_model_only_for_hub_ids(shapes_translator_dir):
+    from ddstrans.model_card import render_card
+
+    info = json.loads((shapes_translator_dir / "translator.json").read_text())
+    info["teacher"]["source"] = "/data/models/sd15"
+    card = render_card(info)
+    assert "base_model" not in _front(card) and "`/data/models/sd15`" in card
+    info["teacher"]["source"] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert _front(render_card(info, license="creativeml-openrail-m"))["base_model"] == info["teacher"]["source"]
+
+
 def test_license_from_option_or_teacher_card(tmp_path):
     from ddstrans.model_card import teacher_license
 

@@ -46,6 +46,10 @@ def run(args) -> int:
         tr = Translator.from_pretrained(args.translator, device=pick_device(args.device), backend=args.backend)
     except TranslatorLoadError as e:
         raise CLIError(str(e)) from None
-    print(f"serving {args.translator} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
-    launch(tr, host=args.host, port=args.port, max_pixels=args.max_pixels)
+    print(f"starting the demo of {args.translator} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    try:
+        launch(tr, host=args.host, port=args.port, max_pixels=args.max_pixels)
+    except OSError as e:  # port taken, address not local, ...
+        raise CLIError(f"cannot serve on {args.host}:{args.port} ({str(e).strip().splitlines()[0]}); "
+                       "choose another --port") from None
     return 0
