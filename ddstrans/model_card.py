@@ -81,6 +81,19 @@ def eval_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _target_cell(task: Mapping) -> str:
+    """Target prompts; a per-image task's rewrite as ``pattern -> replacement``."""
+    text = _cell(" / ".join(task["target"]))
+    rw = task.get("rewrite")
+    if rw:
+        text += f", rewritten: `{_cell(rw['pattern'])}` → `{_cell(rw['replacement'])}`"
+    return text
+
+
 def _eval_section(rows: Sequence[Mapping] | None) -> str:
     body = (eval_table(rows) + "\n\nMeasured with `ddstrans eval` on held-out inputs.") if rows else (
         "Not evaluated yet: `ddstrans eval DIR --json eval.json`, then `ddstrans card DIR --eval eval.json` "
@@ -100,7 +113,7 @@ def render_card(info: Mapping, run_config: Mapping | None = None, *, license: st
     if _HUB_ID.match(teacher):  # a local teacher directory is no hub model: named in the text only
         front["base_model"] = teacher
     front.update(pipeline_tag="image-to-image", tags=TAGS + [f"task:{t['name']}" for t in tasks][:20])
-    rows = "\n".join(f"| `{t['name']}` | {' / '.join(t['source'])} | {' / '.join(t['target'])} |" for t in tasks)
+    rows = "\n".join(f"| `{t['name']}` | {_cell(' / '.join(t['source']))} | {_target_cell(t)} |" for t in tasks)
     metrics = info.get("training", {}).get("metrics", {})
     metric_lines = "\n".join(f"- `{k}`: {v:.6g}" for k, v in sorted(metrics.items())
                              if isinstance(v, (int, float))) or "- (none recorded)"
