@@ -59,7 +59,7 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
     """The settings a reader needs to judge the training, from the resolved run config (absent ones left out)."""
     keys = [
         ("steps", "trainer.max_steps"), ("batch size (per device)", "data.batch_size"), ("data", "data._target_"),
-        ("learning rate", "optim.lr"), ("EMA decay", "optim.ema.decay"), ("guidance", "loss.guidance"),
+        ("loss", "loss.method"), ("learning rate", "optim.lr"), ("EMA decay", "optim.ema.decay"), ("guidance", "loss.guidance"),
         ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end", "loss.t_range_end"),
         ("identity weight", "loss.identity_weight"), ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
@@ -187,26 +187,6 @@ refuses tampered files.
 
 
 # ---------------------------------------------------------------------- examples
-def shapes_examples(n: int = 4) -> list:
-    """``n`` held-out shapes-world scenes (seeds never used in training) as PIL images."""
-    import numpy as np
-    from PIL import Image
-
-    from ddstrans.data.shapes import HELD_OUT_SEED
-    from ddstrans.shapes import render_scene
-
-    out = []
-    for i in range(n):
-        img = render_scene(HELD_OUT_SEED + 600_000 + i)["image"]
-        out.append(Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)))
-    return out
-
-
-def is_shapes_run(run_config: Mapping | None) -> bool:
-    target = str(_get(run_config, "data._target_") or "")
-    return "shapes" in target.lower()
-
-
 def write_examples(root: str | Path, translator, images: Sequence, scale: int | None = None) -> bool:
     """Save ``images`` as ``examples/example_<i>.png`` and a before/after grid (input, then each task's output)
     as ``examples/before_after.png``. Returns whether anything was written."""

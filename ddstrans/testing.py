@@ -6,6 +6,9 @@ written with ``StableDiffusionPipeline.save_pretrained`` exactly as a real check
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -114,7 +117,7 @@ def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str
                         "latent_channels": 3, "downsample_factor": 1, "latent_scale": 1.0, "image_size": 32,
                         "has_vae": False},
             "run_config": {"task_name": "shapes", "seed": seed, "trainer": {"max_steps": 0},
-                           "data": {"_target_": "ddstrans.data.shapes.ShapesDataModule", "batch_size": 16}},
+                           "data": {"_target_": "ddstrans.shapes.data.ShapesDataModule", "batch_size": 16}},
             "metrics": {},
         },
     }
@@ -122,3 +125,22 @@ def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return path
+
+
+def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_vae: bool = True, seed: int = 0):
+    """Load the tiny random teacher from ``cache_dir``, writing it first if absent (atomic: safe when several
+    DDP processes start at once)."""
+    from ddstrans.teacher import Teacher
+
+    root = Path(cache_dir).expanduser() / f"{prediction_type}{'' if with_vae else '-pixel'}-s{seed}"
+    if not (root / "unet").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+        make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
+                     sample_size=8 if with_vae else 16, seed=seed)
+        try:
+            os.replace(tmp / "t", root)
+        except OSError:  # another process won the race
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Teacher.from_pretrained(root)

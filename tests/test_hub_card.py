@@ -27,7 +27,7 @@ def test_card_front_matter_examples_and_training(shapes_translator_dir):
     assert "![before and after](examples/before_after.png)" in card
     for name in ("to_blue", "to_checkered", "## Training", "## Evaluation", "Not evaluated yet"):
         assert name in card
-    assert "| data | `ddstrans.data.shapes.ShapesDataModule` |" in card
+    assert "| data | `ddstrans.shapes.data.ShapesDataModule` |" in card
     info = json.loads((shapes_translator_dir / "translator.json").read_text())
     ex = [f for f in info["files"] if f.startswith("examples/")]
     assert ex == ["examples/before_after.png", *(f"examples/example_{i}.png" for i in range(4))]
