@@ -131,3 +131,22 @@ def test_text_conditioned_onnx_and_demo_prompts(tmp_path):
     assert res.images[0].tobytes() == ox(im, **kw).tobytes() and "→" in res.label
     with pytest.raises(DemoInputError, match="Type both"):
         translate_one(ox, im, CUSTOM, kw["source"], "  ")
+
+
+@pytest.mark.slow
+def test_bench_backends_table(shapes_translator_dir):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "bench_translate.py"), "--backends", "eager,onnx",
+                          "--translator", str(shapes_translator_dir), "--rounds", "1", "--batch", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert re.fullmatch(r"onnx_over_eager=\d+\.\d\d", lines[-1]), lines[-1]
+    onnx_row = next(line for line in lines if line.startswith("| onnx |"))
+    assert float(onnx_row.split("|")[6]) <= PARITY_ATOL  # the max abs diff column
