@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def export_checkpoint(
     trust_checkpoint: bool = False,
     onnx: bool = False,
     license: str | None = None,
-    examples: list | None = None,
+    examples: list | Callable[[dict | None], list] | None = None,
 ) -> Path:
     """Write the translator directory; returns its path.
 
@@ -85,8 +86,8 @@ def export_checkpoint(
     otherwise reference the teacher directory by absolute path. ``teacher_path`` overrides the teacher
     location recorded in the checkpoint (e.g. when it moved). ``onnx``: also write ``onnx/`` (see
     ``ddstrans.onnx_export``). ``license``: the model card's license (default: the teacher card's, else "other").
-    ``examples``: PIL images for ``examples/`` and the card's before/after grid (shapes-world runs: rendered
-    held-out scenes when not given)."""
+    ``examples``: PIL images for ``examples/`` and the card's before/after grid, or a function of the run config
+    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``)."""
     from ddstrans.tasks import TaskTable
 
     out = Path(out_dir)
@@ -164,10 +165,8 @@ def _write_extras(tmp: Path, gen, table, info: dict, run_config, teacher_root, *
         emb = tuple(table.source.shape[-2:]) if info["conditioning"] == "text" else None
         info["onnx"] = write_onnx(tmp, gen, vae, resolution=info["resolution"],
                                   downsample_factor=info["downsample_factor"], cross_attention_shape=emb)
-    if examples is None:
-        from ddstrans.shapes.examples import example_images, is_shapes_run
-
-        examples = example_images() if is_shapes_run(run_config) else []
+    if callable(examples):
+        examples = examples(run_config)
     has_example = model_card.write_examples(tmp, Translator(gen, table, info, vae=vae), examples or [])
     lic = license or model_card.teacher_license(teacher_root)
     (tmp / "README.md").write_text(model_card.render_card(info, run_config, license=lic, has_example=has_example))

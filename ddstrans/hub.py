@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -47,27 +48,17 @@ def resolve_translator_path(path: str | Path, *, revision: str | None = None) ->
     return Path(path)
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
-                revision: str | None = None, commit_message: str = "Upload ddstrans translator", api=None) -> str:
-    """Verify ``folder`` against its ``translator.json``, create ``repo_id`` if needed and upload the folder.
-
-    Returns the commit URL. ``api``: an ``HfApi`` (default: ``HfApi(token=token)``)."""
-    import json
-
-    from ddstrans.translator import TranslatorLoadError, verify_tree
-
-    folder = Path(folder)
-    meta = folder / "translator.json"
-    if not meta.is_file():
-        raise TranslatorLoadError(f"{folder}: no translator.json (not an exported translator)")
-    files = json.loads(meta.read_text()).get("files", {})
-    verify_tree(folder, files)
+def upload_translator(folder: str | Path, repo_id: str, files: Iterable[str], *, token: str | None = None,
+                      private: bool = False, revision: str | None = None,
+                      commit_message: str = "Upload ddstrans translator", api=None) -> str:
+    """Create ``repo_id`` if needed and upload ``translator.json`` and ``files`` of ``folder`` (nothing else).
+    ``Translator.push_to_hub`` verifies the folder first. Returns the commit URL. ``api``: an ``HfApi``
+    (default: ``HfApi(token=token)``)."""
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    allow = ["translator.json", *files]
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-                             commit_message=commit_message, allow_patterns=allow)
+                             commit_message=commit_message, allow_patterns=["translator.json", *files])
     return str(getattr(info, "commit_url", info))

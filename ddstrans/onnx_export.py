@@ -25,6 +25,11 @@ import torch
 ONNX_DIR = "onnx"
 OPSET = 17
 GENERATOR_FILE = f"{ONNX_DIR}/generator.onnx"
+
+
+class OnnxLoadError(RuntimeError):
+    """An ONNX file that is missing, unlisted or fails its sha256 (``Translator`` reports it as a load error)."""
+
 VAE_ENCODER_FILE = f"{ONNX_DIR}/vae_encoder.onnx"
 VAE_DECODER_FILE = f"{ONNX_DIR}/vae_decoder.onnx"
 
@@ -126,13 +131,11 @@ def _session(root: Path, rel: str, files: dict[str, str], device: torch.device):
     read of the path after the check)."""
     import onnxruntime as ort
 
-    from ddstrans.translator import TranslatorLoadError
-
     data = (root / rel).read_bytes() if (root / rel).is_file() else None
     if data is None:
-        raise TranslatorLoadError(f"{root}: {rel} is missing (export with `ddstrans export --onnx`)")
+        raise OnnxLoadError(f"{root}: {rel} is missing (export with `ddstrans export --onnx`)")
     if rel not in files or hashlib.sha256(data).hexdigest() != files[rel]:
-        raise TranslatorLoadError(f"{root}: {rel} is not listed in translator.json or does not match its sha256; "
+        raise OnnxLoadError(f"{root}: {rel} is not listed in translator.json or does not match its sha256; "
                                   "refusing to load")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -206,18 +209,16 @@ class OrtVAE:
 
 def use_onnx(translator, root: str | Path, device: str | torch.device = "cpu"):
     """Replace ``translator``'s generator (and VAE) by onnxruntime sessions of ``root/onnx``; returns it."""
-    from ddstrans.translator import TranslatorLoadError
-
     root, device = Path(root), torch.device(device)
     entry = translator.info.get("onnx")
     if not entry:
-        raise TranslatorLoadError(f"{root}: this translator has no ONNX files (export it with `ddstrans export --onnx`)")
+        raise OnnxLoadError(f"{root}: this translator has no ONNX files (export it with `ddstrans export --onnx`)")
     files = translator.info.get("files", {})
     gen = translator.generator
     translator.generator = OrtGenerator(_session(root, entry["generator"], files, device), gen.config, device)
     if translator.vae is not None:
         if "vae_encoder" not in entry:
-            raise TranslatorLoadError(f"{root}: the ONNX export lacks the VAE of this latent translator")
+            raise OnnxLoadError(f"{root}: the ONNX export lacks the VAE of this latent translator")
         translator.vae = OrtVAE(_session(root, entry["vae_encoder"], files, device),
                                 _session(root, entry["vae_decoder"], files, device), translator.vae.config, device)
     translator.backend = "onnx"

@@ -134,18 +134,29 @@ class Translator:
         tr.path = root
         tr.to(device, dtype)
         if backend == "onnx":
-            from ddstrans.onnx_export import use_onnx
+            from ddstrans.onnx_export import OnnxLoadError, use_onnx
 
-            use_onnx(tr, root, tr.device)
+            try:
+                use_onnx(tr, root, tr.device)
+            except OnnxLoadError as e:
+                raise TranslatorLoadError(str(e)) from None
         return tr
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload this translator's directory (verified first) to the hub; see ``ddstrans.hub.push_to_hub``."""
-        from ddstrans.hub import push_to_hub
+        """Verify this translator's directory again (it may have changed since loading), then upload
+        ``translator.json`` and the files it lists to the hub repository ``repo_id`` (created if needed).
+        ``kwargs``: ``token``, ``private``, ``revision``, ``commit_message`` (``ddstrans.hub.upload_translator``).
+        Returns the commit URL."""
+        from ddstrans.hub import upload_translator
 
-        if getattr(self, "path", None) is None:
+        if self.path is None:
             raise ValueError("this Translator was not loaded from a directory; nothing to push")
-        return push_to_hub(self.path, repo_id, **kwargs)
+        meta = self.path / "translator.json"
+        if not meta.is_file():
+            raise TranslatorLoadError(f"{self.path}: no translator.json (not an exported translator)")
+        files = json.loads(meta.read_text()).get("files", {})
+        verify_tree(self.path, files)
+        return upload_translator(self.path, repo_id, list(files), **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:
         # dtype only when given: diffusers' ModelMixin.to warns about float32 modules whenever a dtype key is passed,

@@ -76,7 +76,9 @@ def shapes_translator_dir(tmp_path_factory):
     """A random (non-identity) translator of the shapes translator's architecture, exported with ``--onnx``
     through the real export (32x32 pixels, the five shapes tasks, examples rendered)."""
     from ddstrans.export import export_checkpoint
+    from ddstrans.shapes.examples import examples_for_run
     from ddstrans.testing import make_shapes_checkpoint
 
     tmp = tmp_path_factory.mktemp("shapes_translator")
-    return export_checkpoint(make_shapes_checkpoint(tmp / "last.ckpt"), tmp / "translator", onnx=True)
+    return export_checkpoint(make_shapes_checkpoint(tmp / "last.ckpt"), tmp / "translator", onnx=True,
+                             examples=examples_for_run)

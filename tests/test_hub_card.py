@@ -146,9 +146,10 @@ def test_hub_download_is_verified(shapes_translator_dir, local_hub):
 def test_push_refuses_a_tampered_directory(shapes_translator_dir, local_hub, tmp_path):
     d = tmp_path / "tr"
     shutil.copytree(shapes_translator_dir, d)
-    (d / "tasks.safetensors").write_bytes(b"oops")
+    tr = Translator.from_pretrained(d)
+    (d / "tasks.safetensors").write_bytes(b"oops")  # changed after loading
     with pytest.raises(TranslatorLoadError, match="tasks.safetensors"):
-        hub.push_to_hub(d, "org/x")
+        tr.push_to_hub("org/x")
     assert local_hub.calls == []
 
 

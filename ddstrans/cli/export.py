@@ -49,7 +49,9 @@ def run(args) -> int:
             raise CLIError(str(e)) from None
         name = (ckpt["ddstrans"].get("run_config") or {}).get("task_name") or "translator"
         out = Path("checkpoints") / f"{name}-step{ckpt.get('global_step', 0)}"
-    examples = None
+    from ddstrans.shapes.examples import examples_for_run
+
+    examples = examples_for_run
     if args.examples:
         from ddstrans.images import ImageReadError, load_image
 

@@ -234,13 +234,14 @@ def _export_after_fit(cfg: DictConfig, trainer) -> None:
     from datetime import datetime
 
     from ddstrans.export import export_checkpoint
+    from ddstrans.shapes.examples import examples_for_run
 
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
     if not ckpt:
         print("export_after_fit: no checkpoint was written (callbacks off?); nothing exported", file=sys.stderr)
         return
     out = Path(cfg.paths.checkpoint_dir) / f"{cfg.task_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    export_checkpoint(ckpt, out)
+    export_checkpoint(ckpt, out, examples=examples_for_run)
     print(f"exported translator to {out}")
 
 

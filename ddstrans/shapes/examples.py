@@ -31,3 +31,8 @@ def example_images(n: int = 4) -> list:
         img = render_scene(seed)["image"]
         out.append(Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)))
     return out
+
+
+def examples_for_run(run_config: Mapping | None, n: int = 4) -> list:
+    """Held-out scenes for a shapes-world run, none for any other (``export_checkpoint(examples=...)``)."""
+    return example_images(n) if is_shapes_run(run_config) else []
