@@ -110,6 +110,12 @@ class FID(FrechetInceptionDistance):
     def add_real(self, images: torch.Tensor) -> None:
         self.update(images, real=True)
 
+    def clear_real(self) -> None:
+        """Forget the target images too (the next task has another target domain)."""
+        self.reset_real_features = True
+        self.reset()
+        self.reset_real_features = False
+
     def update_from(self, batch: dict) -> None:
         self.update(batch["outputs"], real=False)
 
@@ -126,12 +132,22 @@ class KID(KernelInceptionDistance):
     needs = ("outputs",)
 
     def __init__(self, feature, subsets: int = 100, subset_size: int = 1000, **kwargs):
-        super().__init__(feature=_features(feature), subsets=subsets, subset_size=subset_size,
-                         reset_real_features=False, **kwargs)
+        import warnings
+
+        with warnings.catch_warnings():  # "will save all extracted features": that is how KID works
+            warnings.simplefilter("ignore", UserWarning)
+            super().__init__(feature=_features(feature), subsets=subsets, subset_size=subset_size,
+                             reset_real_features=False, **kwargs)
         self.max_subset_size = int(subset_size)
 
     def add_real(self, images: torch.Tensor) -> None:
         self.update(images, real=True)
+
+    def clear_real(self) -> None:
+        """Forget the target images too (the next task has another target domain)."""
+        self.reset_real_features = True
+        self.reset()
+        self.reset_real_features = False
 
     def update_from(self, batch: dict) -> None:
         self.update(batch["outputs"], real=False)
