@@ -176,8 +176,10 @@ def _value(s: dict | None):
 def tradeoff_plot(rows: Sequence[dict], path, *, structure: str, similarity: str) -> None:
     """Structure kept (x) vs target similarity (y): one point per row, a line per (task, method) across sweep
     values, each point labeled; written as PNG (matplotlib, Agg)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("the trade-off plot needs matplotlib (pip install 'ddstrans[plot]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
