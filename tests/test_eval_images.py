@@ -167,3 +167,16 @@ def test_bad_input_gives_one_line_each(world, tmp_path, capsys):
         assert main(base + extra) == 1, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert err and err[-1].startswith("error: ") and message in err[-1], (extra, err)
+
+
+def test_inputs_from_shards(world, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(world["images"].glob("im*.png")):
+        shutil.copy(p, src / p.name)
+    assert main(["make-shards", "from-folder", str(src), str(tmp_path / "shards"), "--maxcount", "2", "--no-progress"]) == 0
+    assert main(["eval", str(world["translator"]), "--shards", str(tmp_path / "shards" / "*.tar"), "--limit", "3",
+                 "--dino", str(world["dino"]), "--methods", "identity", "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [(r["task"], r["n"]) for r in rows] == [("cat2lion", 3), ("cat2dog", 3)]
+    assert rows[0]["metrics"]["dino_structure"]["mean"] == 0.0
