@@ -84,7 +84,7 @@ def load_shards(pattern: str, resolution: int, *, limit: int = 0, param: str = "
     reader = OrderedShardReader(expand_urls(pattern), resolution=resolution, batch_size=1, limit=limit)
     reader.pixels_uint8 = True
     pixels, names, captions = [], [], []
-    for key, s in reader.samples():
+    for _, s in reader.samples():
         pixels.append(s["pixels"])
         names.append(s["key"])
         captions.append(s.get("caption") or None)

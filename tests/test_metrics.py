@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ddstrans.images import pil_to_tensor
-from ddstrans.metrics import MetricModelError, MetricUnavailable, available_metrics, build_metrics, mean_ci, summarize
+from ddstrans.metrics import (
+    MetricModelError,
+    MetricUnavailable,
+    available_metrics,
+    build_metrics,
+    mean_ci,
+    summarize,
+)
 from ddstrans.testing import make_tiny_clip, make_tiny_dino, make_tiny_inception
 
 

@@ -113,7 +113,7 @@ def _edit_config(args) -> dict:
 def run(args) -> int:
     from ddstrans import evaluate as E
     from ddstrans.eval_inputs import load_folder, load_paired, load_shards
-    from ddstrans.metrics import SET_LEVEL, MetricUnavailable, available_metrics, build_metrics
+    from ddstrans.metrics import MetricUnavailable, available_metrics, build_metrics
 
     if args.images is not None and args.shards is not None:
         raise CLIError("give --images or --shards, not both")
