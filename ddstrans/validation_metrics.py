@@ -35,7 +35,9 @@ class ImageMetrics(Callback):
                                                                       targets=targets is not None)
         if not self.names:
             raise ValueError("ImageMetrics has no metric to compute: set clip, dino, or fid_features with targets")
-        self.names = [m for m in self.names if m not in ("psnr_background", "ssim_background")]  # no masks here
+        masked = [m for m in self.names if m in ("psnr_background", "ssim_background")]
+        if masked:
+            raise ValueError(f"ImageMetrics has no masks: {', '.join(masked)} can only run in `ddstrans eval --masks`")
         self.n, self.batch_size, self.grid_images = int(n), int(batch_size), int(grid_images)
         self._metrics: dict | None = None
         self._inputs: dict | None = None

@@ -162,6 +162,9 @@ def test_bad_input_gives_one_line_each(world, tmp_path, capsys):
         (["--images", str(w["images"]), "--metrics", "fid", "--fid-features", str(w["inception"])], "needs --targets"),
         (["--images", str(w["images"]), "--tasks", "nope"], "unknown task"),
     ]
+    capsys.readouterr()
+    assert main(["eval", str(w["translator"]), "--methods", "identity", "--n", "2"]) == 1  # no --images: shapes world
+    assert "--images DIR" in capsys.readouterr().err
     for extra, message in cases:
         capsys.readouterr()
         assert main(base + extra) == 1, extra

@@ -72,7 +72,13 @@ def run(args) -> int:
                          ("edit_t_max", 600), ("guidance", SHAPES_EDIT_GUIDANCE), ("batch_size", 64)):
         if getattr(args, key) is None:
             setattr(args, key, default)
-    return run_shapes(args)
+    try:
+        return run_shapes(args)
+    except ValueError as e:
+        if "not a shapes-world caption" not in str(e):
+            raise
+        raise CLIError(f"{e}: without --images or --shards, eval renders the shapes world; evaluate a translator of "
+                       "other images on real ones (--images DIR or --shards PATTERN, see docs/evaluation.md)") from None
 
 
 def run_shapes(args) -> int:
