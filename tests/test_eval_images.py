@@ -79,13 +79,15 @@ def test_acceptance_table_json_grid_plot_and_directional_clip(world, tmp_path, c
     out = tmp_path / "out"
     rc = main(["eval", str(w["translator"]), "--images", str(w["images"]), "--clip", str(w["clip"]), "--dino",
                str(w["dino"]), "--methods", "network,identity,dds", "--edit-steps", "3", "--resolution", "32",
-               "--json", str(out / "eval.json"), "--grid", str(out / "grid.png"), "--plot", str(out / "plot.png")])
+               "--json", str(out / "eval.json"), "--table", str(out / "eval.md"), "--grid", str(out / "grid.png"), "--plot", str(out / "plot.png")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "| cat2lion | network | 5 |" in captured.out and "| cat2dog | dds | 5 |" in captured.out
     assert "broken.png" in captured.err
     assert (out / "grid.png").is_file() and (out / "plot.png").is_file()
+    assert "| cat2dog | dds | 5 |" in (out / "eval.md").read_text()
     report = json.loads((out / "eval.json").read_text())
+    assert report["edit"]["steps"] == 3 and report["edit"]["lr"] == 0.1  # the rest: EditConfig's defaults
     assert [s["file"].endswith("broken.png") for s in report["skipped"]] == [True]
     rows = {(r["task"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {(t, m) for t in ("cat2lion", "cat2dog") for m in ("network", "identity", "dds")}

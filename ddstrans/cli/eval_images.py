@@ -44,6 +44,7 @@ def add_arguments(p) -> None:
     g.add_argument("--sweep", default=None, metavar="guidance=A,B,...|translators",
                    help="trade-off sweep: per-image editing at each guidance scale, or one point per translator "
                         "(several TRANSLATOR arguments: directories or .ckpt files)")
+    g.add_argument("--table", type=Path, default=None, help="also write the markdown table to this file")
     g.add_argument("--plot", type=Path, default=None, help="write the structure vs target-similarity plot (PNG) here")
     g.add_argument("--plot-x", default=None, help="structure metric of the plot (default: lpips or dino_structure)")
     g.add_argument("--plot-y", default=None, help="similarity metric of the plot (default: clip_target)")
@@ -194,12 +195,20 @@ def run(args) -> int:
                                targets=(lambda t: targets.get(t.name, targets.get(None))) if targets else None,
                                batch_size=args.batch_size or 8, progress=True,
                                num_examples=args.grid_examples, examples=examples)
-    print(E.format_table(rows))
+    table = E.format_table(rows)
+    print(table)
+    if args.table:
+        _write(args.table, table + "\n")
+        print(f"wrote {args.table}")
+    from dataclasses import asdict
+
+    from ddstrans.editing import EditConfig
+
     report = {"rows": rows, "skipped": [{"file": f, "reason": r} for f, r in inputs.skipped],
               "inputs": {"images": str(args.images or args.shards), "n": len(inputs),
                          "resolution": int(inputs.pixels.shape[-1])},
               "models": {"clip": args.clip, "dino": args.dino, "fid_features": args.fid_features},
-              "edit": _edit_config(args)}
+              "edit": asdict(EditConfig(**_edit_config(args))) if any(m in E.EDIT_METHODS for m in methods) else None}
     if args.json:
         _write(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
