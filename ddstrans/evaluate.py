@@ -85,9 +85,10 @@ def evaluate_jobs(inputs, jobs: Sequence[Job], metrics: dict, *, teacher=None, p
     captions = inputs.captions
     device = next((p.device for m in metrics.values() for p in m.parameters()), torch.device("cpu"))
     rows, real_task = [], None
+    prompts = {job.task.name: prompts_for(job.task, captions) for job in jobs}  # a missing caption fails first
     bar = tqdm(total=len(jobs) * n, desc="eval", unit="img", disable=not progress)
     for job in jobs:
-        src, tgt = prompts_for(job.task, captions)
+        src, tgt = prompts[job.task.name]
         if any(k in metrics for k in SET_LEVEL) and real_task is not job.task.name:
             real = targets(job.task) if targets else None
             for k in SET_LEVEL:

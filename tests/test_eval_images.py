@@ -167,6 +167,9 @@ def test_bad_input_gives_one_line_each(world, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(w["translator"]), "--methods", "identity", "--n", "2"]) == 1  # no --images: shapes world
     assert "--images DIR" in capsys.readouterr().err
+    assert main(["eval", "--images", str(w["images"]), "--dino", str(w["dino"]), "--methods", "identity",
+                 "--prompt-pair", "{caption}|a lion"]) == 1  # a per-image task and inputs without captions
+    assert "fills its prompts from each image's caption" in capsys.readouterr().err
     for extra, message in cases:
         capsys.readouterr()
         assert main(base + extra) == 1, extra
