@@ -89,8 +89,10 @@ def evaluate_jobs(inputs, jobs: Sequence[Job], metrics: dict, *, teacher=None, p
     bar = tqdm(total=len(jobs) * n, desc="eval", unit="img", disable=not progress)
     for job in jobs:
         src, tgt = prompts[job.task.name]
-        if any(k in metrics for k in SET_LEVEL) and real_task is not job.task.name:
+        if any(k in metrics for k in SET_LEVEL) and real_task != job.task.name:
             real = targets(job.task) if targets else None
+            if real is None or len(real) == 0:
+                raise ValueError(f"fid/kid need target images (targets) for task {job.task.name!r}")
             for k in SET_LEVEL:
                 if k in metrics:
                     metrics[k].clear_real()

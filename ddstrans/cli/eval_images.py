@@ -113,7 +113,7 @@ def _edit_config(args) -> dict:
 
 def run(args) -> int:
     from ddstrans import evaluate as E
-    from ddstrans.eval_inputs import load_folder, load_paired, load_shards
+    from ddstrans.eval_inputs import image_files, load_folder, load_paired, load_shards
     from ddstrans.metrics import MetricUnavailable, available_metrics, build_metrics
 
     if args.images is not None and args.shards is not None:
@@ -150,6 +150,23 @@ def run(args) -> int:
     if len(args.translator) > 1 and args.sweep != "translators":
         raise CLIError("several translators are a sweep: add --sweep translators")
 
+    if args.images is not None:
+        image_files(args.images, "--images")  # an empty or missing folder fails before any model loads
+    # metric models load before the translator and the teacher: a wrong --clip fails in seconds
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else available_metrics(
+        clip=args.clip, dino=args.dino, fid_features=args.fid_features, masks=args.masks is not None,
+        targets=bool(args.targets))
+    if not names:
+        raise CLIError("no metric to compute: give --clip, --dino, --masks or --fid-features with --targets")
+    plot_axes = _plot_axes(args, names) if args.plot else None
+    try:
+        metrics = build_metrics(names, clip=args.clip, dino=args.dino, fid_features=args.fid_features,
+                                masks=args.masks is not None, targets=bool(args.targets), kid_subsets=args.kid_subsets)
+    except MetricUnavailable as e:
+        raise _flag_error(e) from None
+    for m in metrics.values():
+        m.to(device)
+
     with tempfile.TemporaryDirectory(prefix="ddstrans-eval-") as tmp:
         translators = _load_translators(args.translator, device, args.teacher, tmp)
         first = translators[0][1] if translators else None
@@ -177,18 +194,6 @@ def run(args) -> int:
         precomputed = {k: load_paired(v, inputs, param=f"--outputs {k}") for k, v in precomputed_dirs.items()}
         masks = load_paired(args.masks, inputs, param="--masks", mask=True) if args.masks else None
         targets = _targets(args.targets, tasks, resolution or int(inputs.pixels.shape[-1]))
-        names = [m.strip() for m in args.metrics.split(",")] if args.metrics else available_metrics(
-            clip=args.clip, dino=args.dino, fid_features=args.fid_features, masks=masks is not None,
-            targets=bool(targets))
-        if not names:
-            raise CLIError("no metric to compute: give --clip, --dino, --masks or --fid-features with --targets")
-        try:
-            metrics = build_metrics(names, clip=args.clip, dino=args.dino, fid_features=args.fid_features,
-                                    masks=masks is not None, targets=bool(targets), kid_subsets=args.kid_subsets)
-        except MetricUnavailable as e:
-            raise _flag_error(e) from None
-        for m in metrics.values():
-            m.to(device)
         jobs = _jobs(methods, tasks, translators, sweep_guidance, _edit_config(args))
         examples = {} if args.grid else None
         rows = E.evaluate_jobs(inputs, jobs, metrics, teacher=teacher, precomputed=precomputed, masks=masks,
@@ -217,15 +222,20 @@ def run(args) -> int:
         E.examples_grid(examples).save(args.grid)
         print(f"wrote {args.grid} (per task: input | {' | '.join(r['method'] for r in rows if r['task'] == rows[0]['task'])})")
     if args.plot:
-        x = args.plot_x or next((k for k in ("lpips", "dino_structure") if k in metrics), None)
-        y = args.plot_y or next((k for k in ("clip_target", "clip_direction") if k in metrics), None)
-        if x is None or y is None or x not in metrics or y not in metrics:
-            raise CLIError(f"--plot needs a structure and a similarity metric (got x={x}, y={y}); give --dino/--clip "
-                           "or --plot-x/--plot-y")
+        x, y = plot_axes
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         E.tradeoff_plot(rows, args.plot, structure=x, similarity=y)
         print(f"wrote {args.plot} ({x} vs {y})")
     return 0
+
+
+def _plot_axes(args, names) -> tuple[str, str]:
+    x = args.plot_x or next((k for k in ("lpips", "dino_structure") if k in names), None)
+    y = args.plot_y or next((k for k in ("clip_target", "clip_direction") if k in names), None)
+    if x is None or y is None or x not in names or y not in names:
+        raise CLIError(f"--plot needs a structure and a similarity metric among those computed (x={x}, y={y}); "
+                       "give --dino and --clip, or --plot-x/--plot-y")
+    return x, y
 
 
 def _targets(specs, tasks, resolution) -> dict:
