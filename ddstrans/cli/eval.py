@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
              "held-out shapes-world inputs (accuracy, IoU, PSNR, diversity, time)",
         description="Real images (--images DIR or --shards): for every task, score identity, the exported network, "
         "per-image DDS/SDS editing and precomputed outputs (--outputs) with the metrics whose models are given "
-        "(--clip, --dino, --fid-features with --targets, --masks); mean +- 95%% CI per metric. Shapes world (no "
+        "(--clip, --dino, --fid-features with --targets, --masks); mean +- 95% CI per metric. Shapes world (no "
         "--images): render N held-out scenes that each task changes and score with the renderer's ground truth. "
         "Prints a markdown table; --json writes the rows.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
