@@ -45,9 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--edit-t-max", type=int, default=None,
                    help="per-image editing samples t in [50, edit-t-max) (unset: 600 on the shapes world, 950 on real images)")
     p.add_argument("--guidance", type=float, default=None,
-                   help=f"CFG scale of per-image editing (unset: {SHAPES_EDIT_GUIDANCE} on the shapes world, the shipped "
-                        "shapes teacher's card setting — at the SD reference 7.5 it keeps outlines less well: mask IoU "
-                        "0.839 vs 0.984 on yellow->green, 16 inputs; EditConfig's default on real images)")
+                   help=f"CFG scale of per-image editing (unset: {SHAPES_EDIT_GUIDANCE} on the shapes world, "
+                        "ddstrans.shapes.defaults.SHAPES_EDIT_GUIDANCE: the shipped shapes teacher's setting, as higher "
+                        "guidance amplifies its errors and loses outlines; EditConfig's default on real images)")
     p.add_argument("--batch-size", type=int, default=None, help="inputs per batch (unset: 64 shapes, 8 real images)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -82,7 +82,8 @@ def run(args) -> int:
 
 
 def run_shapes(args) -> int:
-    from ddstrans.evaluation import METHODS, evaluate, format_table
+    from ddstrans.editing import EditConfig
+    from ddstrans.shapes.evaluation import METHODS, evaluate, format_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -127,14 +128,14 @@ def run_shapes(args) -> int:
             except ValueError as e:
                 raise CLIError(str(e)) from None
         tasks = picked
-    edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance_scale": args.guidance,
-            "t_range": (50, args.edit_t_max)}
+    edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance": args.guidance,
+            "t_range": (EditConfig.t_range[0], args.edit_t_max)}
     examples = {} if args.grid else None
     rows = evaluate(tasks, args.n, methods, translator=translator, teacher=teacher, edit_config=edit,
                     batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples)
     print(format_table(rows))
     if args.grid:
-        from ddstrans.evaluation import examples_grid
+        from ddstrans.shapes.evaluation import examples_grid
 
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         examples_grid(examples, methods).save(args.grid)

@@ -103,11 +103,13 @@ def _tasks(args, translator) -> list:
 
 def _edit_config(args) -> dict:
     cfg = {}
-    for key, val in (("steps", args.edit_steps), ("lr", args.edit_lr), ("guidance_scale", args.guidance)):
+    from ddstrans.editing import EditConfig
+
+    for key, val in (("steps", args.edit_steps), ("lr", args.edit_lr), ("guidance", args.guidance)):
         if val is not None:
             cfg[key] = val
     if args.edit_t_max is not None:
-        cfg["t_range"] = (50, args.edit_t_max)
+        cfg["t_range"] = (EditConfig.t_range[0], args.edit_t_max)
     return cfg
 
 
@@ -209,11 +211,12 @@ def run(args) -> int:
 
     from ddstrans.editing import EditConfig
 
+    edit = {k: v for k, v in asdict(EditConfig(**_edit_config(args))).items() if not k.startswith("_")}
     report = {"rows": rows, "skipped": [{"file": f, "reason": r} for f, r in inputs.skipped],
               "inputs": {"images": str(args.images or args.shards), "n": len(inputs),
                          "resolution": int(inputs.pixels.shape[-1])},
               "models": {"clip": args.clip, "dino": args.dino, "fid_features": args.fid_features},
-              "edit": asdict(EditConfig(**_edit_config(args))) if any(m in E.EDIT_METHODS for m in methods) else None}
+              "edit": edit if any(m in E.EDIT_METHODS for m in methods) else None}
     if args.json:
         _write(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
@@ -269,7 +272,7 @@ def _jobs(methods, tasks, translators, sweep_guidance, edit) -> list:
                     many = len(translators) > 1
                     jobs.append(Job(task, m, translator=tr, sweep=label if many else None))
             elif m in EDIT_METHODS and sweep_guidance:
-                jobs.extend(Job(task, m, edit_config={**edit, "guidance_scale": g}, sweep=g) for g in sweep_guidance)
+                jobs.extend(Job(task, m, edit_config={**edit, "guidance": g}, sweep=g) for g in sweep_guidance)
             else:
                 jobs.append(Job(task, m, edit_config=edit, translator=translators[0][1] if translators else None))
     return jobs
