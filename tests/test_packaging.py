@@ -83,3 +83,16 @@ def test_wheel_holds_configs_and_teacher(tmp_path):
         assert expected and expected <= names, sorted(expected - names)[:5]
     assert "ddstrans/assets.py" in names and "ddstrans/cli/train.py" in names
     assert not any(n.startswith(("configs/", "checkpoints/")) for n in names)  # nothing at the top level
+
+
+def test_make_shards_from_teacher_defaults_to_the_shipped_teacher(tmp_path):
+    import json
+
+    from ddstrans.cli.main import main
+
+    out = tmp_path / "shards"
+    assert main(["make-shards", "from-teacher", str(out), "--prompt", "a red circle on a striped background",
+                 "--count", "1", "--steps", "2", "--guidance", "2", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Path(manifest["teacher"]).resolve() == assets.shapes_teacher_dir().resolve()
+    assert manifest["count"] == 1
