@@ -185,8 +185,12 @@ def build_module(cfg: DictConfig, teacher=None):
     from ddstrans.module import DDSTranslationModule
     from ddstrans.validation import validate_with_teacher
 
+    from ddstrans.savers import apply_teacher_savers
+
     teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
     validate_with_teacher(cfg, teacher)
+    memory = cfg.model.get("memory")
+    apply_teacher_savers(teacher, OmegaConf.to_container(memory, resolve=True) if memory is not None else None)
     inst = hydra.utils.instantiate
     optim = cfg.optim
     try:
