@@ -76,7 +76,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: st
         from ddstrans.lora import merge_to_translation_unet
 
         try:
-            gen = merge_to_translation_unet(gen)
+            gen = merge_to_translation_unet(gen, in_place=True)  # one copy of the UNet in memory
         except ValueError as e:
             raise ExportError(str(e)) from None
     return gen.eval(), used_ema

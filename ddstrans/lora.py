@@ -260,31 +260,43 @@ def build_lora_generator(*, teacher=None, num_tasks: int = 1, conditioning: str 
 
 
 @torch.no_grad()
-def merged_unet_state_dict(gen: LoRATeacherGenerator) -> dict[str, torch.Tensor]:
+def merged_unet_state_dict(gen: LoRATeacherGenerator, in_place: bool = False) -> dict[str, torch.Tensor]:
     """The UNet's weights with every adapter folded in (``W + scale * B @ A``, float32) and the trained
-    ``conv_out`` twin as ``conv_out``: a plain ``UNet2DConditionModel`` state_dict."""
+    ``conv_out`` twin as ``conv_out``: a plain ``UNet2DConditionModel`` state_dict.
+
+    ``in_place=True`` folds the adapters into the shared weights themselves and returns them without a copy (one
+    copy of the UNet in memory: for export, after which ``gen`` and its teacher must not be used)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    layers = [(n, m) for n, m in gen.unet.named_modules()
+              if isinstance(m, BaseTunerLayer) and "default" in getattr(m, "lora_A", {})]
+    if in_place:
+        for _, layer in layers:
+            layer.base_layer.weight.data = layer.base_layer.weight.data.float()
+            layer.merge(adapter_names=["default"])
     out = {}
     for k, v in gen.unet.state_dict().items():
         if ".lora_" in k or k.startswith("conv_out.base."):
             continue
-        out[k.replace(".base_layer.", ".").replace("conv_out.twin.", "conv_out.")] = v.detach().float().clone()
-    for name, layer in gen.unet.named_modules():
-        if isinstance(layer, BaseTunerLayer) and "default" in getattr(layer, "lora_A", {}):
+        out[k.replace(".base_layer.", ".").replace("conv_out.twin.", "conv_out.")] = (
+            v.detach().float() if in_place else v.detach().float().clone())
+    if not in_place:
+        for name, layer in layers:
             out[f"{name}.weight"] += layer.get_delta_weight("default").float()
     return out
 
 
 @torch.no_grad()
-def merge_to_translation_unet(gen: LoRATeacherGenerator):
+def merge_to_translation_unet(gen: LoRATeacherGenerator, in_place: bool = False):
     """A self-contained ``TranslationUNet`` computing what ``gen`` computes (to float tolerance), without PEFT and
     without the teacher: the teacher's architecture, the merged weights, the same fixed timestep and context.
-    ``ValueError`` when the teacher's UNet uses options a ``TranslationUNet`` cannot express."""
+    ``ValueError`` when the teacher's UNet uses options a ``TranslationUNet`` cannot express. ``in_place``: see
+    :func:`merged_unet_state_dict` (the result then shares the UNet's storage)."""
     from ddstrans.generator import TranslationUNet
 
     c, t = gen.config, gen.unet.config
-    tu = TranslationUNet(
+    with torch.device("meta"):  # no second copy of the weights: they are assigned below
+        tu = TranslationUNet(
         in_channels=t.in_channels, sample_size=t.sample_size, conditioning=c.conditioning,
         num_tasks=c.num_tasks if c.conditioning == "task_id" else 1, num_task_tokens=c.num_task_tokens,
         text_mode=c.text_mode if c.conditioning == "text" else "concat", cross_attention_dim=c.cross_attention_dim,
@@ -297,9 +309,9 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator):
     if t.out_channels != t.in_channels:
         raise ValueError(f"cannot merge: the teacher UNet has {t.out_channels} output and {t.in_channels} input "
                          "channels (a TranslationUNet maps latents to latents)")
-    sd = merged_unet_state_dict(gen)
+    sd = merged_unet_state_dict(gen, in_place)
     try:
-        res = tu.unet.load_state_dict(sd, strict=False)
+        res = tu.unet.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:
         raise ValueError(f"cannot merge into a TranslationUNet (the teacher UNet's layout differs: "
                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
@@ -308,10 +320,14 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator):
         raise ValueError(f"cannot merge into a TranslationUNet: missing {missing[:3]}, unexpected "
                          f"{res.unexpected_keys[:3]} (the teacher UNet's layout differs)")
     if c.conditioning == "task_id":
-        tu.task_tokens.weight.copy_(gen.task_tokens.weight.float())
-        tu.unet.class_embedding.weight.zero_()  # the LoRA generator has no class embedding: add nothing
+        tu.task_tokens.weight = nn.Parameter(gen.task_tokens.weight.detach().float().clone())
+        # the LoRA generator has no class embedding: a zero one adds nothing
+        tu.unet.class_embedding.weight = nn.Parameter(torch.zeros(tu.unet.class_embedding.weight.shape))
     else:
-        tu.segment.copy_(gen.segment.float())
+        tu.segment = nn.Parameter(gen.segment.detach().float().clone())
+    left = [n for n, p in tu.named_parameters() if p.is_meta] + [n for n, b in tu.named_buffers() if b.is_meta]
+    if left:
+        raise ValueError(f"cannot merge into a TranslationUNet: no weights for {left[:3]}")
     return tu.eval()
 
 
