@@ -143,7 +143,9 @@ class LoRATeacherGenerator(nn.Module):
     def _set_adapters(self, on: bool) -> None:
         # PEFT's own enable_adapters() also flips requires_grad of the adapter weights, which would hide them from
         # the optimizer and from DDP; only the forward switch is wanted here.
-        for layer in _tuner_layers(self.unet):
+        if getattr(self, "_layers", None) is None:
+            self._layers = _tuner_layers(self.unet)  # a plain list (not registered as submodules)
+        for layer in self._layers:
             layer._disable_adapters = not on
         self.unet.conv_out.active = on
 
