@@ -40,7 +40,7 @@ def narrowed(cfg: dict, width_divisor: int, kind: str) -> dict:
     if kind == "unet":
         c["cross_attention_dim"] = max(32, cfg["cross_attention_dim"] // d)
     if kind == "text":
-        c["hidden_size"] = max(32, cfg["hidden_size"] // d)
+        c["hidden_size"] = max(32, cfg["hidden_size"] // d // 8 * 8)
         c["intermediate_size"] = max(64, cfg["intermediate_size"] // d)
         c["num_attention_heads"] = 4
         c["projection_dim"] = c["hidden_size"]
