@@ -38,7 +38,7 @@ def narrowed(cfg: dict, width_divisor: int, kind: str) -> dict:
         c["block_out_channels"] = [max(8, ch // d // 8 * 8) for ch in cfg["block_out_channels"]]
         c["norm_num_groups"] = next(g for g in (32, 16, 8) if all(ch % g == 0 for ch in c["block_out_channels"]))
     if kind == "unet":
-        c["cross_attention_dim"] = max(32, cfg["cross_attention_dim"] // d)
+        c["cross_attention_dim"] = max(32, cfg["cross_attention_dim"] // d // 8 * 8)  # = the text width
     if kind == "text":
         c["hidden_size"] = max(32, cfg["hidden_size"] // d // 8 * 8)
         c["intermediate_size"] = max(64, cfg["intermediate_size"] // d)
