@@ -135,7 +135,7 @@ def _attention(kind: str):
         F.scaled_dot_product_attention = orig
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def activation_profile(arch: str, resolution: int, batch: int, generator: str = "lora", precision: str = "bf16",
                        attention: str = "sdpa", lora_rank: int = 8) -> dict:
     """Bytes autograd saves in the generator's forward (total, per checkpointable unit) and the largest tensor of a
@@ -181,7 +181,7 @@ def activation_profile(arch: str, resolution: int, batch: int, generator: str = 
     x = torch.zeros(batch, 4, hw, hw, dtype=dtype, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     with _attention(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, t, **_unet_kwargs(arch, batch, hw, dtype)).sample
+        unet(x, t, **_unet_kwargs(arch, batch, hw, dtype))
     for h in hooks:
         h.remove()
     unit_total = sum(per_unit.values())
@@ -189,7 +189,7 @@ def activation_profile(arch: str, resolution: int, batch: int, generator: str = 
     return {"saved": state["total"], "saved_checkpointed": ckpt, "max_unit": max(per_unit.values(), default=0)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def largest_tensor(arch: str, resolution: int, batch: int, part: str = "unet", dtype_bytes: int = 2,
                    attention: str = "sdpa") -> tuple[int, int]:
     """Bytes of the largest module output of a no-grad forward (UNet at ``batch``, or the VAE encoder), and of the
@@ -235,7 +235,6 @@ def largest_tensor(arch: str, resolution: int, batch: int, part: str = "unet", d
 def predict(s: Setting, counts: dict | None = None) -> dict:
     """Predicted peak bytes of one training step, with its parts (GiB)."""
     counts = counts or parameter_counts(s.arch, s.lora_rank)
-    act_bytes = 4 if s.precision == "fp32" else 2
     tb = DTYPE_BYTES[s.teacher_dtype]
     teacher = (counts["unet"] + counts["text"] + counts["vae"]) * tb
     trainable = counts["unet"] if s.generator == "full" else counts["lora_trainable"]

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         counts[kind] = {**tensor_counts(ckpt), **translator_counts(out)}
 
     print(f"SD-1.5 architecture / width_divisor={args.width_divisor}, {args.resolution} px, {args.steps} train steps")
-    print(f"| stage | wall s | peak RSS GiB |\n|---|---:|---:|")
+    print("| stage | wall s | peak RSS GiB |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['stage']} | {r['wall_s']} | {r['peak_rss_gib'] if r['peak_rss_gib'] is not None else '-'} |")
     print("| generator | checkpoint params | checkpoint MB | translator generator params | translator MB |")

@@ -44,8 +44,8 @@ class StepTimer(L.Callback):
 
 
 def make_shards(work: Path, n_images: int, size: int, env: dict) -> Path:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     src, out = work / "images", work / "shards"
     if (out / "manifest.json").is_file():
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
     shards = make_shards(work, 256, max(args.resolution, 32), env)
-    teacher = ([f"teacher=local", f"teacher.path_or_hub_id={args.teacher}"] if args.teacher else ["teacher=tiny_random"])
+    teacher = (["teacher=local", f"teacher.path_or_hub_id={args.teacher}"] if args.teacher else ["teacher=tiny_random"])
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         rate = loader_rate(shards, args.batch, workers, args.resolution)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                    else "trainer.precision=bf16-mixed", f"trainer.max_steps={args.steps}",
                    "trainer.val_check_interval=100000", "trainer.limit_val_batches=0",
                    "trainer.enable_progress_bar=false", "logger=none", "callbacks=none",
-                   f"+callbacks.step_timer._target_=bench_scaling.StepTimer", f"+callbacks.step_timer.path={stamps}",
+                   "+callbacks.step_timer._target_=bench_scaling.StepTimer", f"+callbacks.step_timer.path={stamps}",
                    f"hydra.run.dir={work / f'run-p{n}-w{workers}'}"]
             log = work / f"train-p{n}-w{workers}.log"
             with open(log, "w") as f:
