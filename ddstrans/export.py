@@ -42,12 +42,21 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
-    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available)."""
+def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: str | Path | None = None):
+    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available).
+
+    A LoRA generator's checkpoint holds only the adapters: it is rebuilt on the teacher's UNet (read from
+    ``teacher_root``, default: the directory recorded in the checkpoint) and merged into a ``TranslationUNet``."""
     from ddstrans.generator import TranslationUNet
 
     payload = ckpt["ddstrans"]
-    gen = TranslationUNet.from_config(payload["generator_config"])
+    lora = payload.get("generator_class") == "LoRATeacherGenerator"
+    if lora:
+        from ddstrans.lora import lora_generator_from_config
+
+        gen = lora_generator_from_config(_teacher_unet(payload, teacher_root), payload["generator_config"])
+    else:
+        gen = TranslationUNet.from_config(payload["generator_config"])
     sd = {k[len("generator."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
     gen.load_state_dict(sd)
     used_ema = False
@@ -55,7 +64,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
         ema = ckpt.get("ema")
         if ema is None:
             raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); export with use_ema=False")
-        params = list(gen.parameters())
+        params = [p for _, p in gen.trainable_named_parameters()] if lora else list(gen.parameters())
         shadow = ema["shadow_params"]
         if len(shadow) != len(params):
             raise ExportError(f"EMA has {len(shadow)} tensors but the generator {len(params)}")
@@ -63,7 +72,25 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
             for p, s in zip(params, shadow):
                 p.copy_(s.to(p.dtype))
         used_ema = True
+    if lora:
+        from ddstrans.lora import merge_to_translation_unet
+
+        try:
+            gen = merge_to_translation_unet(gen, in_place=True)  # one copy of the UNet in memory
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     return gen.eval(), used_ema
+
+
+def _teacher_unet(payload: dict, teacher_root: str | Path | None):
+    """The teacher's UNet (float32) from ``teacher_root`` or the directory the checkpoint records."""
+    from diffusers import UNet2DConditionModel
+
+    root = teacher_root or payload["teacher"].get("root")
+    if root is None or not (Path(root) / "unet").is_dir():
+        raise ExportError(f"a LoRA checkpoint holds only the adapters; the teacher directory {str(root)!r} (recorded "
+                          "in the checkpoint) has no unet/: give teacher_path, the teacher's diffusers directory")
+    return UNet2DConditionModel.from_pretrained(Path(root), subfolder="unet", torch_dtype=torch.float32)
 
 
 def _model_card(info: dict, run_config: dict | None) -> str:
@@ -145,11 +172,11 @@ def export_checkpoint(
         shutil.rmtree(out)
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
-    gen, used_ema = generator_from_checkpoint(ckpt, use_ema)
-    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
     teacher = payload["teacher"]
-    conditioning = gen.config.conditioning
     root = Path(teacher_path) if teacher_path else (Path(teacher["root"]) if teacher.get("root") else None)
+    gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root)
+    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
+    conditioning = gen.config.conditioning
     needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "

@@ -13,7 +13,10 @@ Conditioning (``conditioning`` in the config):
   attention-pooled and added to the time embedding, so that every ResNet block is modulated by the prompts as
   task ids modulate it through the class embedding (``text_pooling=False``: cross-attention only). The exported
   model can then be asked for prompt pairs it never saw in training.
-  ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
+  ``text_mode="delta"`` feeds ``[tgt, tgt - src]``, ``text_mode="target"`` the target tokens alone (the merged
+  LoRA generator's mode: the teacher's own input).
+
+``timestep``: the fixed timestep the backbone runs at (0; a merged LoRA generator keeps the one it was trained at).
 
 Position features (``position_frequencies`` > 0): a convolutional UNet is (up to its padding) translation
 equivariant, so it can only draw a texture whose phase is tied to the input's content. Some targets have no
@@ -33,7 +36,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 CONDITIONINGS = ("task_id", "text")
-TEXT_MODES = ("concat", "delta")
+TEXT_MODES = ("concat", "delta", "target")
 
 
 def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Tensor:
@@ -80,6 +83,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         text_pooling: bool = True,
         position_frequencies: int = 0,
+        timestep: int = 0,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -152,12 +156,14 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             if task_ids is None:
                 raise ValueError("task_id conditioning needs task_ids")
             return self.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
-        if src_emb is None or tgt_emb is None:
+        if tgt_emb is None or (src_emb is None and cfg.text_mode != "target"):
             raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
+        seg = self.segment.to(dtype)
+        if cfg.text_mode == "target":
+            return tgt_emb.to(dtype) + seg[0]
         src, tgt = src_emb.to(dtype), tgt_emb.to(dtype)
         first = tgt if cfg.text_mode == "delta" else src
         second = tgt - src if cfg.text_mode == "delta" else tgt
-        seg = self.segment.to(dtype)
         return torch.cat([first + seg[0], second + seg[1]], dim=1)
 
     def forward(
@@ -169,7 +175,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         b = z.shape[0]
         ctx = self.context(b, task_ids, src_emb, tgt_emb)
-        t = torch.zeros(b, device=z.device, dtype=torch.long)
+        t = torch.full((b,), self.config.get("timestep", 0), device=z.device, dtype=torch.long)
         class_labels = task_ids if self.config.conditioning == "task_id" else None
         x = z.to(self.unet.conv_in.weight.dtype)
         if self.config.position_frequencies:

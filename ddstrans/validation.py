@@ -176,6 +176,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_global_batch(cfg)
     _check_teacher_path(cfg)
     _check_image_metrics(cfg)
+    from ddstrans.savers import check_config
+
+    check_config(cfg, ConfigError)  # LoRA rank, 8-bit optimizer library, FSDP, memory switches
 
 
 def data_resolution(cfg) -> int | None:
@@ -188,6 +191,9 @@ def data_resolution(cfg) -> int | None:
 
 def validate_with_teacher(cfg: DictConfig, teacher) -> None:
     """Checks that need the loaded teacher; raises ``ConfigError``."""
+    from ddstrans.savers import check_with_teacher
+
+    check_with_teacher(cfg, teacher, ConfigError)  # LoRA target modules exist in its UNet
     f = int(getattr(teacher, "downsample_factor", 1) or 1)
     res = data_resolution(cfg)
     if res is not None and f > 1 and res % f:

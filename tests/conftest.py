@@ -69,3 +69,13 @@ def load_script():
         return mod
 
     return load
+
+
+def pytest_collection_modifyitems(config, items):
+    """``fullsize`` tests (minutes, several GB) run only when ``-m`` names them (e.g. ``-m fullsize``)."""
+    if "fullsize" in (config.option.markexpr or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("fullsize") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("fullsize") is not None])
+        items[:] = keep

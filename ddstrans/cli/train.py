@@ -116,10 +116,13 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def build_module(cfg: DictConfig, teacher=None):
     """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
+    from ddstrans.savers import apply_teacher_savers
     from ddstrans.validation import validate_with_teacher
 
     teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
     validate_with_teacher(cfg, teacher)
+    memory = cfg.model.get("memory")
+    apply_teacher_savers(teacher, OmegaConf.to_container(memory, resolve=True) if memory is not None else None)
     inst = hydra.utils.instantiate
     optim = cfg.optim
     try:
