@@ -31,8 +31,11 @@ def is_lora(cfg) -> bool:
     return str(_sel(cfg, "generator._target_", "")).endswith("build_lora_generator")
 
 
-def check_config(cfg, error=ValueError) -> None:
-    """Cheap checks (no teacher): LoRA rank, 8-bit optimizer library, FSDP settings, memory switches."""
+def check_config(cfg, error=ValueError, *, processes: int = 1) -> None:
+    """Cheap checks (no teacher): LoRA rank, 8-bit optimizer library, FSDP settings, memory switches.
+
+    ``processes`` is the number of training processes the config starts (devices x nodes), which FSDP needs >= 2.
+    """
     if is_lora(cfg):
         rank = _sel(cfg, "generator.rank", 8)
         if rank is None or int(rank) <= 0:
@@ -47,13 +50,11 @@ def check_config(cfg, error=ValueError) -> None:
     strategy = _sel(cfg, "trainer.strategy", "auto")
     name = str(_sel(cfg, "trainer.strategy._target_", strategy) if OmegaConf.is_dict(strategy) else strategy)
     if "fsdp" in name.lower():
-        from ddstrans.validation import world_size
-
         accel = str(_sel(cfg, "trainer.accelerator", "auto"))
         if accel == "cpu":
             raise error("trainer=fsdp with trainer.accelerator=cpu: Lightning's FSDP strategy runs on GPUs only; on "
                         "CPU use trainer=ddp (several processes) or trainer=cpu")
-        if world_size(cfg) < 2:
+        if processes < 2:
             raise error("trainer=fsdp shards the generator over several processes, but the config starts one "
                         "(trainer.devices=1); use trainer.devices>=2, or trainer=default/gpu for one device")
         if is_lora(cfg):

@@ -178,7 +178,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_image_metrics(cfg)
     from ddstrans.savers import check_config
 
-    check_config(cfg, ConfigError)  # LoRA rank, 8-bit optimizer library, FSDP, memory switches
+    check_config(cfg, ConfigError, processes=world_size(cfg))  # LoRA rank, 8-bit optimizer library, FSDP, memory switches
 
 
 def data_resolution(cfg) -> int | None:
