@@ -8,6 +8,7 @@ gradient synchronisation.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from pathlib import Path
@@ -53,7 +54,7 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-class TeacherBase:
+class TeacherBase(metaclass=abc.ABCMeta):
     """Shared state and behaviour. Subclasses set ``family``, ``model`` (the denoiser network), ``vae``,
     ``scheduler`` and implement ``_encode_fields`` (prompts -> dict of stacked tensors) and ``_uncond_fields``."""
 

@@ -110,6 +110,17 @@ class PipelineTeacher(TeacherBase):
         return self.decode_latents(self._from_pipeline_latents(out.float(), h, w))
 
 
+def _as_teacher(cls):
+    """Every family adapter is a ``Teacher`` (``isinstance`` holds) without inheriting SD 1.x/2.x's methods."""
+    from ddstrans.teacher.sd import Teacher
+
+    Teacher.register(cls)
+    return cls
+
+
+_as_teacher(PipelineTeacher)
+
+
 def _registry():
     from ddstrans.teacher.flux import FluxTeacher
     from ddstrans.teacher.sd3 import SD3Teacher
