@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ddstrans.schedules import t_range_at
 from ddstrans.scores import DEFAULT_T_RANGE, dds_grad, sds_grad, shared_noise, surrogate_loss
+from ddstrans.teacher.embeddings import expand_batch
 
 
 @dataclass
@@ -66,8 +67,7 @@ def edit_latents(
     cfg = config or EditConfig()
     cfg.validate()
     b = z_src.shape[0]
-    emb_src = emb_src.expand(b, *emb_src.shape[1:]) if emb_src.shape[0] == 1 else emb_src
-    emb_tgt = emb_tgt.expand(b, *emb_tgt.shape[1:]) if emb_tgt.shape[0] == 1 else emb_tgt
+    emb_src, emb_tgt = expand_batch(emb_src, b), expand_batch(emb_tgt, b)
     gen = torch.Generator(device=z_src.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     z_src = z_src.detach().float()
     if z_init is not None and z_init.shape != z_src.shape:

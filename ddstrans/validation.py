@@ -138,14 +138,19 @@ def _check_teacher_path(cfg) -> None:
     name = _get(cfg, "teacher.path_or_hub_id", None)
     if name is None:
         return  # loaders with a default location (e.g. the shapes teacher) check it themselves
-    from ddstrans.teacher import REQUIRED_COMPONENTS, _looks_like_hub_id
+    from ddstrans.teacher import TeacherLoadError, _looks_like_hub_id, check_directory
+    from ddstrans.teacher.loading import REQUIRED
 
     local = Path(str(name)).expanduser()
     if local.is_dir():
-        missing = [c for c in REQUIRED_COMPONENTS if not (local / c).is_dir()]
+        try:
+            family, missing = check_directory(local)
+        except TeacherLoadError as e:
+            raise ConfigError(f"teacher.path_or_hub_id={name}: {e}") from None
         if missing:
             raise ConfigError(f"teacher.path_or_hub_id={name}: the directory lacks {', '.join(missing)} "
-                              f"(a diffusers-format teacher has {', '.join(REQUIRED_COMPONENTS)} and optionally vae)")
+                              f"(a diffusers-format {family} teacher has {', '.join(REQUIRED[family])}"
+                              + (" and optionally vae)" if family == "sd" else ")"))
     elif local.exists():
         raise ConfigError(f"teacher.path_or_hub_id={name} is a file; give the teacher's diffusers-format directory")
     elif not _looks_like_hub_id(str(name)):

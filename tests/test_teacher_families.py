@@ -17,25 +17,6 @@ from ddstrans.teacher.embeddings import flatten, unflatten
 FAMILIES = ("sdxl", "sd3", "flux_dev", "flux_schnell")
 
 
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory):
-    from ddstrans.testing import make_tiny_flux, make_tiny_sd3, make_tiny_sdxl
-
-    root = tmp_path_factory.mktemp("families")
-    return {
-        "sdxl": make_tiny_sdxl(root / "sdxl"),
-        "sd3": make_tiny_sd3(root / "sd3"),
-        "flux_dev": make_tiny_flux(root / "flux_dev", guidance_embeds=True),
-        "flux_schnell": make_tiny_flux(root / "flux_schnell", guidance_embeds=False),
-    }
-
-
-@pytest.fixture(scope="session")
-def teachers(family_dirs, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("family_cache")
-    return {k: Teacher.from_pretrained(d, cache_dir=cache) for k, d in family_dirs.items()}
-
-
 def _pipeline(family_dirs, name):
     import diffusers
 
@@ -160,8 +141,12 @@ def _raw_flux_v(tr, z, sigma, hidden, pooled, guidance):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dds_grad_equals_hand_computation_with_raw_models(teachers, family_dirs, name):
-    from diffusers import (EulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     t, root = teachers[name], family_dirs[name]
     g = torch.Generator().manual_seed(3)

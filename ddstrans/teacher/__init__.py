@@ -15,7 +15,13 @@ handles both through ``ddstrans.teacher.embeddings``. See docs/teachers.md.
 from ddstrans.teacher.base import TeacherLoadError, default_cache_dir
 from ddstrans.teacher.embeddings import PromptEmbeddings
 from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
-from ddstrans.teacher.loading import REQUIRED_COMPONENTS, SUPPORTED, _looks_like_hub_id, check_directory, detect_family
+from ddstrans.teacher.loading import (
+    REQUIRED_COMPONENTS,
+    SUPPORTED,
+    _looks_like_hub_id,
+    check_directory,
+    detect_family,
+)
 from ddstrans.teacher.sd import Teacher, ddim_cfg_loop, ddim_scheduler
 
 
@@ -28,6 +34,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'ddstrans.teacher' has no attribute {name!r}")
 
 
-__all__ = ["Teacher", "TeacherLoadError", "PromptEmbeddings", "REQUIRED_COMPONENTS", "SUPPORTED", "check_directory",
+__all__ = ["Teacher", "TeacherLoadError", "PromptEmbeddings", "REQUIRED_COMPONENTS", "SUPPORTED", "_looks_like_hub_id",
+           "check_directory",
            "default_cache_dir", "detect_family", "ddim_cfg_loop", "ddim_scheduler", "encode_text", "vae_decode",
            "vae_encode"]

@@ -54,7 +54,7 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-class TeacherBase(metaclass=abc.ABCMeta):
+class TeacherBase(metaclass=abc.ABCMeta):  # noqa: B024 - ABCMeta for Teacher.register (virtual subclasses)
     """Shared state and behaviour. Subclasses set ``family``, ``model`` (the denoiser network), ``vae``,
     ``scheduler`` and implement ``_encode_fields`` (prompts -> dict of stacked tensors) and ``_uncond_fields``."""
 
@@ -92,7 +92,7 @@ class TeacherBase(metaclass=abc.ABCMeta):
             self._moved(device)
         return self
 
-    def _moved(self, device) -> None:
+    def _moved(self, device) -> None:  # noqa: B027 - an optional hook
         """Hook: move the subclass's own tensors."""
 
     def set_channels_last(self, enabled: bool = True):

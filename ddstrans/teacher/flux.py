@@ -45,9 +45,11 @@ class FluxTeacher(FlowTeacher):
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         return math.exp(mu)
 
-    def _encode_fields(self, prompts):
-        hidden, pooled, _ = self.pipe.encode_prompt(prompts, None, device=self.device, num_images_per_prompt=1,
-                                                    max_sequence_length=self.max_sequence_length)
+    @staticmethod
+    def encode_with(pipe, prompts, device, max_sequence_length=None):
+        """The pipeline's ``encode_prompt``: T5 tokens and the CLIP pooled vector, ``{"hidden", "pooled"}``."""
+        hidden, pooled, _ = pipe.encode_prompt(prompts, None, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=max_sequence_length)
         return {"hidden": hidden, "pooled": pooled}
 
     @torch.no_grad()

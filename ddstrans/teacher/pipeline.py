@@ -40,6 +40,14 @@ class PipelineTeacher(TeacherBase):
     def _init_family(self) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def encode_with(pipe, prompts: list[str], device, max_sequence_length=None) -> dict[str, torch.Tensor]:
+        """The family's prompt encoding through ``pipe.encode_prompt`` (shared with ``PromptEncoder``)."""
+        raise NotImplementedError
+
+    def _encode_fields(self, prompts):
+        return self.encode_with(self.pipe, prompts, self.device, self.max_sequence_length)
+
     def text_modules(self):
         return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
                 if m is not None]
@@ -108,6 +116,35 @@ class PipelineTeacher(TeacherBase):
                         guidance_scale=float(self.default_guidance if guidance_scale is None else guidance_scale),
                         height=size, width=size, output_type="latent", return_dict=False)[0]
         return self.decode_latents(self._from_pipeline_latents(out.float(), h, w))
+
+
+class PromptEncoder:
+    """A family's prompt encoding without its denoiser and VAE: text-conditioned translators encode new prompt
+    pairs with it. ``root`` holds the text encoders, tokenizers and ``model_index.json``."""
+
+    def __init__(self, family: str, pipe):
+        self.family, self.pipe = family, pipe
+        self.teacher_class = PIPELINE_TEACHERS[family]
+
+    @classmethod
+    def from_pretrained(cls, root: Path, family: str) -> PromptEncoder:
+        import diffusers
+
+        tcls = PIPELINE_TEACHERS[family]
+        skip = {"vae": None, "scheduler": None, ("unet" if family == "sdxl" else "transformer"): None}
+        pipe = getattr(diffusers, tcls.pipeline_class).from_pretrained(root, **skip, **tcls._absent_components(root))
+        return cls(family, pipe)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]):
+        from ddstrans.teacher.embeddings import PromptEmbeddings
+
+        device = self.modules()[0].device
+        tcls = self.teacher_class
+        return PromptEmbeddings(tcls.encode_with(self.pipe, list(prompts), device, tcls._t5_tokens(self.pipe)))
 
 
 def _as_teacher(cls):

@@ -28,10 +28,12 @@ class SD3Teacher(FlowTeacher):
     def _absent_components(cls, root: Path) -> dict:
         return {c: None for c in ("text_encoder_3", "tokenizer_3") if not (root / c).is_dir()}
 
-    def _encode_fields(self, prompts):
-        hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.max_sequence_length)
+    @staticmethod
+    def encode_with(pipe, prompts, device, max_sequence_length=None):
+        """The pipeline's ``encode_prompt`` without negative prompt: ``{"hidden", "pooled"}``."""
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
         return {"hidden": hidden, "pooled": pooled}
 
     def _uncond_fields(self):

@@ -27,9 +27,11 @@ class SDXLTeacher(DDPMTeacherMixin, PipelineTeacher):
         self._init_ddpm()
         self._time_ids: dict[tuple, torch.Tensor] = {}
 
-    def _encode_fields(self, prompts):
-        hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=False)
+    @staticmethod
+    def encode_with(pipe, prompts, device, max_sequence_length=None):
+        """The pipeline's ``encode_prompt`` without negative prompt: ``{"hidden", "pooled"}``."""
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
         return {"hidden": hidden, "pooled": pooled}
 
     def _uncond_fields(self):
