@@ -53,6 +53,8 @@ DEFAULT_LOSS = {
     "reduction": "hw",
     "weight": 1.0,
     "max_consecutive_nonfinite": 20,
+    "sigma_sampling": None,  # flow teachers (SD3, Flux): uniform | logit_normal sigma (None: uniform), scheduler shift
+    "score_space": "eps",  # flow teachers: eps (the DDS gradient of every family) | velocity (the v difference)
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
     "identity_tasks": None,  # task names it applies to (None: every task) ...
     "identity_tasks_start": 0,  # ... from this step on; before it, every task
@@ -285,7 +287,8 @@ class DDSTranslationModule(L.LightningModule):
         c = self.loss_cfg
         tdt = self.teacher.dtype
         kw = dict(t=t, noise=noise, guidance_scale=guidance, weighting=c["weighting"], t_range=t_range, generator=rng,
-                  return_info=True, guidance_low_t=int(c["guidance_low_t"] or 0), guidance_low=float(c["guidance_low"]))
+                  return_info=True, guidance_low_t=int(c["guidance_low_t"] or 0), guidance_low=float(c["guidance_low"]),
+                  space=c["score_space"], sigma_sampling=c["sigma_sampling"])
         if c["type"] == "sds":
             return sds_grad(self.teacher, z_tgt, emb_tgt.to(tdt), **kw)
         return dds_grad(self.teacher, z_src, z_tgt, emb_src.to(tdt), emb_tgt.to(tdt),

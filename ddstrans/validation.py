@@ -175,10 +175,10 @@ def data_resolution(cfg) -> int | None:
 
 def validate_with_teacher(cfg: DictConfig, teacher) -> None:
     """Checks that need the loaded teacher; raises ``ConfigError``."""
-    f = int(getattr(teacher, "downsample_factor", 1) or 1)
+    f = int(getattr(teacher, "image_multiple", None) or getattr(teacher, "downsample_factor", 1) or 1)
     res = data_resolution(cfg)
     if res is not None and f > 1 and res % f:
         key = "data.resolution" if _get(cfg, "data.resolution", None) is not None else "data.image_size"
         lo = max(f, res // f * f)
-        raise ConfigError(f"{key}={res} is not divisible by the teacher's VAE downsampling factor {f}; "
-                          f"use {lo} or {lo + f}")
+        what = "VAE downsampling factor" if f == getattr(teacher, "downsample_factor", f) else "VAE factor x 2x2 packing"
+        raise ConfigError(f"{key}={res} is not divisible by the teacher's {what} {f}; use {lo} or {lo + f}")

@@ -103,3 +103,13 @@ def test_edit_runs_for_each_family(teachers, name):
     assert out.shape == x.shape and torch.isfinite(out).all()
     same = edit_images(t, x, "a photo of a cat", "a photo of a cat", EditConfig(steps=2, guidance_scale=3.0))
     torch.testing.assert_close(same, t.decode_latents(t.encode_images(x)))  # matched prompts: DDS is zero
+
+
+def test_hydra_run_with_a_flow_teacher(family_dirs, tmp_path):
+    from ddstrans.cli.train import compose, train
+
+    cfg = compose(["experiment=smoke", "teacher=local", f"teacher.path_or_hub_id={family_dirs['sd3']}",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "loss.sigma_sampling=logit_normal",
+                   "trainer.enable_progress_bar=false", "~callbacks.progress_bar"], tmp_path / "run")
+    assert train(cfg) is not None  # the returned metric: validation ran through the flow teacher
+    assert list((tmp_path / "run").rglob("val/step_*.png"))
