@@ -1,12 +1,14 @@
 """Score-distillation math: timesteps, noising, guidance, SDS and DDS gradients.
 
 Plain functions so every formula can be tested exactly. The only outside object is a *denoiser*:
-anything with ``alphas_cumprod`` (a 1-D tensor) and ``predict_noise(z_t, t, emb) -> eps`` —
-``ddstrans.Teacher`` is one; tests use the raw diffusers UNet through it.
+anything with ``alphas_cumprod`` (a 1-D tensor), ``uncond_embedding`` and ``predict_noise(z_t, t, emb) -> eps`` —
+``ddstrans.Teacher`` is one; tests use the raw diffusers UNet through it. Flow teachers (SD3, Flux) say
+``prediction_type == "flow"`` and give ``predict_velocity(z_t, t, emb, guidance=None)``, ``num_train_timesteps``
+and ``sample_timesteps``; guidance-distilled ones (Flux) say ``guidance_mode`` ``embedded`` or ``none``.
 
 Conventions (as the DDS reference notebook):
-- ``z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps``
-- guided prediction ``eps_u + s * (eps_c - eps_u)``
+- ``z_t = sqrt(abar_t) * z + sqrt(1 - abar_t) * eps`` (flow: ``(1 - sigma) z + sigma eps``, ``ddstrans.flow``)
+- guided prediction ``eps_u + s * (eps_c - eps_u)`` (flow: on the velocity, then ``eps = x_sigma + (1 - sigma) v``)
 - SDS gradient ``w(t) * (eps_hat(z_t, y) - eps)``
 - DDS gradient ``w(t) * (eps_hat(z_t, y_tgt) - eps_hat(zhat_t, y_src))`` with the *same* eps and t
   in both branches, so the noise term cancels.
@@ -30,7 +32,7 @@ class Denoiser(Protocol):
     alphas_cumprod: torch.Tensor
     uncond_embedding: torch.Tensor
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor: ...
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, emb) -> torch.Tensor: ...
 
 
 @dataclass

@@ -63,6 +63,15 @@ def test_unsupported_family_and_missing_component(family_dirs, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_corrupt_weights_fail_in_one_line(family_dirs, tmp_path):
+    broken = tmp_path / "flux"
+    shutil.copytree(family_dirs["flux_schnell"], broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(TeacherLoadError, match="cannot load flux teacher") as e:
+        Teacher.from_pretrained(broken)
+    assert "\n" not in str(e.value)
+
+
 def test_sd3_without_t5_encodes_zeros_as_diffusers(tmp_path):
     from ddstrans.testing import make_tiny_sd3
 

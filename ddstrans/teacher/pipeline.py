@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.teacher.base import TeacherBase, fingerprint
-from ddstrans.teacher.loading import load_component
+from ddstrans.teacher.base import TeacherBase, TeacherLoadError, fingerprint, first_line
 
 # pipeline defaults (diffusers): the T5 token count of encode_prompt
 T5_TOKENS = {"sd3": 256, "flux": 512}
@@ -58,7 +57,11 @@ class PipelineTeacher(TeacherBase):
 
         pipe_cls = getattr(diffusers, cls.pipeline_class)
         extra = cls._absent_components(root)
-        pipe = load_component(root, "pipeline", lambda: pipe_cls.from_pretrained(root, **extra, **kw))
+        try:
+            pipe = pipe_cls.from_pretrained(root, **extra, **kw)
+        except Exception as e:  # noqa: BLE001 - diffusers/transformers raise many types
+            raise TeacherLoadError(f"cannot load {cls.family} teacher {str(root)!r} with {cls.pipeline_class}: "
+                                   f"{first_line(e)}") from None
         t5 = cls._t5_tokens(pipe)
         return cls(pipe, identity=fingerprint(root, identity, f"{cls.family}:t5={t5}"), cache_dir=cache_dir)
 
