@@ -38,7 +38,7 @@ SD3Transformer2DModel 24 layers x 1536, patch 2, 16-channel latents; FLUX.1-dev:
 guidance embedding). Text encoders are one layer of the real widths (prompt embeddings are cached; their size does
 not matter); the VAE has SD's layout. ``--layers full|reduced`` (default: full on CUDA, reduced on CPU, where the
 full models do not fit a few GB): reduced keeps every width and cuts depth (SDXL transformer depth 1/2/10 -> 1/1/2;
-SD3 4 layers; Flux 1 double + 2 single blocks). The generator is ``configs/generator/small.yaml`` (a UNet; for
+SD3 4 layers and a position table for up to 1536 px instead of 3072; Flux 1 double + 2 single blocks). The generator is ``configs/generator/small.yaml`` (a UNet; for
 SDXL ``--gen from_teacher`` takes the teacher's layout). ``--resolution`` (default 1024 CUDA, 256 CPU).
 """
 
@@ -253,7 +253,7 @@ def build_family_teacher(arch: str, device: torch.device, dtype: torch.dtype, re
                 tr = diffusers.SD3Transformer2DModel(
                     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
                     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                    pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                    pooled_projection_dim=2048, pos_embed_max_size=192 if reduced else 384, qk_norm="rms_norm",
                     dual_attention_layers=tuple(range(min(13, layers))))
                 pipe = diffusers.StableDiffusion3Pipeline(
                     transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -256,3 +256,31 @@ def test_sample_matches_the_pipeline(teachers, family_dirs, name):
     ref = pipe("a photo of a cat", num_inference_steps=3, guidance_scale=4.0, height=16, width=16, output_type="pt",
                generator=torch.Generator().manual_seed(7), **kw).images
     torch.testing.assert_close(mine * 0.5 + 0.5, ref.float(), rtol=0, atol=1e-5)
+
+
+def test_flow_math_plain_functions():
+    from ddstrans import flow
+
+    s = torch.linspace(0.01, 0.99, 50)
+    torch.testing.assert_close(flow.unshift_sigma(flow.shift_sigma(s, 3.0), 3.0), s)
+    x0, eps = torch.randn(50, 4), torch.randn(50, 4)
+    xs = flow.flow_add_noise(x0, eps, s)
+    v = flow.flow_velocity(x0, eps)
+    torch.testing.assert_close(flow.eps_from_velocity(v, xs, s), eps)  # exact velocity -> exact noise and image
+    torch.testing.assert_close(flow.x0_from_velocity(v, xs, s), x0)
+    abar = flow.equivalent_alphas_cumprod(s)  # the DDPM abar of the same signal-to-noise ratio
+    torch.testing.assert_close(abar / (1 - abar), ((1 - s) / s) ** 2, rtol=1e-3, atol=0)  # SNR up to ~1e4
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        flow.sample_flow_timesteps(2, (900, 100))
+    with pytest.raises(ValueError, match="sigma sampling"):
+        flow.sample_flow_timesteps(2, (0, 1000), sampling="beta")
+
+
+def test_prompt_embeddings_reject_mismatched_fields():
+    with pytest.raises(ValueError, match="hidden"):
+        PromptEmbeddings(pooled=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="leading size 2"):
+        PromptEmbeddings(hidden=torch.zeros(2, 4, 8), pooled=torch.zeros(3, 5))
+    a = PromptEmbeddings(hidden=torch.zeros(1, 4, 8), pooled=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="different fields"):
+        torch.cat([a, PromptEmbeddings(hidden=torch.zeros(1, 4, 8))])
