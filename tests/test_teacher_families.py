@@ -55,6 +55,11 @@ def test_unsupported_family_and_missing_component(family_dirs, tmp_path):
     assert "\n" not in msg and "StableVideoDiffusionPipeline" in msg
     assert all(f in msg for f in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                                   "FluxPipeline"))
+    upscaler = tmp_path / "upscaler"
+    shutil.copytree(family_dirs["sd3"], upscaler)
+    (upscaler / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionUpscalePipeline"}))
+    with pytest.raises(TeacherLoadError, match="StableDiffusionUpscalePipeline.*supported families"):
+        Teacher.from_pretrained(upscaler)
     broken = tmp_path / "sd3"
     shutil.copytree(family_dirs["sd3"], broken)
     shutil.rmtree(broken / "text_encoder_2")

@@ -71,6 +71,15 @@ def _read_json(path: Path) -> dict:
         raise TeacherLoadError(f"cannot read {str(path)!r}: {first_line(e)}") from None
 
 
+def _is_diffusers_pipeline(name) -> bool:
+    """A pipeline class diffusers knows (video, upscaler, inpainting, ...), by name: other families' directories."""
+    if not isinstance(name, str) or not name.endswith("Pipeline"):
+        return False
+    import diffusers
+
+    return hasattr(diffusers, name)
+
+
 def detect_family(root: Path) -> str:
     """``sd``, ``sdxl``, ``sd3`` or ``flux``; ``TeacherLoadError`` naming the supported families otherwise."""
     index = root / "model_index.json"
@@ -78,7 +87,10 @@ def detect_family(root: Path) -> str:
         cls = _read_json(index).get("_class_name")
         if cls in PIPELINE_FAMILIES:
             return PIPELINE_FAMILIES[cls]
-        raise TeacherLoadError(f"teacher {str(root)!r} is a {cls} (model_index.json); supported families: {SUPPORTED}")
+        if _is_diffusers_pipeline(cls):
+            raise TeacherLoadError(f"teacher {str(root)!r} is a {cls} (model_index.json); supported families: "
+                                   f"{SUPPORTED}")
+        # a class of its own (e.g. a teacher trained in this project): recognised from its components below
     if (root / "transformer" / "config.json").is_file():
         cls = _read_json(root / "transformer" / "config.json").get("_class_name")
         fam = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(cls)
