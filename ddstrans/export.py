@@ -17,8 +17,8 @@ class ExportError(RuntimeError):
 
 def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     """A Lightning checkpoint written by ``ddstrans-train``, read with ``torch.load(weights_only=True)``: tensors,
-    containers and primitives only, so a planted checkpoint cannot run code. ``trust=True`` (CLI
-    ``--trust-checkpoint``) allows full unpickling of a file you trust that holds other objects."""
+    containers and primitives only, so a planted checkpoint cannot run code. ``trust=True`` allows full
+    unpickling of a file you trust that holds other objects."""
     import pickle
 
     path = Path(path)
@@ -30,7 +30,7 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
         if trust:
             raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
         raise ExportError(f"{path}: holds objects other than tensors and plain containers ({_first_line(e)}); "
-                          "refusing to unpickle it. If you trust this file, pass --trust-checkpoint") from None
+                          "refusing to unpickle it. If you trust this file, load it with trust_checkpoint=True") from None
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)}); truncated or not a torch file?") from None
     if not isinstance(ckpt, dict) or "ddstrans" not in ckpt or "state_dict" not in ckpt:
@@ -77,7 +77,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
     if use_ema:
         ema = ckpt.get("ema")
         if ema is None:
-            raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); pass --no-ema")
+            raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); export with use_ema=False")
         params = list(gen.parameters())
         shadow = ema["shadow_params"]
         if len(shadow) != len(params):
@@ -164,7 +164,7 @@ def export_checkpoint(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+            raise ExportError(f"{out} exists and is not empty; overwrite=True replaces it")
         shutil.rmtree(out)
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
@@ -179,7 +179,7 @@ def export_checkpoint(
     needs = (["vae"] if teacher.get("has_vae") else []) + (texts if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
-                          "pass --teacher PATH to the teacher's diffusers directory")
+                          "give teacher_path, the teacher's diffusers directory")
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

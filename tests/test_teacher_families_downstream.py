@@ -99,9 +99,9 @@ def test_make_shards_from_teacher_matches_pipeline(teachers, family_dirs, tmp_pa
 def test_edit_runs_for_each_family(teachers, name):
     t = teachers[name]
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = edit_images(t, x, "a photo of a cat", "a photo of a lion", EditConfig(steps=2, guidance_scale=3.0))
+    out = edit_images(t, x, "a photo of a cat", "a photo of a lion", EditConfig(steps=2, guidance=3.0))
     assert out.shape == x.shape and torch.isfinite(out).all()
-    same = edit_images(t, x, "a photo of a cat", "a photo of a cat", EditConfig(steps=2, guidance_scale=3.0))
+    same = edit_images(t, x, "a photo of a cat", "a photo of a cat", EditConfig(steps=2, guidance=3.0))
     torch.testing.assert_close(same, t.decode_latents(t.encode_images(x)))  # matched prompts: DDS is zero
 
 

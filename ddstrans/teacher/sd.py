@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from ddstrans.guidance import Guidance
 from ddstrans.scores import classifier_free_guidance, eps_from_sample, eps_from_v
 from ddstrans.teacher.base import LEGACY_KEY, TeacherBase, TeacherLoadError
 from ddstrans.teacher.latents import encode_text
@@ -123,7 +124,7 @@ class Teacher(DDPMTeacherMixin, TeacherBase):
         prompts: list[str],
         *,
         num_inference_steps: int = 50,
-        guidance_scale: float | Callable[[int], float] = 7.5,
+        guidance_scale: float | Callable[[int], float] = Guidance.guidance,
         generator: torch.Generator | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,
