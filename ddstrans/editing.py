@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ddstrans.embeddings import expand_batch
 from ddstrans.guidance import Guidance
 from ddstrans.scores import surrogate_loss
-from ddstrans.teacher.embeddings import expand_batch
 
 
 @dataclass(frozen=True)

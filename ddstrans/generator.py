@@ -32,7 +32,7 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ddstrans.teacher.embeddings import hidden_states
+from ddstrans.embeddings import hidden_states
 
 CONDITIONINGS = ("task_id", "text")
 TEXT_MODES = ("concat", "delta")

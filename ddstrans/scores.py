@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from ddstrans import flow
+from ddstrans.embeddings import expand_batch
 
 WEIGHTINGS = ("uniform", "sds", "snr_inverse")
 SCORE_SPACES = ("eps", "velocity")
@@ -269,8 +270,6 @@ def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator, 
 
 
 def _uncond(denoiser: Denoiser, emb):
-    from ddstrans.teacher.embeddings import expand_batch
-
     u = denoiser.uncond_embedding.to(device=emb.device, dtype=emb.dtype)
     return expand_batch(u, len(emb))
 
@@ -290,8 +289,6 @@ def guided_predictions(denoiser: Denoiser, branches: list[tuple[torch.Tensor, ob
     cond_1, ...], every branch at the same ``t``. Guidance-distilled teachers (``embedded``: the scale is an input;
     ``none``: no guidance) have no unconditional branch: the batch is [cond_0, cond_1, ...].
     """
-    from ddstrans.teacher.embeddings import expand_batch
-
     b = branches[0][0].shape[0]
     mode = getattr(denoiser, "guidance_mode", "cfg")
     if mode == "cfg":

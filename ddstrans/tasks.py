@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ddstrans.embeddings import flatten, unflatten
 from ddstrans.prompts import Rewrite, fill, uses_caption
-from ddstrans.teacher.embeddings import flatten, unflatten
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddstrans.teacher.embeddings import expand_batch
+from ddstrans.embeddings import expand_batch
 from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
 
 FORMAT = "ddstrans.translator"

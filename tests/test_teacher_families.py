@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ddstrans import dds_grad, sds_grad
+from ddstrans.embeddings import flatten, unflatten
 from ddstrans.teacher import PromptEmbeddings, Teacher, TeacherLoadError
-from ddstrans.teacher.embeddings import flatten, unflatten
 
 FAMILIES = ("sdxl", "sd3", "flux_dev", "flux_schnell")
 

@@ -9,11 +9,11 @@ and returns the adapter of its family, every one a ``Teacher``:
 - ``flux``: :class:`FluxTeacher` (Flux-dev with guidance embedding, Flux-schnell; rectified flow)
 
 ``encode_prompts`` returns a tensor (SD 1.x/2.x) or :class:`PromptEmbeddings` (the others); the rest of ddstrans
-handles both through ``ddstrans.teacher.embeddings``. See docs/teachers.md.
+handles both through ``ddstrans.embeddings``. See docs/teachers.md.
 """
 
+from ddstrans.embeddings import PromptEmbeddings
 from ddstrans.teacher.base import TeacherLoadError, default_cache_dir
-from ddstrans.teacher.embeddings import PromptEmbeddings
 from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
 from ddstrans.teacher.loading import (
     REQUIRED_COMPONENTS,

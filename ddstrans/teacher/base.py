@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.teacher.embeddings import PromptEmbeddings
+from ddstrans.embeddings import PromptEmbeddings
 from ddstrans.teacher.latents import vae_decode, vae_encode, vae_scaling
 
 LEGACY_KEY = "embedding"  # the one field of a single-tensor embedding (SD 1.x/2.x), as on disk

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ddstrans.teacher.embeddings import PromptEmbeddings
+from ddstrans.embeddings import PromptEmbeddings
 from ddstrans.teacher.flow_teacher import FlowTeacher
 from ddstrans.teacher.latents import latent_position_ids, pack_2x2, unpack_2x2
 

@@ -111,7 +111,7 @@ class PipelineTeacher(TeacherBase):
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         emb = self.encode_prompts(prompts)
-        from ddstrans.teacher.embeddings import expand_batch
+        from ddstrans.embeddings import expand_batch
 
         uncond = expand_batch(self.uncond_embedding, len(prompts))
         out = self.pipe(**self._pipeline_inputs(emb, uncond, latents.to(self.device, self.dtype)),
@@ -143,7 +143,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]):
-        from ddstrans.teacher.embeddings import PromptEmbeddings
+        from ddstrans.embeddings import PromptEmbeddings
 
         device = self.modules()[0].device
         tcls = self.teacher_class

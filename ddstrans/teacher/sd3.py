@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.teacher.embeddings import PromptEmbeddings
+from ddstrans.embeddings import PromptEmbeddings
 from ddstrans.teacher.flow_teacher import FlowTeacher
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ddstrans.teacher.embeddings import PromptEmbeddings
+from ddstrans.embeddings import PromptEmbeddings
 from ddstrans.teacher.pipeline import PipelineTeacher
 from ddstrans.teacher.sd import DDPMTeacherMixin
 
