@@ -38,6 +38,29 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     return ckpt
 
 
+def text_components(root: Path, family: str) -> list[str]:
+    """The text encoder and tokenizer folders a text-conditioned translator of ``family`` needs."""
+    if family == "sd":
+        return ["text_encoder", "tokenizer"]
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer")))
+
+
+def copy_text_components(root: Path, out: Path, names: list[str]) -> None:
+    """Re-save the teacher's text encoders (safetensors) and tokenizers into ``out`` (with ``model_index.json`` for
+    families encoded through their pipeline)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    for name in names:
+        if name.startswith("tokenizer"):
+            AutoTokenizer.from_pretrained(root / name).save_pretrained(out / name)
+        else:
+            arch = json.loads((root / name / "config.json").read_text()).get("architectures") or ["CLIPTextModel"]
+            getattr(transformers, arch[0]).from_pretrained(root / name).save_pretrained(out / name)
+    if (root / "model_index.json").is_file() and len(names) > 2:
+        shutil.copyfile(root / "model_index.json", out / "model_index.json")
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -177,7 +200,10 @@ def export_checkpoint(
     gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root)
     table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
     conditioning = gen.config.conditioning
-    needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
+    family = teacher.get("family", "sd")
+    texts = (text_components(root, family) if conditioning == "text" and root is not None and root.is_dir()
+             else ["text_encoder", "tokenizer"])
+    needs = (["vae"] if teacher.get("has_vae") else []) + (texts if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
                           "give teacher_path, the teacher's diffusers directory")
@@ -193,10 +219,7 @@ def export_checkpoint(
 
             AutoencoderKL.from_pretrained(root, subfolder="vae").save_pretrained(tmp / "vae", safe_serialization=True)
         if conditioning == "text":
-            from transformers import AutoTokenizer, CLIPTextModel
-
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder").save_pretrained(tmp / "text_encoder")
-            AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(tmp / "tokenizer")
+            copy_text_components(root, tmp, texts)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -205,8 +228,10 @@ def export_checkpoint(
         "latent_channels": int(teacher["latent_channels"]),
         "downsample_factor": int(teacher["downsample_factor"]),
         "latent_scale": float(teacher["latent_scale"]),
+        "latent_shift": float(teacher.get("latent_shift", 0.0)),
         "has_vae": bool(teacher.get("has_vae")),
-        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type")},
+        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type"),
+                    "family": family},
         "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
         "weights": "ema" if used_ema else "raw",
         "tasks": table.to_dict()["tasks"],
