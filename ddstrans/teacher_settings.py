@@ -170,11 +170,11 @@ def family_of(root: str | Path) -> str | None:
         return None
 
 
-def load_settings(root: str | Path | None) -> TeacherSettings:
+def load_settings(root: str | Path | None, default: TeacherSettings | None = None) -> TeacherSettings:
     """The settings of the teacher directory ``root``: its ``ddstrans_settings.json``, else its family's pipeline
-    defaults (``FAMILY_SAMPLING``), else ddstrans's defaults."""
+    defaults (``FAMILY_SAMPLING``), else ``default`` (None: ddstrans's defaults)."""
     if root is None:
-        return TeacherSettings()
+        return default or TeacherSettings()
     path = Path(root) / SETTINGS_FILE
     if path.is_file():
         try:
@@ -185,7 +185,7 @@ def load_settings(root: str | Path | None) -> TeacherSettings:
     cls = family_of(root)
     if cls in FAMILY_SAMPLING:
         return TeacherSettings(sampling=FAMILY_SAMPLING[cls][1], source=f"{cls} defaults")
-    return TeacherSettings()
+    return default or TeacherSettings()
 
 
 def write_settings(root: str | Path, settings: TeacherSettings) -> Path:

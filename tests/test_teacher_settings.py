@@ -89,7 +89,8 @@ def test_a_broken_settings_file_fails_the_load_naming_the_file(settled_teacher_d
 
 
 def test_teacher_sample_defaults_to_its_settings_and_arguments_win(settled_teacher_dir, monkeypatch, tmp_path):
-    import ddstrans.teacher as T
+    import ddstrans.teacher.sd as SD
+    from ddstrans.teacher import Teacher
 
     seen = {}
 
@@ -98,8 +99,8 @@ def test_teacher_sample_defaults_to_its_settings_and_arguments_win(settled_teach
                     spacing=sched.config.timestep_spacing)
         return z
 
-    monkeypatch.setattr(T, "ddim_cfg_loop", spy_loop)
-    teacher = T.Teacher.from_pretrained(settled_teacher_dir, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(SD, "ddim_cfg_loop", spy_loop)
+    teacher = Teacher.from_pretrained(settled_teacher_dir, cache_dir=tmp_path / "c")
     teacher.sample(["a photo of a cat"], generator=torch.Generator().manual_seed(0))
     assert seen == {"steps": 3, "guidance": 1.5, "eta": 1.0, "spacing": "trailing"}
     teacher.sample(["a photo of a cat"], num_inference_steps=5, guidance_scale=6.0, eta=0.0, timestep_spacing="leading",
@@ -173,9 +174,9 @@ def test_training_takes_the_teachers_train_settings_where_the_config_keeps_the_d
 
 
 def test_the_shipped_shapes_teacher_carries_its_card_settings():
-    from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE, SHIPPED_TEACHER
+    from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE, shapes_teacher_path
 
-    s = load_settings(SHIPPED_TEACHER)
+    s = load_settings(shapes_teacher_path())
     assert (s.sampling.num_inference_steps, s.sampling.guidance_scale, s.sampling.eta) == (20, 2.0, 1.0)
     cfg = s.edit_config()
     assert cfg.guidance == SHAPES_EDIT_GUIDANCE and cfg.t_range == (50, 600)
