@@ -38,16 +38,48 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     return ckpt
 
 
+def text_components(root: Path, family: str) -> list[str]:
+    """The text encoder and tokenizer folders a text-conditioned translator of ``family`` needs."""
+    if family == "sd":
+        return ["text_encoder", "tokenizer"]
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer")))
+
+
+def copy_text_components(root: Path, out: Path, names: list[str]) -> None:
+    """Re-save the teacher's text encoders (safetensors) and tokenizers into ``out`` (with ``model_index.json`` for
+    families encoded through their pipeline)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    for name in names:
+        if name.startswith("tokenizer"):
+            AutoTokenizer.from_pretrained(root / name).save_pretrained(out / name)
+        else:
+            arch = json.loads((root / name / "config.json").read_text()).get("architectures") or ["CLIPTextModel"]
+            getattr(transformers, arch[0]).from_pretrained(root / name).save_pretrained(out / name)
+    if (root / "model_index.json").is_file() and len(names) > 2:
+        shutil.copyfile(root / "model_index.json", out / "model_index.json")
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
-    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available)."""
+def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: str | Path | None = None):
+    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available).
+
+    A LoRA generator's checkpoint holds only the adapters: it is rebuilt on the teacher's UNet (read from
+    ``teacher_root``, default: the directory recorded in the checkpoint) and merged into a ``TranslationUNet``."""
     from ddstrans.generator import TranslationUNet
 
     payload = ckpt["ddstrans"]
-    gen = TranslationUNet.from_config(payload["generator_config"])
+    lora = payload.get("generator_class") == "LoRATeacherGenerator"
+    if lora:
+        from ddstrans.lora import lora_generator_from_config
+
+        gen = lora_generator_from_config(_teacher_unet(payload, teacher_root), payload["generator_config"])
+    else:
+        gen = TranslationUNet.from_config(payload["generator_config"])
     sd = {k[len("generator."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
     gen.load_state_dict(sd)
     used_ema = False
@@ -55,7 +87,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
         ema = ckpt.get("ema")
         if ema is None:
             raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); export with use_ema=False")
-        params = list(gen.parameters())
+        params = [p for _, p in gen.trainable_named_parameters()] if lora else list(gen.parameters())
         shadow = ema["shadow_params"]
         if len(shadow) != len(params):
             raise ExportError(f"EMA has {len(shadow)} tensors but the generator {len(params)}")
@@ -63,7 +95,25 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
             for p, s in zip(params, shadow):
                 p.copy_(s.to(p.dtype))
         used_ema = True
+    if lora:
+        from ddstrans.lora import merge_to_translation_unet
+
+        try:
+            gen = merge_to_translation_unet(gen, in_place=True)  # one copy of the UNet in memory
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     return gen.eval(), used_ema
+
+
+def _teacher_unet(payload: dict, teacher_root: str | Path | None):
+    """The teacher's UNet (float32) from ``teacher_root`` or the directory the checkpoint records."""
+    from diffusers import UNet2DConditionModel
+
+    root = teacher_root or payload["teacher"].get("root")
+    if root is None or not (Path(root) / "unet").is_dir():
+        raise ExportError(f"a LoRA checkpoint holds only the adapters; the teacher directory {str(root)!r} (recorded "
+                          "in the checkpoint) has no unet/: give teacher_path, the teacher's diffusers directory")
+    return UNet2DConditionModel.from_pretrained(Path(root), subfolder="unet", torch_dtype=torch.float32)
 
 
 def _model_card(info: dict, run_config: dict | None) -> str:
@@ -145,12 +195,15 @@ def export_checkpoint(
         shutil.rmtree(out)
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
-    gen, used_ema = generator_from_checkpoint(ckpt, use_ema)
-    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
     teacher = payload["teacher"]
-    conditioning = gen.config.conditioning
     root = Path(teacher_path) if teacher_path else (Path(teacher["root"]) if teacher.get("root") else None)
-    needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
+    gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root)
+    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
+    conditioning = gen.config.conditioning
+    family = teacher.get("family", "sd")
+    texts = (text_components(root, family) if conditioning == "text" and root is not None and root.is_dir()
+             else ["text_encoder", "tokenizer"])
+    needs = (["vae"] if teacher.get("has_vae") else []) + (texts if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
                           "give teacher_path, the teacher's diffusers directory")
@@ -166,10 +219,7 @@ def export_checkpoint(
 
             AutoencoderKL.from_pretrained(root, subfolder="vae").save_pretrained(tmp / "vae", safe_serialization=True)
         if conditioning == "text":
-            from transformers import AutoTokenizer, CLIPTextModel
-
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder").save_pretrained(tmp / "text_encoder")
-            AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(tmp / "tokenizer")
+            copy_text_components(root, tmp, texts)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -178,8 +228,10 @@ def export_checkpoint(
         "latent_channels": int(teacher["latent_channels"]),
         "downsample_factor": int(teacher["downsample_factor"]),
         "latent_scale": float(teacher["latent_scale"]),
+        "latent_shift": float(teacher.get("latent_shift", 0.0)),
         "has_vae": bool(teacher.get("has_vae")),
-        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type")},
+        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type"),
+                    "family": family},
         "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
         "weights": "ema" if used_ema else "raw",
         "tasks": table.to_dict()["tasks"],

@@ -7,7 +7,8 @@ Directory layout (written by ``ddstrans.export``)::
     generator/             config.json + diffusion_pytorch_model.safetensors
     tasks.safetensors      task prompt embeddings (names/prompts in translator.json)
     vae/                   the teacher's VAE (absent for pixel-space teachers)
-    text_encoder/ tokenizer/   text-conditioned translators: to encode new prompt pairs
+    text_encoder*/ tokenizer*/ text-conditioned translators: to encode new prompt pairs (SDXL, SD3, Flux: all of
+                           the family's text encoders, and its model_index.json)
 
 Only JSON and safetensors are read; every file's sha256 is checked against ``translator.json`` before use.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddstrans.teacher import encode_text, vae_decode, vae_encode
+from ddstrans.embeddings import expand_batch
+from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
 
 FORMAT = "ddstrans.translator"
 FORMAT_VERSION = 1
@@ -76,10 +78,13 @@ def verify_tree(root: Path, files: dict[str, str]) -> None:
 class Translator:
     """Attributes: ``generator`` (TranslationUNet), ``vae`` (or None), ``task_table``, ``info`` (translator.json)."""
 
-    def __init__(self, generator, task_table, info: dict, vae=None, tokenizer=None, text_encoder=None):
+    def __init__(self, generator, task_table, info: dict, vae=None, tokenizer=None, text_encoder=None,
+                 prompt_encoder=None):
         self.generator, self.task_table, self.info, self.vae = generator, task_table, info, vae
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.prompt_encoder = prompt_encoder  # SDXL, SD3, Flux: ddstrans.teacher.pipeline.PromptEncoder
         self.latent_scale = float(info.get("latent_scale", 1.0))
+        self.latent_shift = float(info.get("latent_shift", 0.0))
         self.resolution = int(info["resolution"])
         self.conditioning = info["conditioning"]
 
@@ -114,22 +119,29 @@ class Translator:
             if vae_dir is None or not vae_dir.is_dir():
                 raise TranslatorLoadError(f"{root}: the VAE is neither copied (vae/) nor found at the teacher reference {ref!r}")
             vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
-        tokenizer = text_encoder = None
+        tokenizer = text_encoder = prompt_encoder = None
+        family = info.get("teacher", {}).get("family", "sd")
         if info["conditioning"] == "text":
-            from transformers import AutoTokenizer, CLIPTextModel
-
             base = root if (root / "text_encoder").is_dir() else (Path(ref) if ref else None)
             if base is not None and (base / "text_encoder").is_dir():
-                tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-                text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True)
-        tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder)
+                if family == "sd":
+                    from transformers import AutoTokenizer, CLIPTextModel
+
+                    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+                    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True)
+                else:
+                    from ddstrans.teacher.pipeline import PromptEncoder
+
+                    prompt_encoder = PromptEncoder.from_pretrained(base, family)
+        tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, prompt_encoder=prompt_encoder)
         return tr.to(device, dtype)
 
     def to(self, device=None, dtype=None) -> Translator:
         # dtype only when given: diffusers' ModelMixin.to warns about float32 modules whenever a dtype key is passed,
         # even None (an empty list of such modules included)
         cast = {"dtype": dtype} if dtype is not None else {}
-        for m in (self.generator, self.vae, self.text_encoder):
+        extra = self.prompt_encoder.modules() if self.prompt_encoder is not None else []
+        for m in (self.generator, self.vae, self.text_encoder, *extra):
             if m is not None:
                 m.to(device=device, **cast)
                 m.eval()
@@ -148,11 +160,11 @@ class Translator:
     # ------------------------------------------------------------------ images <-> latents
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return vae_encode(self.vae, x.to(self.device), self.latent_scale)
+        return vae_encode(self.vae, x.to(self.device), self.latent_scale, shift=self.latent_shift)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return vae_decode(self.vae, z, self.latent_scale)
+        return vae_decode(self.vae, z, self.latent_scale, shift=self.latent_shift)
 
     # ------------------------------------------------------------------ translation
     def _condition(self, b: int, task: str | None, source: str | None, target: str | None):
@@ -167,10 +179,13 @@ class Translator:
         if self.conditioning != "text":
             raise ValueError("this translator is task-id conditioned: new prompt pairs need a text-conditioned one; "
                              f"use task= (one of {', '.join(self.tasks)})")
-        if self.text_encoder is None:
+        if self.text_encoder is None and self.prompt_encoder is None:
             raise ValueError("this translator was exported without its text encoder; it can only run its tasks")
-        emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
-        return None, emb[:1].expand(b, -1, -1), emb[1:].expand(b, -1, -1)
+        if self.prompt_encoder is not None:
+            emb = self.prompt_encoder([source, target]).float().to(self.device)
+        else:
+            emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
+        return None, expand_batch(emb[:1], b), expand_batch(emb[1:], b)
 
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, task: str | None = None, *, source: str | None = None,

@@ -1,7 +1,8 @@
 """``ddstrans-train``: the Hydra training app.
 
-Configs live in the repository's ``configs/`` directory, found from this file's location (``../../configs``), so an
-editable install from a clone finds them wherever it is launched from. ``--config-dir DIR`` adds more.
+Configs live in the repository's ``configs/`` directory, shipped inside the package by the build
+(``ddstrans.assets``), so the app finds them from any working directory, installed or from a checkout. Users add
+their own config directory with Hydra's ``hydra.searchpath=[file:///abs/dir]`` (or ``--config-dir DIR``).
 
     ddstrans-train experiment=smoke
     ddstrans-train experiment=smoke trainer=ddp trainer.devices=2 trainer.accelerator=cpu
@@ -23,6 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddstrans.assets import configs_dir
 from ddstrans.runtime import (
     Preempted,
     configure_wandb,
@@ -35,9 +37,9 @@ from ddstrans.runtime import (
     teardown_distributed,
 )
 
-# The repository's configs/, as an absolute path computed from this file (a relative config_path would be
-# resolved by Hydra as a *package* path when the app runs as the installed console script).
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs")
+# The shipped configs/ as an absolute path (ddstrans.assets: the package's copy, or the checkout's); a relative
+# config_path would be resolved by Hydra against the calling module.
+CONFIG_PATH = str(configs_dir())
 
 
 def register_config_defaults() -> None:
@@ -114,10 +116,13 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def build_module(cfg: DictConfig, teacher=None):
     """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
+    from ddstrans.savers import apply_teacher_savers
     from ddstrans.validation import validate_with_teacher
 
     teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
     validate_with_teacher(cfg, teacher)
+    memory = cfg.model.get("memory")
+    apply_teacher_savers(teacher, OmegaConf.to_container(memory, resolve=True) if memory is not None else None)
     inst = hydra.utils.instantiate
     optim = cfg.optim
     try:
