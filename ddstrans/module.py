@@ -340,9 +340,9 @@ class DDSTranslationModule(L.LightningModule):
             "limit (0: never stop)")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.generator.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(grads)))
+        grads = [p.grad.detach().float() for p in self.generator.parameters() if p.grad is not None]
+        if grads:  # one foreach kernel for every tensor's norm, not a Python loop of them
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         if self._skip_step:
             # Grad None => torch optimizers leave the parameter and its state (moments, step) untouched.
             for p in self.generator.parameters():

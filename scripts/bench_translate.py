@@ -260,7 +260,7 @@ def bench_backends(args) -> int:
                         tr.translate_tensor(x, task)
                 runners[name] = tr
                 notes[name] = f"set-up + warm-up {time.perf_counter() - t0:.1f} s"
-            except Exception as e:  # noqa: BLE001 - a backend this machine lacks is reported, not fatal
+            except Exception as e:  # noqa: BLE001 - a backend the platform lacks is reported, not fatal
                 notes[name] = f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
         times = {(n, b): [] for n in runners for b in xs}
         with torch.inference_mode():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (CPU, about 15 minutes): train a multi-task translator on the shapes
-# world against the shipped teacher, export it to checkpoints/, translate sample inputs, write a before/after
-# grid and print the metrics table. Extra arguments are Hydra overrides of the training run.
+# The main job on the embedded default (CPU): train a multi-task translator on the shapes world against the
+# shipped teacher (1,200 steps; the run stops at its step count, trainer.max_time is only a safety net), export it
+# to checkpoints/, translate sample inputs, write a before/after grid and print the metrics table. Its time on
+# 2 CPU cores: docs/experiments/main-job-step-profile.md. Extra arguments are Hydra overrides of the training run.
 set -euo pipefail
 out=${OUT_DIR:-outputs/main}
 translator=${TRANSLATOR_DIR:-checkpoints/shapes-translator}

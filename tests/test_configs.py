@@ -121,6 +121,16 @@ def test_ablation_experiments_change_only_their_switch(experiment, expected, tmp
     assert diff == expected
 
 
+def test_shapes_stops_at_its_step_count_not_at_its_time_limit(tmp_path):
+    """The main job's training ends at max_steps: its max_time leaves room for 1,200 steps at 1 step/s three times
+    over (a machine half as fast as 2 cores at 2 steps/s still finishes every step)."""
+    cfg = compose(["experiment=shapes"], tmp_path / "a")
+    days, hours, minutes, seconds = (int(x) for x in str(cfg.trainer.max_time).split(":"))
+    limit_s = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    assert cfg.trainer.max_steps == 1200
+    assert limit_s >= 3 * cfg.trainer.max_steps / 1.0
+
+
 def test_long_palette_is_shapes_long_plus_a_late_palette_term(tmp_path):
     """experiment=shapes_long_palette changes shapes_long only in the palette term, the identity term's tasks and the
     step count: its first 2,000 steps differ from shapes_long's only in the identity term's tasks."""
