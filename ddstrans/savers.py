@@ -75,9 +75,15 @@ def check_with_teacher(cfg, teacher, error=ValueError) -> None:
         return
     from ddstrans.lora import DEFAULT_TARGET_MODULES, check_target_modules
 
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(teacher.model, UNet2DConditionModel):
+        raise error(f"generator=lora_from_teacher puts adapters on a UNet teacher's denoiser; this "
+                    f"{getattr(teacher, 'family', '')} teacher's is a {type(teacher.model).__name__}: use a UNet "
+                    "generator (generator=small or a config of your own)")
     targets = _sel(cfg, "generator.target_modules", None) or DEFAULT_TARGET_MODULES
     try:
-        check_target_modules((n for n, _ in teacher.unet.named_modules()), list(targets))
+        check_target_modules((n for n, _ in teacher.model.named_modules()), list(targets))
     except ValueError as e:
         raise error(f"generator.{e}") from None
 
@@ -87,9 +93,14 @@ def apply_teacher_savers(teacher, memory=None) -> dict:
     m = {**DEFAULT_MEMORY, **dict(memory or {})}
     if m["attention"] not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {m['attention']!r}")
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    teacher.unet.set_attn_processor(AttnProcessor2_0() if m["attention"] == "sdpa" else AttnProcessor())
+    if isinstance(teacher.model, UNet2DConditionModel):
+        teacher.model.set_attn_processor(AttnProcessor2_0() if m["attention"] == "sdpa" else AttnProcessor())
+    elif m["attention"] != "sdpa":  # transformer teachers (SD3, Flux) come with their own SDPA processors
+        raise ValueError(f"attention={m['attention']!r} applies to UNet teachers; a {type(teacher.model).__name__} "
+                         "keeps its own scaled-dot-product attention processors")
     if m["channels_last"]:
         teacher.set_channels_last(True)
     if m["compile_teacher"]:
