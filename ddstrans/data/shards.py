@@ -179,7 +179,7 @@ def decode_image_bytes(data: bytes, resolution: int | None, min_size: int = 0) -
     try:  # the common policy (ddstrans.images); JPEG decoded at a reduced DCT scale (>= resolution)
         im = open_checked(data, "image member", draft_size=resolution)
     except ImageReadError as e:
-        raise ValueError(e.reason) from None
+        raise ValueError(e.reason.replace("not a readable image", "corrupt or unreadable image")) from None
     if min(im.size) < max(1, min_size):
         raise ValueError(f"image too small ({im.size[0]}x{im.size[1]} < {min_size})")
     im = to_rgb(im)
@@ -314,6 +314,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.stats = SkipCounter(f"shards[rank {rank}]")
         self.pixels_uint8 = False
+        self.start_step = 0  # the trainer's global step when the loader is made (set by ShardDataModule)
 
     def worker_batches(self, worker: int, num_workers: int) -> int:
         """Batches this worker yields per epoch: the rank's total split as evenly as possible."""
@@ -321,11 +322,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         return n + (1 if worker < w else 0)
 
     def _rng(self, worker: int, base_seed: int | None) -> random.Random:
-        if base_seed is None:  # main-process loading: draw from torch's RNG (differs per epoch)
-            base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        # persistent workers keep their seed across epochs: count this copy's epochs too
+        # A function of (seed, the global step the loader started at, this copy's epoch, rank, worker), not of
+        # torch's global RNG: a run resumed at step k draws the same stream every time (the uninterrupted run's
+        # stream past step k is not replayed: that would need the shuffle buffer's state; docs/reliability.md).
+        # Persistent workers keep their copy across epochs: count this copy's epochs.
         self._epoch = getattr(self, "_epoch", -1) + 1
-        return random.Random(f"{self.seed}/{base_seed}/{self._epoch}/{self.rank}/{worker}")
+        return random.Random(f"{self.seed}/{self.start_step}/{self._epoch}/{self.rank}/{worker}")
 
     def _shard_order(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
         if self.resampled:
@@ -388,10 +390,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         samples = self._shuffled(self._samples(worker, num_workers, rng), rng)
         chunk: list[dict] = []
-        for s in samples:
+        reported = self.stats.total  # each batch carries the samples skipped since the previous one (per worker):
+        for s in samples:            # the module sums them into train/skipped_samples
             chunk.append(s)
             if len(chunk) == self.batch_size:
-                yield collate(chunk)
+                batch = collate(chunk)
+                batch["skipped_samples"] = torch.tensor(self.stats.total - reported)
+                reported = self.stats.total
+                yield batch
                 chunk = []
                 todo -= 1
                 if todo == 0:
@@ -650,6 +656,8 @@ class ShardDataModule(_lightning_base()):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.setup("fit")
         self.train_stream.pixels_uint8 = self._ship_uint8()
+        trainer = getattr(self, "trainer", None)
+        self.train_stream.start_step = int(trainer.global_step) if trainer is not None else 0
         return self._loader(self.train_stream, self.num_workers)
 
     def val_dataloader(self):
