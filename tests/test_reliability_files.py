@@ -26,7 +26,6 @@ from ddstrans.cli.main import main as cli
 from ddstrans.data.procedural import ProceduralDataModule
 from ddstrans.export import ExportError, export_checkpoint
 from ddstrans.generator import build_generator
-from ddstrans.locks import LockFile
 from ddstrans.module import DDSTranslationModule
 from ddstrans.teacher import Teacher
 from ddstrans.translator import Translator, TranslatorLoadError
@@ -295,6 +294,8 @@ def test_declared_huge_image_is_a_per_file_error_in_translate_edit_and_make_shar
 
 
 def test_lock_file_is_exclusive_and_released(tmp_path):
+    from ddstrans.locks import LockFile
+
     p = tmp_path / ".x.lock"
     with LockFile(p, "x") as lock:
         assert lock.held and json.loads(p.read_text())["pid"] == os.getpid()
