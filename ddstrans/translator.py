@@ -178,6 +178,8 @@ class Translator:
                                       f"version {info.get('format_version')!r} (this ddstrans reads {FORMAT_VERSION})")
         if verify:
             verify_tree(root, info.get("files", {}))
+        elif info.get("files"):
+            check_entries(root, info["files"])  # unverified, yet never outside the directory
         listed = info.get("files") or None  # the files to read, by name (verified above unless verify=False)
         gen = load_component(TranslationUNet, root / "generator", listed, root)
         table = TaskTable.load(root / "tasks.safetensors", {"tasks": info["tasks"], "meta": {}})

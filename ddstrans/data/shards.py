@@ -322,12 +322,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         return n + (1 if worker < w else 0)
 
     def _rng(self, worker: int, base_seed: int | None) -> random.Random:
-        # A function of (seed, the global step the loader started at, this copy's epoch, rank, worker), not of
-        # torch's global RNG: a run resumed at step k draws the same stream every time (the uninterrupted run's
-        # stream past step k is not replayed: that would need the shuffle buffer's state; docs/reliability.md).
-        # Persistent workers keep their copy across epochs: count this copy's epochs.
+        # Seeded by (seed, the global step the loader started at, torch's base seed of this iterator - drawn from
+        # the seeded global RNG, new for each epoch's fresh workers -, this copy's epoch count, rank, worker): a run
+        # resumed at step k draws the same stream every time, and not the stream of a run that starts at step 0
+        # (the uninterrupted run's stream past step k is not replayed: that would need the shuffle buffer's state;
+        # docs/reliability.md). Persistent workers keep their copy across epochs: count this copy's epochs too.
+        if base_seed is None:  # main-process loading: draw from torch's RNG (differs per epoch)
+            base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self._epoch = getattr(self, "_epoch", -1) + 1
-        return random.Random(f"{self.seed}/{self.start_step}/{self._epoch}/{self.rank}/{worker}")
+        return random.Random(f"{self.seed}/{self.start_step}/{base_seed}/{self._epoch}/{self.rank}/{worker}")
 
     def _shard_order(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
         if self.resampled:
