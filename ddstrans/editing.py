@@ -1,7 +1,7 @@
 """Zero-shot editing: optimise one image's latent with DDS (or SDS) against the teacher.
 
 Reference settings (the DDS authors' notebook): latent initialised to the source, SGD with lr 0.1 on
-2000 x surrogate loss, 200 steps, guidance 7.5, t uniform in [50, 950).
+2000 x surrogate loss, 200 steps, and the score settings of ``ddstrans.guidance.Guidance``'s defaults.
 """
 
 from __future__ import annotations
@@ -11,41 +11,28 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ddstrans.schedules import t_range_at
-from ddstrans.scores import DEFAULT_T_RANGE, dds_grad, sds_grad, shared_noise, surrogate_loss
+from ddstrans.guidance import Guidance
+from ddstrans.scores import surrogate_loss
 
 
-@dataclass
-class EditConfig:
+@dataclass(frozen=True)
+class EditConfig(Guidance):
+    """The score settings (``Guidance``) plus the optimisation's. As in training, ``t_range_end`` moves the range
+    over the edit (large t first for layout, small t last for detail; ``t_range_steps`` 0: over all ``steps``),
+    and ``shared_noise_prob=1`` uses one noise for every image and step: it shows which choices the noise, not the
+    input, decides."""
+
     steps: int = 200
     lr: float = 0.1
-    guidance_scale: float = 7.5
     loss_scale: float = 2000.0
-    t_range: tuple[int, int] = DEFAULT_T_RANGE
-    # optional: move the range linearly to this one over the edit (large t first for layout, small t last for
-    # detail), as ``loss.t_range_end`` does in training
-    t_range_end: tuple[int, int] | None = None
-    method: str = "dds"  # "dds" | "sds"
-    weighting: str = "uniform"
     seed: int | None = 0
-    # optional: one noise tensor (``scores.shared_noise`` of this seed) for every image and step instead of fresh
-    # noise, as ``loss.shared_noise_prob=1`` in training: shows which choices the noise, not the input, decides
-    shared_noise_seed: int | None = None
-    # optional: steps whose t is below guidance_low_t use guidance_low (scores.guidance_for_timesteps), as in training
-    guidance_low_t: int = 0
-    guidance_low: float = 1.0
 
     def validate(self) -> None:
+        super().validate()
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.method not in ("dds", "sds"):
-            raise ValueError(f"method must be 'dds' or 'sds', got {self.method!r}")
-        for name in ("t_range", "t_range_end"):
-            r = getattr(self, name)
-            if r is not None and not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
-                raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
 
 
 def edit_latents(
@@ -64,7 +51,8 @@ def edit_latents(
     shows whether that answer is the score's fixed point — how far a perfect edit drifts under this teacher.
     """
     cfg = config or EditConfig()
-    cfg.validate()
+    if cfg.t_range_end is not None and not cfg.t_range_steps:  # anneal over the whole edit
+        cfg = cfg.replace(t_range_steps=max(1, cfg.steps - 1))
     b = z_src.shape[0]
     emb_src = emb_src.expand(b, *emb_src.shape[1:]) if emb_src.shape[0] == 1 else emb_src
     emb_tgt = emb_tgt.expand(b, *emb_tgt.shape[1:]) if emb_tgt.shape[0] == 1 else emb_tgt
@@ -73,18 +61,9 @@ def edit_latents(
     if z_init is not None and z_init.shape != z_src.shape:
         raise ValueError(f"z_init must have the source's shape {tuple(z_src.shape)}, got {tuple(z_init.shape)}")
     z = (z_src if z_init is None else z_init.detach().to(z_src)).clone().requires_grad_(True)
-    noise = None
-    if cfg.shared_noise_seed is not None:
-        noise = shared_noise(z_src.shape[1:], cfg.shared_noise_seed, device=z_src.device).expand_as(z_src)
     opt = torch.optim.SGD([z], lr=cfg.lr)
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
-        t_range = t_range_at(step, cfg.t_range, cfg.t_range_end, max(1, cfg.steps - 1))
-        kw = dict(guidance_scale=cfg.guidance_scale, t_range=t_range, weighting=cfg.weighting, generator=gen, noise=noise,
-                  guidance_low_t=cfg.guidance_low_t, guidance_low=cfg.guidance_low)
-        if cfg.method == "dds":
-            grad = dds_grad(teacher, z_src, z.detach(), emb_src, emb_tgt, **kw)
-        else:
-            grad = sds_grad(teacher, z.detach(), emb_tgt, **kw)
+        grad = cfg.grad(teacher, z_src, z.detach(), emb_src, emb_tgt, step, generator=gen, noise=cfg.noise(z_src, gen))
         opt.zero_grad(set_to_none=True)
         (cfg.loss_scale * surrogate_loss(z, grad)).backward()
         opt.step()

@@ -20,8 +20,8 @@ class ExportError(RuntimeError):
 
 def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     """A Lightning checkpoint written by ``ddstrans-train``, read with ``torch.load(weights_only=True)``: tensors,
-    containers and primitives only, so a planted checkpoint cannot run code. ``trust=True`` (CLI
-    ``--trust-checkpoint``) allows full unpickling of a file you trust that holds other objects."""
+    containers and primitives only, so a planted checkpoint cannot run code. ``trust=True`` allows full
+    unpickling of a file you trust that holds other objects."""
     import pickle
 
     path = Path(path)
@@ -33,7 +33,7 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
         if trust:
             raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
         raise ExportError(f"{path}: holds objects other than tensors and plain containers ({_first_line(e)}); "
-                          "refusing to unpickle it. If you trust this file, pass --trust-checkpoint") from None
+                          "refusing to unpickle it. If you trust this file, load it with trust_checkpoint=True") from None
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)}); truncated or not a torch file?") from None
     if not isinstance(ckpt, dict) or "ddstrans" not in ckpt or "state_dict" not in ckpt:
@@ -57,7 +57,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
     if use_ema:
         ema = ckpt.get("ema")
         if ema is None:
-            raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); pass --no-ema")
+            raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); export with use_ema=False")
         params = list(gen.parameters())
         shadow = ema["shadow_params"]
         if len(shadow) != len(params):
@@ -176,9 +176,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
         return
     if not (out / "translator.json").is_file():
         raise ExportError(f"{out} is not empty and not a translator directory (no translator.json); refusing to "
-                          "replace it (with or without --overwrite): choose another output directory")
+                          "replace it (with or without overwrite=True): choose another output directory")
     if not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        raise ExportError(f"{out} exists and is not empty; overwrite=True replaces it")
 
 
 def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_path, trust_checkpoint: bool) -> None:
@@ -195,7 +195,7 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
     needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
-                          "pass --teacher PATH to the teacher's diffusers directory")
+                          "give teacher_path, the teacher's diffusers directory")
 
     gen.save_pretrained(tmp / "generator", safe_serialization=True)
     table.save(tmp / "tasks.safetensors")

@@ -21,49 +21,35 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ddstrans.generator import TranslationUNet
-from ddstrans.schedules import guidance_at, t_range_at, weight_at
-from ddstrans.scores import (
-    dds_grad,
-    fresh_noise,
-    identity_loss,
-    mix_shared_noise,
-    palette_loss,
-    sds_grad,
-    shared_noise,
-    surrogate_loss,
-)
+from ddstrans.guidance import Guidance
+from ddstrans.schedules import weight_at
+from ddstrans.scores import identity_loss, palette_loss, surrogate_loss
 from ddstrans.tasks import TaskTable
 
 CHECKPOINT_KEY = "ddstrans"
 CHECKPOINT_FORMAT = 1
 
-DEFAULT_LOSS = {
-    "type": "dds",
-    "guidance": 7.5,
-    "guidance_start": None,
-    "warmup_steps": 0,
-    "warmup_kind": "linear",
-    "source_guidance": None,
-    "guidance_low_t": 0,  # > 0: samples with t below it use guidance_low (scores.guidance_for_timesteps)
-    "guidance_low": 1.0,
-    "t_range": (50, 950),
-    "t_range_end": None,
-    "t_range_steps": 0,
-    "weighting": "uniform",
-    "reduction": "hw",
+# The loss terms beside the score; the score's settings (guidance, warm-up, t range, weighting, noise policy) are
+# the fields of ``ddstrans.guidance.Guidance``. A run's ``loss`` config holds both (``loss_defaults``).
+LOSS_TERMS = {
+    "reduction": "hw",  # surrogate loss (z * grad).sum() / (H*W), as the reference
     "weight": 1.0,
-    "max_consecutive_nonfinite": 20,
+    "max_consecutive_nonfinite": 20,  # this many non-finite (skipped) steps in a row stop the run; 0: never
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
     "identity_tasks": None,  # task names it applies to (None: every task) ...
     "identity_tasks_start": 0,  # ... from this step on; before it, every task
-    "shared_noise_prob": 0.0,  # > 0: this fraction of samples uses one fixed noise (scores.mix_shared_noise)
-    "shared_noise_seed": 0,
-    "shared_noise_tasks": None,  # task names that use it (None: every task)
     "palette_weight": 0.0,  # > 0: add scores.palette_loss (keep each image's value distribution per channel)
     "palette_tasks": None,  # task names it applies to (None: every task)
     "palette_start": 0,  # step at which it joins ...
     "palette_ramp_steps": 0,  # ... and is raised to palette_weight over this many steps
 }
+
+
+def loss_defaults() -> dict:
+    """Every key of a run's ``loss`` config with its default: ``Guidance``'s fields and ``LOSS_TERMS``."""
+    return {**Guidance().to_dict(), **LOSS_TERMS}
+
+
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
 DEFAULT_VALIDATION = {"num_images": 4, "save_png": True, "log_images": True, "seed": 1234}
@@ -89,7 +75,8 @@ class DDSTranslationModule(L.LightningModule):
     tasks: a ``TaskTable`` or a list of ``{name, source, target}`` (encoded with the teacher).
     generator: a ``TranslationUNet`` or a factory ``f(teacher=, num_tasks=) -> TranslationUNet``
         (Hydra ``_partial_: true`` of ``ddstrans.generator.build_generator``).
-    loss: see ``DEFAULT_LOSS`` (``type`` dds|sds, guidance warm-up, t-range schedule, weighting).
+    loss: the score's settings (the fields of ``ddstrans.guidance.Guidance``) and the loss terms of
+        ``LOSS_TERMS``; missing keys take their defaults (``loss_defaults()``).
     optimizer: factory ``f(params) -> Optimizer`` (Hydra ``_partial_``); scheduler: ``f(optimizer=) -> LRScheduler``.
     ema: see ``DEFAULT_EMA`` (``diffusers.training_utils.EMAModel``).
     validation: see ``DEFAULT_VALIDATION``.
@@ -118,23 +105,26 @@ class DDSTranslationModule(L.LightningModule):
         if not isinstance(generator, torch.nn.Module):
             generator = generator(teacher=teacher, num_tasks=len(self.task_table))
         self.generator = generator
-        self.loss_cfg = {**DEFAULT_LOSS, **dict(loss or {})}
-        if self.loss_cfg["type"] not in ("dds", "sds"):
-            raise ValueError(f"loss.type must be dds or sds, got {self.loss_cfg['type']!r}")
-        if not 0.0 <= float(self.loss_cfg["shared_noise_prob"]) <= 1.0:
-            raise ValueError(f"loss.shared_noise_prob must be in [0, 1], got {self.loss_cfg['shared_noise_prob']}")
-        if not 0 <= int(self.loss_cfg["guidance_low_t"] or 0) <= 1000:
-            raise ValueError(f"loss.guidance_low_t must be in [0, 1000] (0: off), got {self.loss_cfg['guidance_low_t']}")
+        loss = dict(loss or {})
+        unknown = sorted(set(loss) - set(loss_defaults()))
+        if unknown:
+            raise ValueError(f"unknown loss settings {unknown}; known: {sorted(loss_defaults())}")
+        try:
+            self.guidance = Guidance.from_mapping(loss)
+        except ValueError as e:
+            raise ValueError(f"loss.{e}") from None
+        self.loss_cfg = {**self.guidance.to_dict(), **LOSS_TERMS,
+                         **{k: v for k, v in loss.items() if k in LOSS_TERMS}}
         if int(self.loss_cfg["identity_tasks_start"]) < 0:
             raise ValueError(f"loss.identity_tasks_start must be >= 0, got {self.loss_cfg['identity_tasks_start']}")
         if float(self.loss_cfg["palette_weight"]) < 0 or int(self.loss_cfg["palette_start"]) < 0:
             raise ValueError(f"loss.palette_weight and loss.palette_start must be >= 0, got "
                              f"{self.loss_cfg['palette_weight']} and {self.loss_cfg['palette_start']}")
-        if self.loss_cfg["t_range_end"] is not None and int(self.loss_cfg["t_range_steps"] or 0) <= 0:
+        if self.guidance.t_range_end is not None and self.guidance.t_range_steps <= 0:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"loss.t_range_end={list(self.loss_cfg['t_range_end'])} is ignored: loss.t_range_steps is "
-                           f"{self.loss_cfg['t_range_steps']} (e.g. trainer.max_steps=-1); set loss.t_range_steps > 0")
+            rank_zero_warn(f"loss.t_range_end={list(self.guidance.t_range_end)} is ignored: loss.t_range_steps is "
+                           f"{self.guidance.t_range_steps}; set loss.t_range_steps > 0")
         # per task: uses the shared noise / the identity term / the palette term (None: every task)
         self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
         self._identity_task_mask = self._task_mask(self.loss_cfg["identity_tasks"])
@@ -150,7 +140,6 @@ class DDSTranslationModule(L.LightningModule):
         self.ema = self._new_ema()
         self._ema_from_checkpoint = False
         self._rng: torch.Generator | None = None
-        self._shared_noise: torch.Tensor | None = None
         self._skip_step = False
         self._stepped = False
         self.skipped_steps = 0
@@ -249,11 +238,6 @@ class DDSTranslationModule(L.LightningModule):
             return batch["latents"].to(self.device, torch.float32)
         return self.teacher.encode_images(batch["pixels"].to(self.device)).float()
 
-    def forward(self, z: torch.Tensor, task_ids: torch.Tensor, src_emb=None, tgt_emb=None) -> torch.Tensor:
-        if src_emb is None and self.generator.config.conditioning == "text":
-            src_emb, tgt_emb = self.task_table.first(task_ids)
-        return self.generator(z, task_ids=task_ids, src_emb=src_emb, tgt_emb=tgt_emb)
-
     def _translate(self, z_src: torch.Tensor, task_index: int, captions=None):
         ids = torch.full((z_src.shape[0],), task_index, dtype=torch.long, device=self.device)
         emb_src, emb_tgt = self.task_table.embeddings_for(ids, captions, self.teacher)
@@ -266,38 +250,22 @@ class DDSTranslationModule(L.LightningModule):
         return self.teacher.decode_latents(self._translate(z, task_index, captions)[0]).float()
 
     def current_guidance(self, step: int | None = None) -> float:
-        c = self.loss_cfg
-        step = self.global_step if step is None else step
-        return guidance_at(step, c["guidance"], c["guidance_start"], c["warmup_steps"], c["warmup_kind"])
+        """The guidance scale at ``step`` (default: now), after the warm-up ramp."""
+        return self.guidance.scale_at(self.global_step if step is None else step)
 
     def current_t_range(self, step: int | None = None) -> tuple[int, int]:
-        c = self.loss_cfg
-        step = self.global_step if step is None else step
-        return t_range_at(step, tuple(c["t_range"]), c["t_range_end"], c["t_range_steps"])
+        """The timestep range at ``step`` (default: now), after the anneal."""
+        return self.guidance.t_range_at(self.global_step if step is None else step)
 
     def training_noise(self, z: torch.Tensor, task_ids: torch.Tensor, rng: torch.Generator) -> torch.Tensor | None:
-        """None (the score draws fresh noise per sample) or, with ``loss.shared_noise_prob`` > 0, fresh noise with
-        that fraction of samples (of the tasks in ``loss.shared_noise_tasks``, or all) replaced by the run's shared
-        noise (seeded by ``loss.shared_noise_seed`` alone, so equal on every rank and after a resume)."""
-        prob = float(self.loss_cfg["shared_noise_prob"])
-        if prob == 0.0:
-            return None
-        fresh = fresh_noise(z, rng)
-        sn = self._shared_noise
-        if sn is None or sn.shape != z.shape[1:] or sn.device != z.device or sn.dtype != z.dtype:
-            # made once per device: no host-to-device copy per step
-            self._shared_noise = shared_noise(z.shape[1:], self.loss_cfg["shared_noise_seed"], device=z.device, dtype=z.dtype)
-        return mix_shared_noise(fresh, self._shared_noise, prob, rng, self._task_flags("_shared_task_mask", task_ids))
+        """The noise of this step's score under ``loss.shared_noise_*`` (``Guidance.noise``): the shared noise is
+        seeded by ``loss.shared_noise_seed`` alone, so equal on every rank and after a resume."""
+        return self.guidance.noise(z, rng, self._task_flags("_shared_task_mask", task_ids))
 
-    def score(self, z_src, z_tgt, emb_src, emb_tgt, guidance, t_range, rng, t=None, noise=None):
-        c = self.loss_cfg
-        tdt = self.teacher.dtype
-        kw = dict(t=t, noise=noise, guidance_scale=guidance, weighting=c["weighting"], t_range=t_range, generator=rng,
-                  return_info=True, guidance_low_t=int(c["guidance_low_t"] or 0), guidance_low=float(c["guidance_low"]))
-        if c["type"] == "sds":
-            return sds_grad(self.teacher, z_tgt, emb_tgt.to(tdt), **kw)
-        return dds_grad(self.teacher, z_src, z_tgt, emb_src.to(tdt), emb_tgt.to(tdt),
-                        source_guidance_scale=c["source_guidance"], **kw)
+    def score(self, z_src, z_tgt, emb_src, emb_tgt, **kw):
+        """``(grad, info)`` of the run's score (``Guidance.grad``) at the current step; ``kw`` as it takes."""
+        return self.guidance.grad(self.teacher, z_src, z_tgt, emb_src, emb_tgt, self.global_step, return_info=True,
+                                  **kw)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
@@ -310,8 +278,7 @@ class DDSTranslationModule(L.LightningModule):
         z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
         guidance = self.current_guidance()
         noise = self.training_noise(z_src, task_ids, rng)
-        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, guidance, self.current_t_range(), rng,
-                                noise=noise)
+        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, generator=rng, noise=noise)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         if self.loss_cfg["identity_weight"]:
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"],
@@ -344,7 +311,7 @@ class DDSTranslationModule(L.LightningModule):
             self._check_nonfinite_streak()
         else:
             self.consecutive_skipped = 0
-        name = f"train/loss_{self.loss_cfg['type']}"
+        name = f"train/loss_{self.guidance.method}"
         self.log(name, torch.nan_to_num(loss.detach()), prog_bar=True)
         self.log("train/guidance", float(guidance))
         self.log("train/nonfinite", info.nonfinite.float())
@@ -367,7 +334,7 @@ class DDSTranslationModule(L.LightningModule):
         lr_now = f"optim.lr, now {lr:g}" if isinstance(lr, (int, float)) else "optim.lr"
         half = " - try model.teacher_dtype=bfloat16 or float32" if tdt == "float16" else ""
         raise NonFiniteLossError(
-            f"the {self.loss_cfg['type'].upper()} loss was non-finite (NaN/inf) for {self.consecutive_skipped} "
+            f"the {self.guidance.method.upper()} loss was non-finite (NaN/inf) for {self.consecutive_skipped} "
             f"consecutive steps (up to global step {self.global_step}; {self.skipped_steps} skipped in all). "
             f"Likely causes: learning rate too high ({lr_now}: lower it, or set trainer.gradient_clip_val); "
             f"teacher overflow in {tdt}{half}; bad inputs (NaN/inf pixels or latents). Skipped steps did not "
@@ -460,8 +427,7 @@ class DDSTranslationModule(L.LightningModule):
         norms, deltas, outs = [], [], []
         for k in range(len(self.task_table)):
             z_tgt, emb_src, emb_tgt = self._translate(z_src, k, batch.get("caption"))
-            grad, info = self.score(z_src, z_tgt, emb_src, emb_tgt, self.loss_cfg["guidance"], None, None, t=t,
-                                    noise=noise)
+            grad, info = self.score(z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance=self.guidance.guidance)
             norm = grad.pow(2).mean()
             # zeroed non-finite score entries would read as a perfect 0: a diverged generator reports NaN
             finite = (info.nonfinite == 0) & torch.isfinite(z_tgt).all()

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import torch
 
-DEFAULT_T_RANGE = (50, 950)
 WEIGHTINGS = ("uniform", "sds", "snr_inverse")
 
 
@@ -41,12 +40,12 @@ class ScoreInfo:
 
 def sample_timesteps(
     batch_size: int,
-    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    t_range: tuple[int, int],
     *,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Integer timesteps uniform in ``[t_min, t_max)`` (the reference uses [50, 950))."""
+    """Integer timesteps uniform in ``[t_min, t_max)`` (the reference's range: ``ddstrans.guidance.Guidance``)."""
     t_min, t_max = int(t_range[0]), int(t_range[1])
     if not 0 <= t_min < t_max:
         raise ValueError(f"timestep range must satisfy 0 <= t_min < t_max, got {t_range}")
@@ -81,9 +80,9 @@ def guidance_for_timesteps(t: torch.Tensor, scale, low_t: int = 0, low_scale: fl
     ``low_t`` is 0).
 
     Why: at low noise the image already fixes what the prompt decides, and guidance mostly amplifies the
-    teacher's errors. Under the shipped shapes teacher a perfect recolouring drifts under DDS at t in [10, 150)
-    (mask IoU 1.0 -> 0.86-0.92 at guidance 7.5, -> 0.92-0.96 at 3, four color tasks; ``scripts/eval_shapes_teacher.py
-    --methods dds_from_target``). A guidance interval, as for sampling (Kynkaanniemi et al., 2024).
+    teacher's errors: under the shipped shapes teacher a perfect recolouring drifts under DDS at small t, less at
+    lower guidance (``python -m ddstrans.shapes.eval_teacher --methods dds_from_target`` measures the drift).
+    A guidance interval, as for sampling (Kynkaanniemi et al., 2024).
     """
     if low_t <= 0:
         return scale
@@ -170,7 +169,7 @@ def identity_loss(
     :func:`edit_mask` of the score, so only regions the edit does not call for are held to the source.
     Reduced like :func:`surrogate_loss` (``hw``: sum / (H*W)); ``weight``: one factor per sample (e.g. 0/1 by task)."""
     held = edit_mask(grad) * (z_tgt - z_src.detach()).pow(2)
-    if weight is None:  # one sum, as before per-sample weights existed: the same floats, the same runs
+    if weight is None:  # one plain sum: the same floats as the unweighted loss
         return _reduce(held.sum(), z_tgt, reduction)
     return _reduce((held.flatten(1).sum(1) * weight.to(held)).sum(), z_tgt, reduction)
 
@@ -236,6 +235,8 @@ def mix_shared_noise(
 
 def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator):
     if t is None:
+        if t_range is None:
+            raise ValueError("t_range is required when t is not given")
         t = sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)
     t = torch.as_tensor(t, device=z.device).long().reshape(-1)
     if t.numel() == 1 and z.shape[0] > 1:
@@ -282,9 +283,9 @@ def sds_grad(
     *,
     t: torch.Tensor | int | None = None,
     noise: torch.Tensor | None = None,
-    guidance_scale=7.5,
+    guidance_scale,
     weighting: str = "uniform",
-    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    t_range: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
     guidance_low_t: int = 0,
@@ -311,10 +312,10 @@ def dds_grad(
     *,
     t: torch.Tensor | int | None = None,
     noise: torch.Tensor | None = None,
-    guidance_scale=7.5,
+    guidance_scale,
     source_guidance_scale=None,
     weighting: str = "uniform",
-    t_range: tuple[int, int] = DEFAULT_T_RANGE,
+    t_range: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
     guidance_low_t: int = 0,
@@ -323,7 +324,8 @@ def dds_grad(
     """Delta Denoising Score gradient ``w(t) (eps_hat(z_t, y_tgt) - eps_hat(zhat_t, y_src))``.
 
     Both branches share ``t`` and ``noise``; the four UNet evaluations (uncond/cond x source/target)
-    run as one batched call. ``source_guidance_scale`` defaults to ``guidance_scale`` (reference: 7.5 both).
+    run as one batched call. ``source_guidance_scale`` defaults to ``guidance_scale`` (as the reference).
+    Without ``t``, timesteps are drawn uniformly from ``t_range``.
     Samples with ``t < guidance_low_t`` use guidance ``guidance_low`` in both branches
     (:func:`guidance_for_timesteps`; 0, the default, leaves the scales as given).
     """

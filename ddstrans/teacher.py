@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ddstrans.guidance import Guidance
 from ddstrans.scores import classifier_free_guidance, eps_from_sample, eps_from_v
 
 REQUIRED_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer")
@@ -351,7 +352,7 @@ class Teacher:
         prompts: list[str],
         *,
         num_inference_steps: int = 50,
-        guidance_scale: float | Callable[[int], float] = 7.5,
+        guidance_scale: float | Callable[[int], float] = Guidance.guidance,
         generator: torch.Generator | None = None,
         size: int | None = None,
         latents: torch.Tensor | None = None,

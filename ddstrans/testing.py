@@ -6,6 +6,9 @@ written with ``StableDiffusionPipeline.save_pretrained`` exactly as a real check
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,3 +79,22 @@ def make_tiny_sd(
         text_encoder.save_pretrained(out_dir / "text_encoder")
         tokenizer.save_pretrained(out_dir / "tokenizer")
     return out_dir
+
+
+def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_vae: bool = True, seed: int = 0):
+    """Load the tiny random teacher from ``cache_dir``, writing it first if absent (atomic: safe when several
+    DDP processes start at once)."""
+    from ddstrans.teacher import Teacher
+
+    root = Path(cache_dir).expanduser() / f"{prediction_type}{'' if with_vae else '-pixel'}-s{seed}"
+    if not (root / "unet").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+        make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
+                     sample_size=8 if with_vae else 16, seed=seed)
+        try:
+            os.replace(tmp / "t", root)
+        except OSError:  # another process won the race
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Teacher.from_pretrained(root)

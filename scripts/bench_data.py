@@ -85,7 +85,8 @@ def bench_loader(urls: str, resolution: int, batch_size: int, workers: int, batc
 
 def bench_step(teacher, resolution: int, batch_size: int, steps: int, device: str) -> float:
     from ddstrans.generator import build_generator
-    from ddstrans.scores import dds_grad, surrogate_loss
+    from ddstrans.guidance import Guidance
+    from ddstrans.scores import surrogate_loss
 
     gen = build_generator(teacher=teacher, num_tasks=2, copy_teacher_architecture=True).to(device)
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-5)
@@ -100,7 +101,7 @@ def bench_step(teacher, resolution: int, batch_size: int, steps: int, device: st
         t0 = time.perf_counter()
         z_src = teacher.encode_images(x)
         z_tgt = gen(z_src, task_ids=tids)
-        grad = dds_grad(teacher, z_src, z_tgt.detach(), emb, emb_t)
+        grad = Guidance().grad(teacher, z_src, z_tgt.detach(), emb, emb_t)
         loss = surrogate_loss(z_tgt, grad)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,7 +4,7 @@
 For each variant (a set of Hydra overrides of ``experiment=shapes``) this trains a translator, exports it and
 scores it on held-out inputs; per-image DDS and SDS editing of the same inputs run beside it. Results are
 aggregated per task family (color / shape / background) into one markdown table, written to
-``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on this machine.
+``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on the machine it runs on.
 
     python scripts/bench_quality.py --edit-n 8            # the README's variants, each as its config (about 1 h on 2 cores)
     python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
@@ -45,7 +45,7 @@ VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment
     "long": "shapes_long",
     "long_palette": "shapes_long_palette",
 }
-# the README's table (issue 6's rows); long and long_palette (2,000 / 3,000 steps, 40 more minutes) on request
+# the README's table; long and long_palette (2,000 / 3,000 steps, 40 more minutes) on request
 DEFAULT_VARIANTS = ("main", "no_warmup", "sds", "text", "no_ema", "unseen", "no_identity")
 # never trained by the "unseen" variant (tasks=shapes_pairs), each from a trained source and a trained target color
 UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red")
@@ -134,8 +134,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ddstrans.evaluation import evaluate
     from ddstrans.shapes.defaults import load_shapes_teacher, shapes_task, shapes_tasks
+    from ddstrans.shapes.evaluation import evaluate
     from ddstrans.translator import Translator
 
     all_tasks = {t.name: t for t in shapes_tasks()}
@@ -168,7 +168,7 @@ def main() -> None:
     if not args.skip_editing:
         teacher = load_shapes_teacher()
         edit = {"steps": args.edit_steps, "lr": args.edit_lr, "t_range": (50, args.edit_t_max),
-                "guidance_scale": args.edit_guidance}
+                "guidance": args.edit_guidance}
         for method in ("dds", "sds"):
             rows = evaluate(list(all_tasks.values()), args.edit_n, [method], teacher=teacher, edit_config=edit,
                             progress=True)

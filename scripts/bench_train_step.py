@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from ddstrans.guidance import Guidance
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_TEACHER = REPO / "checkpoints" / "shapes-teacher"
 
@@ -68,8 +70,7 @@ SHAPES_TASKS = [{"name": f"red2{c}", "source": [f"a red {s} on a striped backgro
 SD_TASKS = [{"name": f"cat2{a}", "source": ["a photo of a cat", "a cat"], "target": [f"a photo of a {a}", f"a {a}"]}
             for a in ("lion", "dog", "squirrel")]
 # configs/ defaults the benchmark mirrors (loss/dds.yaml, optim/adamw.yaml, trainer/default.yaml, logger/csv.yaml)
-LOSS = {"type": "dds", "guidance": 7.5, "guidance_start": 1.0, "warmup_steps": 1000, "warmup_kind": "linear",
-        "t_range": (50, 950), "weighting": "uniform", "reduction": "hw", "weight": 1.0}
+LOSS = {"method": "dds", "guidance_start": 1.0, "warmup_steps": 1000}  # loss/dds.yaml's changes to the defaults
 EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.6667}
 LR, LR_WARMUP, GRAD_CLIP, LOG_EVERY = 1e-4, 100, 1.0, 10
 
@@ -340,7 +341,8 @@ class Components:
         tdt = self.teacher.dtype
         with autocast_ctx(self.device, self.dtype):
             return dds_grad(self.teacher, self.z_src, self.z_tgt, self.emb_src.to(tdt), self.emb_tgt.to(tdt),
-                            guidance_scale=7.5, t_range=(50, 950), generator=self.rng_b)
+                            guidance_scale=self.module.guidance.guidance, t_range=self.module.guidance.t_range,
+                            generator=self.rng_b)
 
     def generator_fwd_bwd(self):
         from ddstrans.scores import surrogate_loss
@@ -352,8 +354,7 @@ class Components:
             p.grad = None
 
     def plain_step(self):
-        from ddstrans.schedules import guidance_at
-        from ddstrans.scores import dds_grad, surrogate_loss
+        from ddstrans.scores import surrogate_loss
 
         try:
             batch = next(self.iter_d)
@@ -369,11 +370,8 @@ class Components:
             emb_src, emb_tgt = self.table.sample(ids, rng)
             with autocast_ctx(self.device, self.dtype):
                 z_tgt = self.gen_d(z_src, task_ids=ids, src_emb=emb_src, tgt_emb=emb_tgt)
-                guidance = guidance_at(self.step_d, c["guidance"], c["guidance_start"], c["warmup_steps"], c["warmup_kind"])
-                tdt = teacher.dtype
-                grad = dds_grad(teacher, z_src, z_tgt.detach().float(), emb_src.to(tdt), emb_tgt.to(tdt),
-                                guidance_scale=guidance, source_guidance_scale=c["source_guidance"],
-                                weighting=c["weighting"], t_range=tuple(c["t_range"]), generator=rng)
+                grad = self.module.guidance.grad(teacher, z_src, z_tgt.detach().float(), emb_src, emb_tgt, self.step_d,
+                                                 generator=rng)
                 loss = surrogate_loss(z_tgt.float(), grad, c["reduction"]) * c["weight"]
             self.opt_d.zero_grad(set_to_none=True)
             loss.backward()
@@ -694,7 +692,8 @@ def run_ablations(args, device: torch.device, dtype: torch.dtype, workdir: Path)
                 return eps
             ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
             with ctx:
-                return dds_grad(tch, z_src, z_tgt, e_src.to(tch.dtype), e_tgt.to(tch.dtype), t=t, noise=noise)
+                return dds_grad(tch, z_src, z_tgt, e_src.to(tch.dtype), e_tgt.to(tch.dtype), t=t, noise=noise,
+                                guidance_scale=Guidance.guidance)
         return f
 
     # 1. teacher without autograd graph
@@ -777,7 +776,7 @@ def run_ablations(args, device: torch.device, dtype: torch.dtype, workdir: Path)
                     z = teacher.encode_images(px) if encode else z_src
                     with autocast_ctx(device, dtype):
                         out = gen(z, task_ids=ids)
-                        gr = dds_grad(teacher, z, out.detach().float(), e_src.to(teacher.dtype), e_tgt.to(teacher.dtype))
+                        gr = Guidance().grad(teacher, z, out.detach().float(), e_src, e_tgt)
                     opt.zero_grad(set_to_none=True)
                     surrogate_loss(out.float(), gr).backward()
                 opt.step()

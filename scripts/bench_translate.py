@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -34,8 +35,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train_step as bts  # noqa: E402
+
+def _sibling(name: str):
+    """A benchmark script beside this one, imported by its path (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses of the module look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bts = _sibling("bench_train_step")
 
 
 def build_translator(setup, module, workdir: Path, device, dtype, export: bool):

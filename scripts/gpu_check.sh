@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 7, in ONE short call (< 8 min) on a lent H100 (bf16): the training-step benchmark (1), the
+# GPU check in ONE short call (< 8 min) on a lent H100 (bf16): the training-step benchmark (1), the
 # memory sweep, the optimisation ablations and the translation benchmark (4), all with --arch sd15 (random
 # Stable-Diffusion-1.5-shaped teacher and generator at 64x64 latents). Tables go to $OUT/ (set by the device tool;
 # ./gpu_out otherwise). Record the results in docs/performance.md ("GPU" section).

@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddstrans.data.shapes import HELD_OUT_SEED
 from ddstrans.shapes import render_scene
+from ddstrans.shapes.seeds import HELD_OUT
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--start-seed", type=int, default=HELD_OUT_SEED + 500_000, help="held out from training")
+    p.add_argument("--start-seed", type=int, default=HELD_OUT.start + 500_000,
+                   help="first seed (default: in ddstrans.shapes.seeds.HELD_OUT, seen by no model in training)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for i in range(args.n):

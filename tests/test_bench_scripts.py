@@ -56,21 +56,9 @@ def test_teacher_channels_last_gives_the_same_scores(tiny_teacher):
     zt = z + 0.3 * torch.randn(2, 4, 8, 8, generator=g)
     src, tgt = tiny_teacher.encode_prompts(["a cat"] * 2), tiny_teacher.encode_prompts(["a lion"] * 2)
     t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8, generator=g)
-    ref = dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise)
+    ref = dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise, guidance_scale=7.5)
     tiny_teacher.set_channels_last()
     assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     tiny_teacher.to("cpu", torch.float32)  # to() keeps the format
     assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise), ref, rtol=1e-3, atol=1e-4)
-
-
-def test_measure_background_readers_prints_margins_on_the_right_side_of_the_thresholds(tmp_path):
-    lines = _run("measure_background_readers.py", "--n-ratio", "40", "--n", "20", tmp_path=tmp_path)
-    values = {line.split(" | ")[0].lstrip("| ").split(" (")[0]: float(line.split(" | ")[1])
-              for line in lines if line.startswith("| ") and not line.startswith("| measure")}
-    from ddstrans.shapes import metrics as M
-
-    assert values["stripe ratio of checkers"] < M.BACKGROUND_RATIO_THRESHOLD
-    assert values["checker fit of checkers, clean"] > 0.99
-    assert values["checker fit of checkers, noise sd 0.1"] > M.CHECKER_R2_THRESHOLD
-    assert values["checker fit of stripes"] < M.CHECKER_R2_THRESHOLD
+    torch.testing.assert_close(dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise, guidance_scale=7.5), ref, rtol=1e-3, atol=1e-4)

@@ -106,7 +106,7 @@ def _flat(cfg, prefix=""):
 
 @pytest.mark.parametrize("experiment,expected", [
     ("shapes_no_warmup", {"loss.warmup_steps": 0}),
-    ("shapes_sds", {"loss.type": "sds"}),
+    ("shapes_sds", {"loss.method": "sds"}),
     ("shapes_text", {"generator.conditioning": "text"}),
     ("shapes_no_ema", {"optim.ema.enabled": False}),
     ("shapes_no_identity", {"loss.identity_weight": 0.0}),

@@ -41,7 +41,7 @@ def test_invalid_edit_config():
 
 def _record_dds_calls(monkeypatch) -> list[dict]:
     """Replace the DDS gradient by zeros and record the keyword arguments of every call."""
-    import ddstrans.editing as editing
+    import ddstrans.guidance as guidance
 
     calls = []
 
@@ -49,7 +49,7 @@ def _record_dds_calls(monkeypatch) -> list[dict]:
         calls.append(kw)
         return torch.zeros_like(z)
 
-    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    monkeypatch.setattr(guidance, "dds_grad", fake_grad)
     return calls
 
 
@@ -67,7 +67,7 @@ def test_edit_anneals_the_timestep_range_from_start_to_end(tiny_teacher, monkeyp
 def test_edit_with_shared_noise_uses_one_noise_for_every_image_and_step(tiny_teacher, monkeypatch):
     calls = _record_dds_calls(monkeypatch)
     z, emb = torch.randn(3, 4, 8, 8), tiny_teacher.encode_prompts(["a cat"])
-    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2, shared_noise_seed=5))
+    edit_latents(tiny_teacher, z, emb, emb, EditConfig(steps=2, shared_noise_prob=1.0, shared_noise_seed=5))
     want = shared_noise((4, 8, 8), 5)
     assert len(calls) == 2 and all(torch.equal(x, want) for c in calls for x in c["noise"])
     calls.clear()
@@ -77,7 +77,7 @@ def test_edit_with_shared_noise_uses_one_noise_for_every_image_and_step(tiny_tea
 
 def test_edit_from_an_initial_latent_scores_against_the_source(tiny_teacher, monkeypatch):
     """``z_init`` is where the optimisation starts; the score still compares with the source."""
-    import ddstrans.editing as editing
+    import ddstrans.guidance as guidance
 
     seen = []
 
@@ -85,7 +85,7 @@ def test_edit_from_an_initial_latent_scores_against_the_source(tiny_teacher, mon
         seen.append((z_src.clone(), z.clone()))
         return torch.ones_like(z)
 
-    monkeypatch.setattr(editing, "dds_grad", fake_grad)
+    monkeypatch.setattr(guidance, "dds_grad", fake_grad)
     z_src, z_init, emb = torch.zeros(2, 4, 8, 8), torch.full((2, 4, 8, 8), 3.0), tiny_teacher.encode_prompts(["a cat"])
     out = edit_latents(tiny_teacher, z_src, emb, emb, EditConfig(steps=2, lr=0.1, loss_scale=1.0), z_init=z_init)
     assert torch.equal(seen[0][0], z_src) and torch.equal(seen[0][1], z_init)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 
 from ddstrans.cli.main import main
-from ddstrans.data.shapes import HELD_OUT_SEED
-from ddstrans.evaluation import build_eval_set, evaluate, format_table, score
 from ddstrans.shapes import parse_caption, render_scene, to_model
 from ddstrans.shapes.defaults import shapes_tasks
+from ddstrans.shapes.evaluation import build_eval_set, evaluate, format_table, score
+from ddstrans.shapes.seeds import HELD_OUT
 
 TASKS = {t.name: t for t in shapes_tasks()}
 
@@ -18,7 +18,7 @@ TASKS = {t.name: t for t in shapes_tasks()}
 def test_eval_set_is_held_out_and_excludes_inputs_already_at_target():
     es = build_eval_set(TASKS["to_blue"], 12)
     assert es.attribute == "color" and len(es.seeds) == 12
-    assert min(es.seeds) >= HELD_OUT_SEED
+    assert all(s in HELD_OUT for s in es.seeds)
     assert all(parse_caption(c)["color"] != "blue" for c in es.src_captions)
     assert es.targets == ["blue"] * 12
     es_shape = build_eval_set(TASKS["to_square"], 6)

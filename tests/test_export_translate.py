@@ -52,7 +52,9 @@ def _module_ema_output(m, z, task_idx):
     m.swap_in_ema()
     try:
         with torch.no_grad():
-            return m(z, torch.full((z.shape[0],), task_idx, dtype=torch.long))
+            ids = torch.full((z.shape[0],), task_idx, dtype=torch.long)
+            src, tgt = m.task_table.first(ids)  # the task's first prompt pair, as the translator uses
+            return m.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt)
     finally:
         m.swap_out_ema()
 
@@ -81,7 +83,7 @@ def test_translator_equals_module_ema_generator(trained):
         torch.testing.assert_close(tr.translate_latents(z, name), ref, atol=1e-5, rtol=0)
     # raw weights differ from EMA weights, and --no-ema exports the raw ones
     with torch.no_grad():
-        raw = m(z, torch.zeros(3, dtype=torch.long))
+        raw = m.generator(z, task_ids=torch.zeros(3, dtype=torch.long))
     assert not torch.allclose(raw, _module_ema_output(m, z, 0), atol=1e-5)
 
 
@@ -92,7 +94,7 @@ def test_no_ema_export(trained, tmp_path):
     z = torch.randn(2, 4, 8, 8)
     m.eval()
     with torch.no_grad():
-        torch.testing.assert_close(tr.translate_latents(z, "cat2dog"), m(z, torch.ones(2, dtype=torch.long)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tr.translate_latents(z, "cat2dog"), m.generator(z, task_ids=torch.ones(2, dtype=torch.long)), atol=1e-5, rtol=0)
 
 
 def test_pil_call_one_forward_per_batch(trained):

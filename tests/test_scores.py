@@ -7,6 +7,7 @@ import torch
 
 import ddstrans
 from ddstrans import scores
+from ddstrans.guidance import Guidance
 from ddstrans.teacher import Teacher
 
 
@@ -58,7 +59,7 @@ def teacher(request, tiny_teacher_dir, tiny_vpred_teacher_dir, tmp_path):
 
 def test_dds_is_exactly_zero_for_matching_image_and_prompt(teacher):
     z_src, _, emb_src, _, t, noise = _inputs(teacher)
-    g = ddstrans.dds_grad(teacher, z_src, z_src.clone(), emb_src, emb_src.clone(), t=t, noise=noise)
+    g = ddstrans.dds_grad(teacher, z_src, z_src.clone(), emb_src, emb_src.clone(), t=t, noise=noise, guidance_scale=7.5)
     assert torch.equal(g, torch.zeros_like(g))
 
 
@@ -111,13 +112,13 @@ def test_dds_and_sds_with_low_t_guidance_match_per_sample_hand_computation(teach
 def test_dds_runs_one_batched_call_with_shared_t_and_noise(tiny_teacher):
     den = CountingDenoiser(tiny_teacher)
     z_src, z_tgt, emb_src, emb_tgt, _, _ = _inputs(tiny_teacher, b=3)
-    g, info = ddstrans.dds_grad(den, z_src, z_tgt, emb_src, emb_tgt, return_info=True, generator=torch.Generator().manual_seed(1))
+    g, info = Guidance().grad(den, z_src, z_tgt, emb_src, emb_tgt, return_info=True, generator=torch.Generator().manual_seed(1))
     assert len(den.calls) == 1
     batch, t_used = den.calls[0]
     assert batch == 12  # uncond/cond x source/target x 3 samples
     assert torch.equal(t_used, info.t.repeat(4))
     # the same noise in both branches: re-running with the returned t and noise reproduces g exactly
-    g2 = ddstrans.dds_grad(tiny_teacher, z_src, z_tgt, emb_src, emb_tgt, t=info.t, noise=info.noise)
+    g2 = Guidance().grad(tiny_teacher, z_src, z_tgt, emb_src, emb_tgt, t=info.t, noise=info.noise)
     torch.testing.assert_close(g, g2, atol=1e-6, rtol=0)
 
 
@@ -134,7 +135,8 @@ def test_surrogate_loss_gradient_is_the_score_gradient():
 
 
 def test_timesteps_stay_in_range_and_cover_it():
-    t = scores.sample_timesteps(20000, generator=torch.Generator().manual_seed(0))
+    t = scores.sample_timesteps(20000, Guidance().t_range, generator=torch.Generator().manual_seed(0))
+    assert Guidance().t_range == (50, 950)  # the DDS reference's range
     assert t.dtype == torch.long and int(t.min()) == 50 and int(t.max()) == 949
     t = scores.sample_timesteps(5000, (200, 300), generator=torch.Generator().manual_seed(0))
     assert int(t.min()) >= 200 and int(t.max()) < 300
@@ -186,7 +188,7 @@ def test_nonfinite_entries_are_zeroed_and_counted():
     den = NaNDenoiser()
     z = torch.randn(2, 1, 2, 2)
     emb = torch.ones(2, 2, 3)
-    g, info = scores.dds_grad(den, z, z, emb, emb, guidance_scale=2.0, return_info=True)
+    g, info = scores.dds_grad(den, z, z, emb, emb, guidance_scale=2.0, t_range=(50, 950), return_info=True)
     assert torch.isfinite(g).all()
     assert int(info.nonfinite) == 2
     assert g[1, 0, 0, 0] == 0 and g[1, 0, 0, 1] == 0
@@ -196,9 +198,11 @@ def test_shape_mismatch_is_a_clear_error(tiny_teacher):
     z = torch.randn(1, 4, 8, 8)
     emb = tiny_teacher.encode_prompts(["a cat"])
     with pytest.raises(ValueError, match="same shape"):
-        ddstrans.dds_grad(tiny_teacher, z, torch.randn(1, 4, 4, 4), emb, emb)
+        ddstrans.dds_grad(tiny_teacher, z, torch.randn(1, 4, 4, 4), emb, emb, guidance_scale=7.5, t_range=(50, 950))
     with pytest.raises(ValueError, match="noise shape"):
-        ddstrans.sds_grad(tiny_teacher, z, emb, noise=torch.randn(1, 4, 4, 4))
+        ddstrans.sds_grad(tiny_teacher, z, emb, noise=torch.randn(1, 4, 4, 4), guidance_scale=7.5, t_range=(50, 950))
+    with pytest.raises(ValueError, match="t_range"):
+        ddstrans.sds_grad(tiny_teacher, z, emb, guidance_scale=7.5)  # neither t nor a range to draw it from
 
 
 def test_identity_loss_holds_only_where_the_score_is_flat():

@@ -13,7 +13,6 @@ from ddstrans.shapes import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "checkpoints" / "shapes-teacher"
-PREVIOUS = ROOT / "checkpoints" / "shapes-teacher-eps"  # epsilon prediction, the default until session 17 (its card)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,8 @@ def samples(teacher):
     return prompts, teacher.sample(prompts, num_inference_steps=20, guidance_scale=2.0, eta=1.0, generator=g)
 
 
-@pytest.mark.parametrize("folder", [TEACHER, PREVIOUS], ids=["shipped", "previous_eps"])
-def test_checkpoint_layout_and_size(folder):
+def test_checkpoint_layout_and_size():
+    folder = TEACHER
     for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
         assert (folder / sub).is_dir(), sub
     index = json.loads((folder / "model_index.json").read_text())
@@ -50,7 +49,7 @@ def test_checkpoint_layout_and_size(folder):
     assert not [p for p in shipped if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]  # safetensors only
     assert sum(p.stat().st_size for p in shipped) < 15e6
     card = (folder / "README.md").read_text()
-    assert "python scripts/train_shapes_teacher.py" in card and "wall time" in card
+    assert "python -m ddstrans.shapes.train_teacher" in card and "wall time" in card
 
 
 def test_teacher_components(teacher):
@@ -73,16 +72,6 @@ def test_teacher_components(teacher):
 def test_noise_prediction_uses_the_caption(teacher):
     """The shipped teacher predicts v; Teacher converts it to epsilon, the quantity DDS and this check use."""
     _check_denoises_and_reads_the_caption(teacher)
-
-
-@torch.no_grad()
-def test_previous_epsilon_teacher_gives_epsilon_through_the_same_interface(tmp_path):
-    from ddstrans import Teacher
-
-    torch.set_num_threads(1)
-    previous = Teacher.from_pretrained(str(PREVIOUS), cache_dir=tmp_path)
-    assert previous.prediction_type == "epsilon"
-    _check_denoises_and_reads_the_caption(previous)
 
 
 def _check_denoises_and_reads_the_caption(teacher):

@@ -1,4 +1,4 @@
-"""scripts/train_shapes_teacher.py: an interrupted run resumes without repeating its logs' steps."""
+"""ddstrans.shapes.train_teacher: an interrupted run resumes without repeating its logs' steps."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ TINY = ["--channels", "8,16", "--attn-from", "1", "--head-dim", "8", "--text-dim
 
 
 @pytest.fixture(scope="module")
-def trainer(load_script):
-    return load_script("train_shapes_teacher")
+def trainer():
+    from ddstrans.shapes import train_teacher
+
+    return train_teacher
 
 
 def _rows(path: Path) -> list[list[str]]:

@@ -8,7 +8,8 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from ddstrans.cli.train import compose, configure_wandb, train, wandb_has_credentials
+from ddstrans.cli.train import compose, train
+from ddstrans.runtime import configure_wandb, wandb_has_credentials
 
 QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
 

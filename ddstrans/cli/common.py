@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
 
 class CLIError(Exception):
     """An error reported to the user as one line, without a stack trace."""
+
+
+# The library names parameters in its errors; on the command line they are flags.
+PARAMETER_FLAGS = {
+    "trust_checkpoint=True": "--trust-checkpoint",
+    "use_ema=False": "--no-ema",
+    "overwrite=True": "--overwrite",
+    "give teacher_path,": "pass --teacher PATH,",
+    "teacher (latents) needs resolution": "--latents needs --resolution",
+    "prompts must hold at least one prompt": "give at least one --prompt",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library error message in the CLI's words: parameter names become the flags that set them."""
+    for parameter, flag in PARAMETER_FLAGS.items():
+        message = message.replace(parameter, flag)
+    return message
 
 
 def quiet_libraries() -> None:
@@ -30,8 +47,3 @@ def pick_device(name: str | None) -> str:
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)

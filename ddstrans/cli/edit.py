@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
         "edit",
         help="zero-shot edit of an image with DDS (per-image optimisation, no training)",
         description="Optimise the image's latent with Delta Denoising Score so that it matches TARGET while "
-        "keeping what SOURCE describes. Defaults are the DDS reference settings (SGD lr 0.1 on 2000 x loss, "
-        "200 steps, guidance 7.5, t in [50, 950)).",
+        "keeping what SOURCE describes. Defaults are the DDS reference settings (ddstrans.editing.EditConfig: "
+        "SGD on 2000 x the surrogate loss; guidance, t range and weighting of ddstrans.guidance.Guidance).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("image", type=Path, help="input image (jpg, png, webp, bmp)")
@@ -22,9 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--source", required=True, help="prompt that describes the input image")
     p.add_argument("--target", required=True, help="prompt that describes the wanted edit")
     p.add_argument("-o", "--output", type=Path, required=True, help="output PNG path")
-    p.add_argument("--steps", type=int, default=200, help="optimisation steps")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate on the latent")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (both branches)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: EditConfig's, 200)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate on the latent (default: EditConfig's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, both branches (default: the DDS reference's, Guidance's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and timestep draws")
     p.add_argument("--size", type=int, default=None, help="working resolution (default: the teacher's native size)")
     p.add_argument("--sds", action="store_true", help="use SDS instead of DDS (for comparison)")
@@ -45,11 +46,12 @@ def run(args) -> int:
         raise CLIError(f"{args.output} exists; pass --overwrite to replace it")
     if args.output.suffix.lower() != ".png":
         raise CLIError(f"output must be a .png file, got {args.output.name}")
-    cfg = EditConfig(
-        steps=args.steps, lr=args.lr, guidance_scale=args.guidance, seed=args.seed,
-        method="sds" if args.sds else "dds",
-    )
-    cfg.validate()
+    given = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance}
+    try:
+        cfg = EditConfig(seed=args.seed, method="sds" if args.sds else "dds",
+                         **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:  # the library names the parameter; the flag has the same name
+        raise CLIError(f"--{e}") from None
     image = load_image(args.image)
     device = pick_device(args.device)
     dtype = torch.float16 if args.fp16 else None

@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
                         "pixel-space shapes teacher that overshoots: background PSNR ~15 dB)")
     p.add_argument("--edit-t-max", type=int, default=600, help="per-image editing samples t in [50, edit-t-max)")
     p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
-                   help="CFG scale of per-image editing (the shipped shapes teacher's card setting; at the SD "
-                        "reference 7.5 it keeps outlines less well: mask IoU 0.839 vs 0.984 on yellow->green, 16 inputs)")
+                   help="CFG scale of per-image editing (ddstrans.shapes.defaults.SHAPES_EDIT_GUIDANCE: the shipped "
+                        "shapes teacher's setting; higher guidance amplifies its errors and loses outlines)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ddstrans.evaluation import METHODS, evaluate, format_table
+    from ddstrans.editing import EditConfig
+    from ddstrans.shapes.evaluation import METHODS, evaluate, format_table
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -90,14 +91,14 @@ def run(args) -> int:
             except ValueError as e:
                 raise CLIError(str(e)) from None
         tasks = picked
-    edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance_scale": args.guidance,
-            "t_range": (50, args.edit_t_max)}
+    edit = {"steps": args.edit_steps, "lr": args.edit_lr, "guidance": args.guidance,
+            "t_range": (EditConfig.t_range[0], args.edit_t_max)}
     examples = {} if args.grid else None
     rows = evaluate(tasks, args.n, methods, translator=translator, teacher=teacher, edit_config=edit,
                     batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples)
     print(format_table(rows))
     if args.grid:
-        from ddstrans.evaluation import examples_grid
+        from ddstrans.shapes.evaluation import examples_grid
 
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         examples_grid(examples, methods).save(args.grid)

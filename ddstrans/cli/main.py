@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from ddstrans.cli.common import CLIError, quiet_libraries
+from ddstrans.cli.common import CLIError, as_flags, quiet_libraries
 
 # (module, subcommand) — a module missing from an installation is skipped, not fatal.
 SUBCOMMANDS = [
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, ValueError, RuntimeError) as e:
         if args.debug or os.environ.get("DDSTRANS_DEBUG"):
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {as_flags(str(e).splitlines()[0]) if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

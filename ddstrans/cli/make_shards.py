@@ -55,7 +55,8 @@ def add_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default 0)")
     t.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (default 8)")
     t.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    t.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    t.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: ddstrans.guidance.Guidance's, the SD reference's)")
     t.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
     _common(t)
     t.set_defaults(func=run_from_teacher, _parser=t)
@@ -151,7 +152,8 @@ def run_from_teacher(args) -> int:
     teacher = _load_teacher(args)
     manifest = write_from_teacher(
         args.out, teacher, args.prompt, args.count, seed=args.seed, batch_size=args.batch_size,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+        num_inference_steps=args.steps, resolution=args.resolution,
+        **({} if args.guidance is None else {"guidance_scale": args.guidance}),
         latents=args.latents, image_format=args.image_format or "png", quality=args.quality,
         maxcount=args.maxcount, maxsize=args.maxsize, command=command_line(args),
         progress=not args.no_progress,

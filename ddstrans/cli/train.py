@@ -16,51 +16,49 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ddstrans.runtime import (
+    Preempted,
+    configure_wandb,
+    distributed_env,
+    in_multirun,
+    preempted_message,
+    prepare_multirun_ddp,
+    rank_zero,
+    stopped_short_message,
+    teardown_distributed,
+)
 
 # The repository's configs/, as an absolute path computed from this file (a relative config_path would be
 # resolved by Hydra as a *package* path when the app runs as the installed console script).
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs")
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK", "GROUP_RANK")
 
 
-# ---------------------------------------------------------------------- Hydra targets used by configs
-def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_vae: bool = True, seed: int = 0):
-    """Load the tiny random teacher from ``cache_dir``, writing it first if absent (atomic: safe when several
-    DDP processes start at once)."""
-    from ddstrans.teacher import Teacher
-    from ddstrans.testing import make_tiny_sd
+def register_config_defaults() -> None:
+    """Register ``loss/base``: every key of the ``loss`` group with its default, taken from
+    ``ddstrans.guidance.Guidance`` and ``ddstrans.module.LOSS_TERMS`` (their one home); the YAML files of the
+    group hold only what they change."""
+    from hydra.core.config_store import ConfigStore
 
-    root = Path(cache_dir).expanduser() / f"{prediction_type}{'' if with_vae else '-pixel'}-s{seed}"
-    if not (root / "unet").is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
-        make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
-                     sample_size=8 if with_vae else 16, seed=seed)
-        try:
-            os.replace(tmp / "t", root)
-        except OSError:  # another process won the race
-            pass
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Teacher.from_pretrained(root)
+    from ddstrans.module import loss_defaults
+
+    ConfigStore.instance().store(group="loss", name="base", node=loss_defaults())
+
+
+register_config_defaults()
 
 
 # ---------------------------------------------------------------------- helpers
-def _rank_zero() -> bool:
-    return all(int(os.environ.get(k, 0)) == 0 for k in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
-
-
 def save_resolved_config(cfg: DictConfig) -> Path | None:
     """``<run dir>/config_resolved.yaml``: the config with every interpolation resolved (Hydra's
     ``.hydra/config.yaml`` keeps them), written by rank 0 only."""
-    if not _rank_zero():
+    if not rank_zero():
         return None
     out = Path(cfg.paths.output_dir) / "config_resolved.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,33 +67,6 @@ def save_resolved_config(cfg: DictConfig) -> Path | None:
     except Exception as e:  # noqa: BLE001 - e.g. a missing mandatory value the run itself never reads
         out.write_text(f"# could not resolve every value ({e}); unresolved config follows\n" + OmegaConf.to_yaml(cfg))
     return out
-
-
-def wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-        return bool(auth and auth[2])
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def configure_wandb(lg_cfg: DictConfig) -> None:
-    """Online with credentials, else offline with one clear message (rank 0 only)."""
-    forced = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
-    if lg_cfg.get("offline") or forced:
-        with open_dict(lg_cfg):
-            lg_cfg.offline = True
-        return
-    if not wandb_has_credentials():
-        with open_dict(lg_cfg):
-            lg_cfg.offline = True
-        if _rank_zero():
-            print(f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging OFFLINE to {lg_cfg.save_dir}/wandb; "
-                  "upload later with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr)
 
 
 def instantiate_loggers(cfg: DictConfig) -> list:
@@ -138,46 +109,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if not path.is_file():
         raise MissingCheckpointError(f"ckpt_path={ckpt}: no such file")
     return str(path)
-
-
-def _uses_subprocess_ddp(cfg: DictConfig) -> bool:
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    devices = cfg.trainer.get("devices", 1)
-    n = devices if isinstance(devices, int) else (len(devices) if hasattr(devices, "__len__") else 2)
-    return strategy.startswith("ddp") and "spawn" not in strategy and "fork" not in strategy and n not in (0, 1)
-
-
-def prepare_multirun_ddp(cfg: DictConfig) -> bool:
-    """The Hydra-multirun + Lightning-DDP trap: Lightning's subprocess launcher re-executes ``sys.argv``; in a
-    sweep that is ``-m a=1,2`` -> each child would launch the whole sweep and the next job's rendezvous fails.
-    Here, in multirun mode, the command line becomes this job's own overrides and ``hydra.run.dir`` this job's
-    directory, so each child runs exactly this job (in RUN mode) in the same directory. Returns True when the
-    caller must tear the process group down after the job."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return False
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return False
-    if _uses_subprocess_ddp(cfg) and os.environ.get("LOCAL_RANK") is None:
-        sys.argv = [sys.argv[0], *[o for o in hc.overrides.task if not o.startswith("hydra.")], "hydra.mode=RUN"]
-        with read_write(hc), open_dict(hc):
-            hc.run.dir = hc.runtime.output_dir
-    return True
-
-
-def _teardown_distributed(saved_env: dict) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    for k in _DIST_ENV:
-        if saved_env.get(k) is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = saved_env[k]
 
 
 def build_module(cfg: DictConfig, teacher=None):
@@ -236,7 +167,7 @@ def train(cfg: DictConfig) -> float | None:
     _single_log_handler()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*LeafSpec.*")
-    saved_env = {k: os.environ.get(k) for k in _DIST_ENV}
+    saved_env = distributed_env()
     in_multirun = prepare_multirun_ddp(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -246,20 +177,19 @@ def train(cfg: DictConfig) -> float | None:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ddstrans.validation import ConfigError, validate_config
-
     from ddstrans.rundir import claim_run_directory, config_snapshot, write_run_config
     from ddstrans.user_errors import instantiate_checked
+    from ddstrans.validation import ConfigError, validate_config
 
     snapshot = config_snapshot(cfg)
     validate_config(cfg)  # before any heavy work and before writing into the run dir: one clear ConfigError line
     ckpt_path = resolve_ckpt_path(cfg)
-    lock = claim_run_directory(cfg.paths.output_dir) if _rank_zero() else None  # one run per run dir
+    lock = claim_run_directory(cfg.paths.output_dir) if rank_zero() else None  # one run per run dir
     loggers: list = []
     try:
         datamodule = instantiate_checked(cfg.data, "data")  # before the teacher: a wrong data config fails fast
         module = build_module(cfg)
-        if _rank_zero():  # validated, teacher loaded: now the run's files may be written
+        if rank_zero():  # validated, teacher loaded: now the run's files may be written
             write_run_config(cfg.paths.output_dir, snapshot)
             save_resolved_config(cfg)
         loggers = instantiate_loggers(cfg)
@@ -269,7 +199,7 @@ def train(cfg: DictConfig) -> float | None:
             # weights_only: resuming unpickles no code (tensors, containers and primitives only)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except SIGTERMException:
-            raise Preempted(_preempted_message(cfg, trainer)) from None
+            raise Preempted(preempted_message(cfg, trainer)) from None
         except pickle.UnpicklingError as e:
             if ckpt_path is None:
                 raise
@@ -295,41 +225,10 @@ def train(cfg: DictConfig) -> float | None:
 
                 wandb.finish()
         if in_multirun:
-            _teardown_distributed(saved_env)
+            teardown_distributed(saved_env)
         if lock is not None:
             lock.release()
     return metric
-
-
-class Preempted(SystemExit):
-    """SIGTERM ended the run (after writing last.ckpt when checkpoints are on); exit status 143."""
-
-    def __init__(self, message: str):
-        super().__init__(143)
-        self.message = message
-
-
-def stopped_short_message(cfg: DictConfig, trainer) -> str | None:
-    """What to do when fit ended before ``trainer.max_steps`` (``trainer.max_time`` reached, or a callback stopped
-    it): Lightning ends such a run as quietly as a finished one, and on a slow machine the main job's time limit, a
-    safety net, would otherwise leave late-learned tasks untrained without a word."""
-    max_steps = int(cfg.trainer.get("max_steps") or -1)
-    if max_steps <= 0 or trainer.global_step >= max_steps or trainer.interrupted:
-        return None
-    return (f"training stopped at step {trainer.global_step} of trainer.max_steps={max_steps} (trainer.max_time="
-            f"{cfg.trainer.get('max_time')} reached, or a callback stopped it); what was saved and exported is that "
-            f"step's. To finish: {_resume_overrides(cfg)} trainer.max_time=null")
-
-
-def _preempted_message(cfg: DictConfig, trainer) -> str:
-    saved = [c.saved_path for c in trainer.callbacks if type(c).__name__ == "SaveLastCheckpoint" and c.saved_path]
-    where = f"saved {saved[0]}" if saved else "no checkpoint written (callbacks without a checkpoint directory)"
-    return f"preempted (SIGTERM) at step {trainer.global_step}: {where}; resume with {_resume_overrides(cfg)}"
-
-
-def _resume_overrides(cfg: DictConfig) -> str:
-    """The overrides that continue this run from its last checkpoint (the messages of a cut or preempted run)."""
-    return f"ckpt_path=last hydra.run.dir={cfg.paths.output_dir}"
 
 
 def checkpoint_io_plugins(cfg: DictConfig) -> dict:
@@ -396,7 +295,7 @@ def run_reporting_errors(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except Preempted as e:
-        if _rank_zero():
+        if rank_zero():
             print(e.message, file=sys.stderr)
         raise SystemExit(143) from None
     except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (trace) below
@@ -406,7 +305,7 @@ def run_reporting_errors(cfg: DictConfig) -> float | None:
             line, code = str(e), (1 if isinstance(e, NonFiniteLossError) else 2)
         elif isinstance(e, OSError):  # a full disk, a permission, a missing file: the environment, not a bug
             line, code = os_error_line(e), 1
-            if "no space left" in line and _rank_zero():
+            if "no space left" in line:
                 line += "; the checkpoints already written are complete (each is written to a temp file and renamed)"
         elif type(e).__name__ == "SafetensorError":
             line, code = f"a safetensors file could not be read: {first_line(e)}", 2
@@ -414,18 +313,11 @@ def run_reporting_errors(cfg: DictConfig) -> float | None:
             raise
         if _show_traces():
             raise
-        if _rank_zero():
+        if rank_zero():
             print(f"error: {line}", file=sys.stderr)
-        if _in_multirun():
+        if in_multirun():
             raise  # a sweep records the failed job (Optuna: a failed trial) and goes on
         raise SystemExit(code) from None
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

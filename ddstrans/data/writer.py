@@ -3,7 +3,7 @@
 Output directory layout::
 
     OUT/shards-000000.tar ...   samples KEY.{jpg|png|webp}, KEY.txt (caption), KEY.json (metadata),
-                                KEY.latents.npy (float16 scaled VAE latents, with --latents)
+                                KEY.latents.npy (float16 scaled VAE latents, with a teacher)
     OUT/manifest.json           counts per shard, skipped counts with reasons, resolution, teacher id,
                                 pixels/latents, the creation command(s)
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddstrans.guidance import Guidance
 from ddstrans.images import IMAGE_SUFFIXES, pil_to_tensor, resize_center_crop, resize_max_side, to_rgb
 
 log = logging.getLogger("ddstrans.data")
@@ -107,7 +108,7 @@ class ShardSet:
                     p.unlink()
                 path.unlink(missing_ok=True)
             elif not resume:
-                raise FileExistsError(f"{self.out} already holds shards; pass --overwrite to replace them")
+                raise FileExistsError(f"{self.out} already holds shards; overwrite=True replaces them")
         self.manifest: dict = self._load(path) if path.exists() else {}
         if not self.manifest:
             self.manifest = {"format": FORMAT_VERSION, "created": _now(), "commands": [], "count": 0,
@@ -282,9 +283,9 @@ def write_from_folder(
     from tqdm.auto import tqdm
 
     if teacher is not None and not resolution:
-        raise ValueError("--latents needs --resolution (latents are stored for a fixed square crop)")
+        raise ValueError("teacher (latents) needs resolution: latents are stored for a fixed square crop")
     if resolution and teacher is not None and resolution % teacher.downsample_factor:
-        raise ValueError(f"--resolution {resolution} must be a multiple of the teacher's VAE factor {teacher.downsample_factor}")
+        raise ValueError(f"resolution {resolution} must be a multiple of the teacher's VAE factor {teacher.downsample_factor}")
     images, others = find_images(src)
     info = {
         "kind": "folder", "source": str(Path(src).resolve()), "resolution": resolution, "max_side": max_side,
@@ -356,7 +357,7 @@ def write_from_teacher(
     seed: int = 0,
     batch_size: int = 8,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = Guidance.guidance,
     resolution: int | None = None,
     latents: bool = False,
     image_format: str = "png",
@@ -371,11 +372,11 @@ def write_from_teacher(
     from tqdm.auto import tqdm
 
     if not prompts:
-        raise ValueError("give at least one --prompt")
+        raise ValueError("prompts must hold at least one prompt")
     f = teacher.downsample_factor
     resolution = int(resolution or teacher.image_size)
     if resolution % f:
-        raise ValueError(f"--resolution {resolution} must be a multiple of the teacher's VAE factor {f}")
+        raise ValueError(f"resolution {resolution} must be a multiple of the teacher's VAE factor {f}")
     generation = {
         "teacher": teacher_id(teacher), "prompts": list(prompts), "seed": seed,
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,

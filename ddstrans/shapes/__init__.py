@@ -1,4 +1,5 @@
-"""The shapes world: a renderer with exact ground truth, captions, and metrics (issue 5)."""
+"""The embedded shapes world: a renderer with exact ground truth, captions, metrics, data, evaluation, seeds and
+the teacher's training (``python -m ddstrans.shapes.train_teacher``)."""
 
 from .world import (
     BACKGROUNDS,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ddstrans.evaluation import METRIC_KEYS
+from ddstrans.shapes.evaluation import METRIC_KEYS
 
 KEYS = tuple(k for k in METRIC_KEYS if k != "ms_per_image")  # quality metrics; time is not a validation figure
 
@@ -31,7 +31,7 @@ class ShapesMetrics(Callback):
         self._sets: dict | None = None
 
     def _eval_sets(self, pl_module) -> dict:
-        from ddstrans.evaluation import build_eval_set
+        from ddstrans.shapes.evaluation import build_eval_set
 
         if self._sets is None:
             self._sets = {t.name: build_eval_set(t, self.n) for t in pl_module.task_table.tasks}
@@ -40,7 +40,7 @@ class ShapesMetrics(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        from ddstrans.evaluation import score
+        from ddstrans.shapes.evaluation import score
 
         per_task = {}
         for k, (name, es) in enumerate(self._eval_sets(pl_module).items()):

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-teacher"
-# Classifier-free guidance of per-image DDS/SDS editing with the shipped teacher (its card). Lower than the SD
-# reference's 7.5: guidance amplifies this small pixel-space teacher's errors, and at 7.5 its edits lose the outline
-# (yellow->green mask IoU 0.839 vs 0.984 at 3, 16 inputs; the card's guidance table).
+# Classifier-free guidance of per-image DDS/SDS editing with the shipped teacher (its card). Lower than the DDS
+# reference's (ddstrans.guidance.Guidance): guidance amplifies this small pixel-space teacher's errors, and at the
+# reference scale its edits lose the outline (the card's guidance table).
 SHAPES_EDIT_GUIDANCE = 3.0
 
 

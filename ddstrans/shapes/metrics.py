@@ -26,7 +26,7 @@ How attributes are read from an arbitrary image (a render, a teacher sample, a n
   template (cells of 3 to 6 px at any offset, as the renderer draws them) must exceed
   ``CHECKER_R2_THRESHOLD`` (0.6). Measured on 400 renders: 1.00 for checkers (>= 0.71 after noise of
   sd 0.1 or a Gaussian blur of 0.8 px: the textures' contrast is 0.2-0.3), <= 0.34 for stripes
-  (``scripts/measure_background_readers.py`` prints these margins). A background that is neither (stripes
+  (``tests/test_shapes_world.py`` checks these margins). A background that is neither (stripes
   washed out to a flat gray, say) reads as ``None`` and never counts as a successful change —
   without this rule a network that only erased the stripes scored 0.92 on ``to_checkered``.
 """

@@ -1,8 +1,7 @@
-"""How often a teacher draws what each caption of the shapes world asks for (issue 5's sampling bar).
+"""How often a teacher draws what each caption of the shapes world asks for (the teacher's sampling bar).
 
-Shared by ``scripts/eval_shapes_teacher.py`` (the model card's table) and ``scripts/diagnose_sampling.py`` (sampler
-levers), so that both draw the same samples from the same noise: one seeded generator, the captions in
-:func:`all_captions` order, ``n`` samples each.
+Used by ``ddstrans.shapes.eval_teacher`` (the model card's table); the samples are a function of the seed alone: one seeded generator, the captions in :func:`all_captions` order, ``n`` samples
+each.
 """
 
 from __future__ import annotations

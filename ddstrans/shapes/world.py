@@ -24,10 +24,10 @@ import numpy as np
 
 SIZE = 32
 
-# Light colors on dark grays (world v2): every shape color is closer to every other than both are to any background
+# Light colors on dark grays: every shape color is closer to every other than both are to any background
 # gray (|a - b|^2 < |a - g|^2 + |b - g|^2 with room to spare), so a shape halfway between two colors still reads as
-# the shape, not as background. With saturated colors on mid grays (v1: red 0.9/0.1/0.1, ..., grays 0.10-0.85)
-# zero-shot DDS redrew the recolored shape elsewhere, the more the farther apart the two colors (teacher card).
+# the shape, not as background. With saturated colors on mid grays zero-shot DDS redraws a recolored shape
+# elsewhere, the more the farther apart the two colors (docs/experiments).
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.00, 0.45, 0.45),
     "green": (0.45, 0.95, 0.45),

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Train the shapes-world teacher: a tiny text-conditioned pixel-space diffusion model.
 
 Writes a diffusers-format folder (``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``,
 ``model_index.json``, safetensors weights) that ``ddstrans.Teacher.from_pretrained`` loads, plus
 ``train_log.csv`` (loss as it goes) and the model card ``README.md``.
 
-- Data: scenes rendered on the fly by :mod:`ddstrans.shapes` from seeds >= 10**7 (evaluation and
-  tests use small seeds), images in [-1, 1], 32x32.
+- Data: scenes rendered on the fly by :mod:`ddstrans.shapes` from seeds of ``seeds.TEACHER_TRAIN`` (disjoint from
+  the translator's training scenes and from the held-out evaluation scenes), images in [-1, 1], 32x32.
 - Objective: epsilon prediction (``--prediction-type v_prediction``: v = sqrt(abar) eps - sqrt(1 - abar) x0, whose
   error does not blow up at high noise), DDPM linear schedule, 1000 steps, timesteps uniform.
 - CFG: the caption is replaced by "" (the unconditional prompt) with probability ``--cond-drop``.
@@ -16,11 +15,11 @@ Writes a diffusers-format folder (``unet/``, ``scheduler/``, ``text_encoder/``, 
   EMA, optimizer, step, elapsed time) is saved every ``--save-every-min`` minutes to
   ``<out>/_train_state/state.pt`` atomically (write temp, ``os.replace``), and rerunning the same
   command continues from it. The exported model is refreshed at each save, too.
-- ``torch.set_num_threads(1)`` by default (``--threads``): the machine is shared.
+- ``torch.set_num_threads(1)`` by default (``--threads``).
 
 Example (the shipped teacher's command is recorded in its README.md)::
 
-    python scripts/train_shapes_teacher.py --out checkpoints/shapes-teacher --steps 4000
+    python -m ddstrans.shapes.train_teacher --out checkpoints/shapes-teacher --steps 4000
 """
 
 from __future__ import annotations
@@ -42,19 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from ddstrans.callbacks import atomic_torch_save  # noqa: E402
-from ddstrans.scores import add_noise, velocity  # noqa: E402
-from ddstrans.shapes import VOCAB, from_model, render_batch, to_model  # noqa: E402
-from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler  # noqa: E402
-from ddstrans.word_tokenizer import make_word_tokenizer  # noqa: E402
-
-TRAIN_SEED_OFFSET = 10**7
-QUALITY_BEGIN = "<!-- quality:begin -->"
-QUALITY_END = "<!-- quality:end -->"
+from ddstrans.callbacks import atomic_torch_save
+from ddstrans.scores import add_noise, velocity
+from ddstrans.shapes.card import write_card
+from ddstrans.shapes.seeds import TEACHER_TRAIN
+from ddstrans.shapes.world import VOCAB, from_model, render_batch, to_model
+from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler
+from ddstrans.word_tokenizer import make_word_tokenizer
 
 
 def parse_args(argv=None):
@@ -196,12 +189,16 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
+def scene_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` scene seeds of ``seeds.TEACHER_TRAIN``, drawn uniformly."""
+    return rng.integers(TEACHER_TRAIN.start, TEACHER_TRAIN.stop, size=n)
+
+
 def make_batch(step, args, alphas_cumprod):
     """Batch of step ``step``: (noisy images, timesteps, the UNet's regression target, captions); depends only on
     (seed, step), so resuming is exact."""
     rng = np.random.default_rng([args.seed, step])
-    seeds = rng.integers(TRAIN_SEED_OFFSET, 2**31 - 1, size=args.batch_size)
-    imgs, _, caps = render_batch(seeds)
+    imgs, _, caps = render_batch(scene_seeds(rng, args.batch_size))
     drop = rng.random(args.batch_size) < args.cond_drop
     caps = ["" if d else c for c, d in zip(caps, drop)]
     x0 = to_model(imgs)
@@ -313,64 +310,6 @@ def drop_rows_after(path: Path, step: int, header: bool) -> None:
     os.replace(tmp, path)
 
 
-def write_card(out: Path, info: dict):
-    """Model card; keeps an existing quality section (written by scripts/eval_shapes_teacher.py)."""
-    info = dict(info)
-    info["conditioning"] = (
-        "\nThe caption reaches the UNet twice: cross-attention (at 8x8) and an attention-pooled caption embedding "
-        "added to the time embedding (`addition_embed_type=\"text\"`), which every ResNet block sees."
-        if info.get("text_time_embed") else "")
-    best = info.get("best")
-    info["snapshot"] = (
-        f"\nThe exported weights are the EMA at step {best['step']}, the best of the probes run every "
-        f"few hundred steps ({info['probe_n']} DDIM-{info['probe_steps']} samples per caption, guidance "
-        f"{info['probe_guidance']:g}: color and shape right in "
-        f"{best['score']:.1%}; log in `probe_log.csv`), not necessarily the last step's."
-        if best and best.get("step") else "")
-    card = out / "README.md"
-    quality = f"{QUALITY_BEGIN}\n_Not measured yet: run `python scripts/eval_shapes_teacher.py`._\n{QUALITY_END}"
-    if card.exists():
-        old = card.read_text()
-        if QUALITY_BEGIN in old and QUALITY_END in old:
-            quality = old[old.index(QUALITY_BEGIN): old.index(QUALITY_END) + len(QUALITY_END)]
-    text = f"""# shapes-teacher
-
-A tiny text-conditioned **pixel-space** diffusion model of the shapes world
-(`ddstrans.shapes`, world v2: one light red/green/blue/yellow circle/square/triangle on a striped or checkered
-background of dark grays, 32x32, captions like "a red circle on a striped background"). It is the default teacher
-of ddstrans: load it with `ddstrans.Teacher.from_pretrained("checkpoints/shapes-teacher")`.
-There is no VAE: latents are pixels in [-1, 1].
-
-| part | class | notes |
-|---|---|---|
-| `unet/` | `diffusers.UNet2DConditionModel` | in/out 3 channels, 32x32, blocks {info['channels']}, {info['attn']}, {info['unet_params']:,} params |
-| `text_encoder/` | `transformers.CLIPTextModel` | {info['text_layers']} layers, width {info['text_dim']}, trained jointly, {info['text_params']:,} params |
-| `tokenizer/` | `transformers.CLIPTokenizer` | `ddstrans.word_tokenizer.make_word_tokenizer` over the grammar's words, max length 16 |
-| `scheduler/` | `diffusers.DDPMScheduler` | {info['prediction_type'].replace('_', ' ')}, 1000 steps, linear betas 1e-4..0.02 |
-
-The unconditional prompt is `""` (captions were dropped with probability {info['cond_drop']} in training).
-Weights are an EMA (decay {info['ema']}) of the trained weights.{info['conditioning']}{info['snapshot']}
-
-## Training
-
-```
-{info['command']}
-```
-
-- steps: {info['step']} of {info['steps']} at batch {info['batch_size']} (seed {info['seed']}, {info['threads']} CPU thread(s))
-- wall time: {info['wall_min']:.1f} min (summed over resumed runs) on a 2-core CPU machine
-- final loss (mean of the last 100 steps' batch MSE): {info['final_loss']:.4f}
-- loss log: `train_log.csv` (step, loss, lr, elapsed seconds)
-
-## Quality (measured)
-
-{quality}
-"""
-    tmp = card.with_name("README.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -379,7 +318,7 @@ def main(argv=None):
     state_dir.mkdir(parents=True, exist_ok=True)
     state_path = state_dir / "state.pt"
     cli = argv if argv is not None else sys.argv[1:]
-    command = "python scripts/train_shapes_teacher.py " + " ".join(shlex.quote(a) for a in cli if a != "--card-only")
+    command = "python -m ddstrans.shapes.train_teacher " + " ".join(shlex.quote(a) for a in cli if a != "--card-only")
 
     tokenizer, text_encoder, unet, scheduler = build_models(args)
     if args.init_from:

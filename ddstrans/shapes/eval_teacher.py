@@ -1,10 +1,9 @@
-#!/usr/bin/env python
-"""Measure the shapes teacher against the quality bar of issue 5 and print a table.
+"""Measure a shapes teacher against its quality bar and print a table (the model card's quality section).
 
 1. Conditional sampling: ``--sample-n`` samples per caption (all 24 captions, DDIM, CFG); the
    fraction with the right color, shape, background, and color *and* shape, read by
    ``ddstrans.shapes.metrics`` (bar: color and shape right in >= 95% for every caption).
-2. Zero-shot editing of ``--n`` rendered inputs per color task (seeds 0.., the input's color forced
+2. Zero-shot editing of ``--n`` rendered inputs per color task (held-out seeds from ``--start-seed``, the input's color forced
    to the task's source color; source prompt = the input's caption, target prompt = the same caption
    with the target color), with DDS and SDS (``ddstrans.editing.edit_latents``), beside identity:
    target accuracy, mask IoU against the input's ground-truth mask, background PSNR outside it
@@ -15,14 +14,13 @@
 
 ``--write-card`` replaces the quality section of ``<teacher>/README.md`` with the tables.
 
-    python scripts/eval_shapes_teacher.py --teacher checkpoints/shapes-teacher --write-card
+    python -m ddstrans.shapes.eval_teacher --teacher checkpoints/shapes-teacher --write-card
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -31,21 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from ddstrans.editing import EditConfig
+from ddstrans.shapes import metrics as M
+from ddstrans.shapes.card import write_quality
+from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
+from ddstrans.shapes.sampling_eval import sampling_accuracy
+from ddstrans.shapes.seeds import HELD_OUT
+from ddstrans.shapes.world import render_batch, sample_scene, to_model
 
-from ddstrans.shapes import metrics as M  # noqa: E402
-from ddstrans.shapes import (  # noqa: E402
-    render_batch,
-    sample_scene,
-    to_model,
-)
-from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE  # noqa: E402
-from ddstrans.shapes.sampling_eval import sampling_accuracy  # noqa: E402
-
-QUALITY_BEGIN = "<!-- quality:begin -->"
-QUALITY_END = "<!-- quality:end -->"
+REF = EditConfig()  # the DDS reference's editing settings: the defaults here
 # method -> (score, start at the answer instead of the input)
 EDIT_METHODS = {"dds": ("dds", False), "sds": ("sds", False), "dds_from_target": ("dds", True)}
 COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
@@ -53,7 +45,7 @@ COLOR_TASKS = (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="checkpoints/shapes-teacher")
+    p.add_argument("--teacher", default=None, help="teacher directory (default: the shipped shapes teacher)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sample-n", type=int, default=32, help="samples per caption (0 = skip)")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps (default: the model card's 20)")
@@ -69,18 +61,21 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=",".join(f"{a}>{b}" for a, b in COLOR_TASKS))
     p.add_argument("--methods", default="dds,sds", help="comma-separated, of: dds, sds, dds_from_target (DDS started "
                    "at the ground-truth answer: how far a perfect edit drifts under this teacher; 0 drift is ideal)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.1, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
-    p.add_argument("--loss-scale", type=float, default=2000.0)
-    p.add_argument("--guidance", type=float, default=7.5,
+    p.add_argument("--steps", type=int, default=REF.steps)
+    p.add_argument("--lr", type=float, default=REF.lr, help="SGD lr on loss_scale x surrogate ('hw' reduction)")
+    p.add_argument("--loss-scale", type=float, default=REF.loss_scale)
+    p.add_argument("--guidance", type=float, default=REF.guidance,
                    help="DDS/SDS classifier-free guidance (default: the SD reference's, as --steps, --lr and the t range "
                    f"here; the card passes its own settings, guidance {SHAPES_EDIT_GUIDANCE:g})")
     p.add_argument("--guidance-low-t", type=int, default=0, help="steps with t below this use --guidance-low (0: off)")
     p.add_argument("--guidance-low", type=float, default=1.0)
-    p.add_argument("--t-min", type=int, default=50)
-    p.add_argument("--t-max", type=int, default=950)
+    p.add_argument("--t-min", type=int, default=REF.t_range[0])
+    p.add_argument("--t-max", type=int, default=REF.t_range[1])
     p.add_argument("--t-end", default="", help="anneal the range linearly to 'T_MIN,T_MAX' over the edit (e.g. 20,200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-seed", type=int, default=HELD_OUT.start,
+                   help="first scene seed of the editing inputs (task k uses 1000 k more); default: the first of "
+                   "ddstrans.shapes.seeds.HELD_OUT, scenes no model trained on")
     p.add_argument("--grid", default="", help="write a PNG grid of the first 8 edits per task here")
     p.add_argument("--json", default="", help="write all figures as JSON here")
     p.add_argument("--write-card", action="store_true")
@@ -113,12 +108,12 @@ def task_inputs(src: str, tgt: str, n: int, offset: int):
 
 
 def eval_editing(teacher, args):
-    from ddstrans.editing import EditConfig, edit_latents
+    from ddstrans.editing import edit_latents
 
     results, grids = [], []
     tasks = [tuple(t.split(">")) for t in args.tasks.split(",") if t]
     for k, (src, tgt) in enumerate(tasks):
-        imgs, masks, caps, tcaps, answers = task_inputs(src, tgt, args.n, offset=1000 * k)
+        imgs, masks, caps, tcaps, answers = task_inputs(src, tgt, args.n, offset=args.start_seed + 1000 * k)
         x = to_model(imgs)
         outs = {"identity": (x, 0.0)}
         emb_s, emb_t = teacher.encode_prompts(caps), teacher.encode_prompts(tcaps)
@@ -126,7 +121,7 @@ def eval_editing(teacher, args):
         for method in [m for m in args.methods.split(",") if m]:
             if method not in EDIT_METHODS:
                 raise SystemExit(f"unknown method {method!r}; choose from {', '.join(EDIT_METHODS)}")
-            cfg = EditConfig(steps=args.steps, lr=args.lr, guidance_scale=args.guidance, loss_scale=args.loss_scale,
+            cfg = EditConfig(steps=args.steps, lr=args.lr, guidance=args.guidance, loss_scale=args.loss_scale,
                              t_range=(args.t_min, args.t_max), t_range_end=args.t_range_end,
                              method=EDIT_METHODS[method][0], seed=args.seed, guidance_low_t=args.guidance_low_t,
                              guidance_low=args.guidance_low)
@@ -157,7 +152,7 @@ def save_grid(grids, path):
 
 def tables(args, sampling, editing, wall):
     lines = []
-    cmd = "python scripts/eval_shapes_teacher.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python -m ddstrans.shapes.eval_teacher " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines.append(f"Measured by `{cmd}` ({wall / 60:.1f} min, {args.threads} CPU thread(s)).\n")
     if sampling:
         cs = [r["color_and_shape"] for r in sampling]
@@ -187,24 +182,15 @@ def tables(args, sampling, editing, wall):
     return "\n".join(lines)
 
 
-def write_card(teacher_dir: Path, text: str):
-    card = teacher_dir / "README.md"
-    old = card.read_text() if card.exists() else f"# shapes-teacher\n\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
-    if QUALITY_BEGIN not in old:
-        old += f"\n## Quality (measured)\n\n{QUALITY_BEGIN}\n{QUALITY_END}\n"
-    a, b = old.index(QUALITY_BEGIN), old.index(QUALITY_END) + len(QUALITY_END)
-    new = old[:a] + f"{QUALITY_BEGIN}\n{text}\n{QUALITY_END}" + old[b:]
-    tmp = card.with_name("README.md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, card)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from ddstrans import Teacher
 
     t0 = time.time()
+    from ddstrans.shapes.defaults import shapes_teacher_path
+
+    args.teacher = str(args.teacher or shapes_teacher_path())
     teacher = Teacher.from_pretrained(args.teacher)
     sampling = eval_sampling(teacher, args) if args.sample_n > 0 else []
     editing, grids = eval_editing(teacher, args) if args.n > 0 else ([], [])
@@ -215,7 +201,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({"sampling": sampling, "editing": editing, "args": vars(args)}, indent=2))
     if args.write_card:
-        write_card(Path(args.teacher), text)
+        write_quality(Path(args.teacher), text)
 
 
 if __name__ == "__main__":

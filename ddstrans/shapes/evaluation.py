@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddstrans.data.shapes import HELD_OUT_SEED
 from ddstrans.shapes import metrics as M
-from ddstrans.shapes import parse_caption, render_scene, to_model
+from ddstrans.shapes import seeds as S
+from ddstrans.shapes.world import parse_caption, render_scene, to_model
 
 METHODS = ("identity", "answer", "network", "dds", "sds")
 DEFAULT_METHODS = ("identity", "network", "dds", "sds")  # "answer" (the renderer's ground truth) on request
@@ -41,11 +41,13 @@ class EvalSet:
     answers: torch.Tensor  # (N, 3, H, W) in [-1, 1]: the same scenes rendered with the target attribute
 
 
-def build_eval_set(task, n: int, start_seed: int = HELD_OUT_SEED, max_tries: int = 100_000) -> EvalSet:
+def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: int = 100_000) -> EvalSet:
     """``n`` held-out scenes that ``task`` changes in exactly one attribute (color, shape or background)."""
     seeds, images, src_m, tgt_m, answers, targets, srcs, tgts, attrs = [], [], [], [], [], [], [], [], set()
     seed = start_seed
     while len(seeds) < n:
+        if seed not in S.HELD_OUT:
+            raise ValueError(f"task {task.name!r}: start_seed {start_seed} leaves seeds.HELD_OUT before {n} inputs")
         if seed - start_seed > max_tries:
             raise ValueError(f"task {task.name!r}: found only {len(seeds)} of {n} scenes it changes")
         scene = render_scene(seed)

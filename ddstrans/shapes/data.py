@@ -1,7 +1,7 @@
 """An on-the-fly DataModule of shapes-world scenes (the embedded default world).
 
-Training scenes use seeds ``[0, num_train)``; validation and evaluation use seeds from
-``HELD_OUT_SEED`` on, never seen in training. Each batch also carries the scene ``caption`` (usable
+Training scenes are the first ``num_train`` seeds of ``seeds.TRANSLATOR_TRAIN``; validation scenes come from
+``seeds.HELD_OUT``, never seen in training. Each batch also carries the scene ``caption`` (usable
 as the source prompt) and its ``seed`` (so metrics can re-render the ground truth).
 """
 
@@ -11,9 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ddstrans.shapes import render_scene, to_model
-
-HELD_OUT_SEED = 10_000_000
+from ddstrans.shapes import seeds
+from ddstrans.shapes.world import SIZE, render_scene, to_model
 
 
 class ShapeScenes(Dataset):
@@ -38,8 +37,6 @@ class ShapesDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 16, num_train: int = 100_000, num_val: int = 8, val_batch_size: int | None = None,
                  num_workers: int = 0, overrides: dict | None = None, image_size: int = 32, seed: int = 0):
         super().__init__()
-        from ddstrans.shapes import SIZE
-
         if image_size != SIZE:
             raise ValueError(f"the shapes world renders {SIZE}x{SIZE} images; image_size={image_size} is not supported")
         self.batch_size, self.num_train, self.num_val = batch_size, num_train, num_val
@@ -48,8 +45,8 @@ class ShapesDataModule(L.LightningDataModule):
         self.seed = int(seed)  # the training order: a function of (seed, epoch), resumable mid-epoch
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = ShapeScenes(range(self.num_train), **self.overrides)
-        self.val_set = ShapeScenes(range(HELD_OUT_SEED, HELD_OUT_SEED + self.num_val), **self.overrides)
+        self.train_set = ShapeScenes(seeds.take(seeds.TRANSLATOR_TRAIN, 0, self.num_train), **self.overrides)
+        self.val_set = ShapeScenes(seeds.take(seeds.HELD_OUT, 0, self.num_val), **self.overrides)
 
     def train_dataloader(self) -> DataLoader:
         from ddstrans.data.resumable import train_loader

@@ -1,0 +1,88 @@
+"""ddstrans.guidance: one home for the DDS/SDS defaults, which the configs and the users read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ddstrans.guidance import Guidance
+from ddstrans.module import LOSS_TERMS, loss_defaults
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_loss_configs_hold_only_known_keys_that_change_a_default():
+    """Each loss YAML lists keys of the dataclass or of LOSS_TERMS only, none at its default value: the default
+    itself lives in Python once, and the composed config gets it from the registered ``loss/base``."""
+    defaults = loss_defaults()
+    for path in sorted((CONFIGS / "loss").glob("*.yaml")):
+        own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
+        assert set(own) <= set(defaults), (path.name, sorted(set(own) - set(defaults)))
+        for k, v in own.items():
+            assert v != defaults[k] or k == "method", f"{path.name}: {k}={v} repeats the default"
+
+
+def test_composed_loss_config_is_the_dataclass_defaults_plus_the_yaml(tmp_path):
+    from ddstrans.cli.train import compose
+
+    cfg = OmegaConf.to_container(compose([], tmp_path).loss, resolve=True)
+    assert set(cfg) == set(loss_defaults())
+    g = Guidance.from_mapping(cfg)
+    assert g.method == "dds" and g.guidance == Guidance().guidance and g.t_range == Guidance().t_range
+    assert (g.guidance_start, g.warmup_steps) == (1.0, 1000)  # loss/dds.yaml: training warms the guidance up
+    assert {k: cfg[k] for k in LOSS_TERMS} == LOSS_TERMS
+    sds = OmegaConf.to_container(compose(["loss=sds"], tmp_path / "s").loss, resolve=True)
+    assert sds == {**cfg, "method": "sds"}
+
+
+def test_schedules_follow_the_ramps():
+    g = Guidance(guidance=7.0, guidance_start=1.0, warmup_steps=100, t_range=(50, 650), t_range_end=(10, 250),
+                 t_range_steps=4)
+    assert [g.scale_at(s) for s in (0, 50, 100, 10**6)] == [1.0, 4.0, 7.0, 7.0]
+    assert [g.t_range_at(s) for s in range(5)] == [(50, 650), (40, 550), (30, 450), (20, 350), (10, 250)]
+    assert Guidance().scale_at(0) == Guidance().guidance  # no warm-up by default
+
+
+@pytest.mark.parametrize("bad,name", [({"method": "ddim"}, "method"), ({"t_range": (5, 1200)}, "t_range"),
+                                      ({"weighting": "x"}, "weighting"), ({"shared_noise_prob": 1.5}, "shared_noise_prob"),
+                                      ({"guidance_low_t": 2000}, "guidance_low_t"), ({"warmup_kind": "x"}, "warmup_kind")])
+def test_bad_settings_name_the_parameter(bad, name):
+    with pytest.raises(ValueError, match=name):
+        Guidance(**bad)
+
+
+def test_noise_policy():
+    z = torch.zeros(4, 2, 3, 3)
+    assert Guidance().noise(z) is None  # fresh noise, drawn inside the score
+    every = Guidance(shared_noise_prob=1.0, shared_noise_seed=7).noise(z)
+    assert all(torch.equal(x, every[0]) for x in every)
+    some = Guidance(shared_noise_prob=1.0, shared_noise_seed=7).noise(z, torch.Generator().manual_seed(0),
+                                                                       torch.tensor([True, False, True, False]))
+    assert [torch.equal(x, every[0]) for x in some] == [True, False, True, False]
+
+
+def test_grad_is_the_scores_dds_and_sds(tiny_teacher):
+    from ddstrans.scores import dds_grad, sds_grad
+
+    g = torch.Generator().manual_seed(0)
+    z_src, z_tgt = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    e_src, e_tgt = tiny_teacher.encode_prompts(["a cat"] * 2), tiny_teacher.encode_prompts(["a lion"] * 2)
+    t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8, generator=g)
+    s = Guidance(guidance=4.0, guidance_start=1.0, warmup_steps=10, source_guidance=2.0)
+    got = s.grad(tiny_teacher, z_src, z_tgt, e_src, e_tgt, 5, t=t, noise=noise)
+    want = dds_grad(tiny_teacher, z_src, z_tgt, e_src, e_tgt, t=t, noise=noise, guidance_scale=2.5,
+                    source_guidance_scale=2.0)
+    torch.testing.assert_close(got, want)
+    sds = s.replace(method="sds").grad(tiny_teacher, None, z_tgt, None, e_tgt, 10, t=t, noise=noise)
+    torch.testing.assert_close(sds, sds_grad(tiny_teacher, z_tgt, e_tgt, t=t, noise=noise, guidance_scale=4.0))
+
+
+def test_the_reference_guidance_is_written_once():
+    """The DDS reference scale appears as a literal in one Python file of the package, its home."""
+    root = Path(__file__).resolve().parents[1]
+    homes = [p.relative_to(root).as_posix() for p in (root / "ddstrans").rglob("*.py")
+             if any("7.5" in line and "127.5" not in line for line in p.read_text().splitlines())]
+    assert homes == ["ddstrans/guidance.py"]

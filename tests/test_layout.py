@@ -1,0 +1,75 @@
+"""Package structure: no import cycle between subpackages, and the shapes world reached only by the CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "ddstrans"
+
+
+def _unit(module: str) -> str:
+    """The unit a module belongs to: its subpackage (``ddstrans.shapes``) or itself (``ddstrans.module``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def _is_module(name: str) -> bool:
+    path = PKG.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or path.is_dir()
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module name -> the ddstrans modules it imports (at any depth of the file, lazy imports included)."""
+    out = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("ddstrans")}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against this package
+                    base = name.split(".")[: len(name.split(".")) - node.level + (rel.name == "__init__")]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                if mod.startswith("ddstrans"):
+                    found.add(mod)
+                    found |= {f"{mod}.{a.name}" for a in node.names if _is_module(f"{mod}.{a.name}")}
+        out[name] = found
+    return out
+
+
+def test_no_import_cycle_between_units():
+    graph: dict[str, set[str]] = {}
+    for mod, deps in _imports().items():
+        u = _unit(mod)
+        graph.setdefault(u, set()).update(_unit(d) for d in deps if _unit(d) != u and _unit(d) != "ddstrans")
+    state: dict[str, int] = {}
+
+    def visit(u, path):
+        state[u] = 1
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, u, v]))
+            if not state.get(v):
+                visit(v, [*path, u])
+        state[u] = 2
+
+    for u in sorted(graph):
+        if not state.get(u):
+            visit(u, [])
+
+
+def test_only_the_cli_imports_the_shapes_world():
+    outside = {mod: sorted(d for d in deps if d == "ddstrans.shapes" or d.startswith("ddstrans.shapes."))
+               for mod, deps in _imports().items()
+               if not (mod == "ddstrans.shapes" or mod.startswith(("ddstrans.shapes.", "ddstrans.cli")))}
+    assert {m: d for m, d in outside.items() if d} == {}
+
+
+def test_the_layout_test_sees_imports():
+    imports = _imports()
+    assert "ddstrans.shapes.evaluation" in imports["ddstrans.shapes.callback"]
+    assert "ddstrans.guidance" in imports["ddstrans.module"]
