@@ -113,13 +113,16 @@ def load_component(model_cls, directory: Path, files: dict[str, str] | None, roo
     ``*.safetensors`` files of that directory, loaded by path (``safetensors.torch.load_file``) and with
     ``strict=True``: no library discovery (index files, other formats) decides what is read.
 
-    ``files`` (the manifest) None: a referenced teacher directory outside the translator: its ``*.safetensors``
-    files are read, nothing else."""
+    ``files`` (the manifest) None: a referenced teacher directory outside the translator (the user's own teacher,
+    not part of the translator's hashes): its canonical safetensors file is read."""
     from safetensors.torch import load_file
 
     cfg = _read_config(directory / "config.json")
-    if files is None:
-        weights = sorted(directory.glob("*.safetensors"))
+    if files is None:  # the canonical single file of a diffusers/transformers save (not e.g. an fp16 variant)
+        weights = [p for p in (directory / "diffusion_pytorch_model.safetensors", directory / "model.safetensors")
+                   if p.is_file()][:1]
+        if not weights:  # a sharded save of the user's own teacher: the library's loader, safetensors only
+            return model_cls.from_pretrained(directory, use_safetensors=True).eval()
     else:
         prefix = directory.relative_to(root).as_posix() + "/"
         weights = [root / r for r in sorted(files) if r.startswith(prefix) and "/" not in r[len(prefix):]
