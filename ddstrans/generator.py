@@ -20,7 +20,7 @@ equivariant, so it can only draw a texture whose phase is tied to the input's co
 such anchor: "checkered" admits every cell offset, the teacher's DDS direction points at a different one on
 every step, and a network regressing on it averages them into flat gray. Fixed sin/cos features of the pixel
 grid (:func:`grid_fourier_features`), concatenated to the input, give it the means to draw one absolute phase.
-On the shapes world these features alone do not make it do so (docs/experiments); the option serves such experiments.
+On the shapes world these features alone do not make it do so (docs/experiments/training-recipe.md); the option serves such experiments.
 
 The class is a ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` / ``from_pretrained`` work (safetensors).
 """

@@ -513,7 +513,7 @@ class DDSTranslationModule(L.LightningModule):
         self.skipped_samples = int(payload.get("skipped_samples", 0))
 
 
-def log_grid(loggers, grid, step: int, caption: str = "") -> None:
+def log_grid(loggers, grid, step: int, caption: str = "", key: str = "val/grid") -> None:
     """Log a PIL image to whatever loggers are attached (wandb, tensorboard; CSV has no images)."""
     import numpy as np
 
@@ -521,9 +521,9 @@ def log_grid(loggers, grid, step: int, caption: str = "") -> None:
         name = type(lg).__name__
         try:
             if name == "WandbLogger":
-                lg.log_image(key="val/grid", images=[grid], step=step, caption=[caption])
+                lg.log_image(key=key, images=[grid], step=step, caption=[caption])
             elif name == "TensorBoardLogger":
-                lg.experiment.add_image("val/grid", np.asarray(grid), step, dataformats="HWC")
+                lg.experiment.add_image(key, np.asarray(grid), step, dataformats="HWC")
         except Exception as e:  # noqa: BLE001 - a logger failing must not kill training
             from lightning.pytorch.utilities import rank_zero_warn
 

@@ -98,3 +98,72 @@ def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_v
             pass
         shutil.rmtree(tmp, ignore_errors=True)
     return Teacher.from_pretrained(root)
+
+
+# ---------------------------------------------------------------------------------------------- metric models
+def make_tiny_clip(out_dir: str | Path, *, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random ``CLIPModel`` with its word tokenizer and image-processor config (``save_pretrained``)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = make_word_tokenizer(TINY_WORDS, model_max_length=12)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=tok.model_max_length,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_dino(out_dir: str | Path, *, kind: str = "vit", image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random DINO-style ``ViTModel`` (``kind="vit"``) or ``Dinov2Model`` (``kind="dinov2"``)."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8)
+    if kind == "vit":
+        model = ViTModel(ViTConfig(intermediate_size=64, **common), add_pooling_layer=False)
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(mlp_ratio=2, **common))
+    else:
+        raise ValueError(f"kind must be 'vit' or 'dinov2', got {kind!r}")
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+class TinyInception(torch.nn.Module):
+    """An Inception-like feature network with the FID Inception's call: ``net(x, return_features=True)`` on
+    images in [0, 255] -> (B, 16) pooled features (``net(x)``: 10 logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 5, stride=4)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        h = torch.relu(self.conv1(x / 128.0 - 1.0))
+        feats = torch.relu(self.conv2(h)).mean(dim=(2, 3))
+        if return_features:
+            return feats
+        return self.fc(feats)
+
+
+def make_tiny_inception(path: str | Path, *, seed: int = 0) -> Path:
+    """Write ``TinyInception`` as a TorchScript file (the format of the FID Inception ``inception-2015-12-05.pt``)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(TinyInception().eval()), str(path))
+    return path

@@ -182,6 +182,23 @@ def _check_teacher_path(cfg) -> None:
         raise ConfigError(f"teacher.path_or_hub_id={name}: no such directory (and not a hub id like 'org/model')")
 
 
+def _check_image_metrics(cfg) -> None:
+    """``callbacks=real_metrics`` without a metric model, or a best checkpoint monitoring a metric none provides."""
+    cb = (cfg.get("callbacks") or {}).get("image_metrics")
+    if not isinstance(cb, DictConfig) or not str(cb.get("_target_", "")).endswith("ImageMetrics"):
+        return
+    given = {k: cb.get(k) for k in ("clip", "dino", "fid_features")}
+    if not any(given.values()):
+        raise ConfigError("callbacks.image_metrics has no metric model: set callbacks.image_metrics.clip=<CLIP dir or "
+                          "hub id> and/or callbacks.image_metrics.dino=<DINO dir or hub id>")
+    best = (cfg.get("callbacks") or {}).get("best_checkpoint")
+    monitor = str(best.get("monitor") or "") if isinstance(best, DictConfig) else ""
+    need = "clip" if monitor.startswith("val/clip_") else "dino" if monitor == "val/dino_structure" else None
+    if need and not given[need]:
+        raise ConfigError(f"callbacks.best_checkpoint.monitor={monitor} needs callbacks.image_metrics.{need}; set it or "
+                          "monitor a metric that is computed (e.g. val/dino_structure with mode=min)")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Cheap checks before the teacher is loaded; raises ``ConfigError``."""
     _check_tasks(cfg)
@@ -189,6 +206,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_global_batch(cfg)
     _check_enough_data(cfg)
     _check_teacher_path(cfg)
+    _check_image_metrics(cfg)
 
 
 def data_resolution(cfg) -> int | None:

@@ -1,4 +1,8 @@
-"""``ddstrans eval``: shapes-world table of identity, the exported network, per-image DDS and SDS editing."""
+"""``ddstrans eval``: a table of identity, the exported network, per-image DDS and SDS editing.
+
+Without ``--images``/``--shards`` it is the shapes world's exact evaluation (rendered held-out scenes and the
+renderer's ground truth); with them, real images scored by ``ddstrans.metrics`` (``ddstrans.cli.eval_images``).
+"""
 
 from __future__ import annotations
 
@@ -13,38 +17,71 @@ from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="evaluate a translator on held-out shapes-world inputs (accuracy, IoU, PSNR, diversity, time)",
-        description="For every task of the translator: render N held-out scenes that the task changes, then "
-        "score identity (no edit), the exported network (one forward pass), per-image DDS editing and SDS "
-        "editing with the renderer's ground truth. Prints a markdown table; --json writes the rows.",
+        help="evaluate a translator: on real images (--images/--shards; CLIP, DINO structure, FID/KID ...) or on "
+             "held-out shapes-world inputs (accuracy, IoU, PSNR, diversity, time)",
+        description="Real images (--images DIR or --shards): for every task, score identity, the exported network, "
+        "per-image DDS/SDS editing and precomputed outputs (--outputs) with the metrics whose models are given "
+        "(--clip, --dino, --fid-features with --targets, --masks); mean +- 95% CI per metric. Shapes world (no "
+        "--images): render N held-out scenes that each task changes and score with the renderer's ground truth. "
+        "Prints a markdown table; --json writes the rows.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("translator", type=Path, nargs="?", help="exported translator directory (omit with --methods dds,sds)")
+    p.add_argument("translator", type=Path, nargs="*",
+                   help="exported translator directory (omit with --methods dds,sds); several (or .ckpt files) with "
+                        "--sweep translators")
     p.add_argument("--teacher", default=None, help="teacher for DDS/SDS editing; unset: the shipped shapes teacher")
     p.add_argument("--tasks", default=None, help="comma-separated task names; unset: all of the translator's. A text-conditioned translator (and "
                    "per-image editing) also takes shapes-world tasks it was not trained on, e.g. to_yellow or a color "
                    "pair like red_to_yellow: that is the generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
-    p.add_argument("--methods", default="identity,network,dds,sds", help="comma-separated subset of identity,answer,network,dds,sds (answer: the renderer's "
-                   "ground-truth edit, the scores of a perfect translation)")
-    p.add_argument("--edit-steps", type=int, default=100, help="steps of per-image editing")
-    p.add_argument("--edit-lr", type=float, default=0.02,
-                   help="SGD lr on 2000 x the surrogate loss (the SD reference uses 0.1 and 200 steps; on the "
-                        "pixel-space shapes teacher that overshoots: background PSNR ~15 dB)")
-    p.add_argument("--edit-t-max", type=int, default=600, help="per-image editing samples t in [50, edit-t-max)")
-    p.add_argument("--guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
-                   help="CFG scale of per-image editing (ddstrans.shapes.defaults.SHAPES_EDIT_GUIDANCE: the shipped "
-                        "shapes teacher's setting; higher guidance amplifies its errors and loses outlines)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,dds,sds (answer: the renderer's "
+                   "ground-truth edit, the scores of a perfect translation; shapes only). Unset: identity,network,dds,sds "
+                   "on the shapes world, identity,network on real images")
+    p.add_argument("--edit-steps", type=int, default=None,
+                   help="steps of per-image editing (unset: 100 on the shapes world, EditConfig's 200 on real images)")
+    p.add_argument("--edit-lr", type=float, default=None,
+                   help="SGD lr on 2000 x the surrogate loss (unset: 0.02 on the shapes world; the SD reference 0.1 "
+                        "on real images — on the pixel-space shapes teacher 0.1 overshoots: background PSNR ~15 dB)")
+    p.add_argument("--edit-t-max", type=int, default=None,
+                   help="per-image editing samples t in [50, edit-t-max) (unset: 600 on the shapes world, 950 on real images)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"CFG scale of per-image editing (unset: {SHAPES_EDIT_GUIDANCE} on the shapes world, "
+                        "ddstrans.shapes.defaults.SHAPES_EDIT_GUIDANCE: the shipped shapes teacher's setting, as higher "
+                        "guidance amplifies its errors and loses outlines; EditConfig's default on real images)")
+    p.add_argument("--batch-size", type=int, default=None, help="inputs per batch (unset: 64 shapes, 8 real images)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--grid", type=Path, default=None,
                    help="write a before/after PNG here: per task, rows of input | output of each method")
     p.add_argument("--grid-examples", type=int, default=4, help="inputs per task in the grid")
+    from ddstrans.cli import eval_images
+
+    eval_images.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.images is not None or args.shards is not None:
+        from ddstrans.cli import eval_images
+
+        return eval_images.run(args)
+    if len(args.translator) > 1:
+        raise CLIError("several translators (a sweep) need real images: --images DIR or --shards PATTERN")
+    args.translator = args.translator[0] if args.translator else None
+    for key, default in (("methods", "identity,network,dds,sds"), ("edit_steps", 100), ("edit_lr", 0.02),
+                         ("edit_t_max", 600), ("guidance", SHAPES_EDIT_GUIDANCE), ("batch_size", 64)):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    try:
+        return run_shapes(args)
+    except ValueError as e:
+        if "not a shapes-world caption" not in str(e):
+            raise
+        raise CLIError(f"{e}: without --images or --shards, eval renders the shapes world; evaluate a translator of "
+                       "other images on real ones (--images DIR or --shards PATTERN, see docs/evaluation.md)") from None
+
+
+def run_shapes(args) -> int:
     from ddstrans.editing import EditConfig
     from ddstrans.shapes.evaluation import METHODS, evaluate, format_table
 

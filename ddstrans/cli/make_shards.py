@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                       "i %% len(prompts) and seed --seed + i for sample i; resumable: re-running with the same settings "
                       "and a larger --count adds only the missing samples.")
     t.add_argument("out", help="output directory")
-    t.add_argument("--teacher", required=True, help="teacher directory or hub id")
+    t.add_argument("--teacher", default=None,
+                   help="teacher directory or hub id (default: the shipped shapes-world teacher)")
     t.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several; used round-robin)")
     t.add_argument("--count", type=int, required=True, help="total number of samples wanted in OUT")
     t.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default 0)")
@@ -91,6 +92,10 @@ def _load_teacher(args):
 
     device = pick_device(args.device)
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    if args.teacher is None:  # from-teacher only (from-folder asks for --teacher with --latents)
+        from ddstrans.shapes.defaults import shapes_teacher_path
+
+        args.teacher = str(shapes_teacher_path())
     return Teacher.from_pretrained(args.teacher, torch_dtype=getattr(torch, dtype), device=device)
 
 

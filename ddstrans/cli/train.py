@@ -1,7 +1,8 @@
 """``ddstrans-train``: the Hydra training app.
 
-Configs live in the repository's ``configs/`` directory, found from this file's location (``../../configs``), so an
-editable install from a clone finds them wherever it is launched from. ``--config-dir DIR`` adds more.
+Configs live in the repository's ``configs/`` directory, shipped inside the package by the build
+(``ddstrans.assets``), so the app finds them from any working directory, installed or from a checkout. Users add
+their own config directory with Hydra's ``hydra.searchpath=[file:///abs/dir]`` (or ``--config-dir DIR``).
 
     ddstrans-train experiment=smoke
     ddstrans-train experiment=smoke trainer=ddp trainer.devices=2 trainer.accelerator=cpu
@@ -23,6 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddstrans.assets import configs_dir
 from ddstrans.runtime import (
     Preempted,
     configure_wandb,
@@ -35,9 +37,9 @@ from ddstrans.runtime import (
     teardown_distributed,
 )
 
-# The repository's configs/, as an absolute path computed from this file (a relative config_path would be
-# resolved by Hydra as a *package* path when the app runs as the installed console script).
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "configs")
+# The shipped configs/ as an absolute path (ddstrans.assets: the package's copy, or the checkout's); a relative
+# config_path would be resolved by Hydra against the calling module.
+CONFIG_PATH = str(configs_dir())
 
 
 def register_config_defaults() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-teacher"
 # Classifier-free guidance of per-image DDS/SDS editing with the shipped teacher (its card). Lower than the DDS
 # reference's (ddstrans.guidance.Guidance): guidance amplifies this small pixel-space teacher's errors, and at the
 # reference scale its edits lose the outline (the card's guidance table).
@@ -13,8 +12,13 @@ SHAPES_EDIT_GUIDANCE = 3.0
 
 
 def shapes_teacher_path() -> Path:
-    """``DDSTRANS_SHAPES_TEACHER`` if set, else the repository's ``checkpoints/shapes-teacher``."""
-    return Path(os.environ.get("DDSTRANS_SHAPES_TEACHER", SHIPPED_TEACHER))
+    """``DDSTRANS_SHAPES_TEACHER`` if set, else the shipped ``checkpoints/shapes-teacher`` (``ddstrans.assets``)."""
+    env = os.environ.get("DDSTRANS_SHAPES_TEACHER")
+    if env:
+        return Path(env)
+    from ddstrans.assets import shapes_teacher_dir
+
+    return shapes_teacher_dir()
 
 
 def load_shapes_teacher(path_or_hub_id: str | os.PathLike | None = None, **kwargs):
@@ -24,16 +28,14 @@ def load_shapes_teacher(path_or_hub_id: str | os.PathLike | None = None, **kwarg
     return Teacher.from_pretrained(path_or_hub_id or shapes_teacher_path(), **kwargs)
 
 
-SHAPES_TASKS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tasks" / "shapes.yaml"
-
-
 def shapes_tasks(config: str | os.PathLike | None = None):
     """The shapes-world tasks of ``configs/tasks/shapes.yaml`` as ``Task`` objects."""
     from omegaconf import OmegaConf
 
+    from ddstrans.assets import configs_dir
     from ddstrans.tasks import as_tasks
 
-    cfg = OmegaConf.load(config or SHAPES_TASKS_CONFIG)
+    cfg = OmegaConf.load(config or configs_dir() / "tasks" / "shapes.yaml")
     return as_tasks(OmegaConf.to_container(cfg.tasks, resolve=True))
 
 
