@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Teacher": "ddstrans.teacher",
     "TeacherLoadError": "ddstrans.teacher",
+    "PromptEmbeddings": "ddstrans.teacher",
     "dds_grad": "ddstrans.scores",
     "sds_grad": "ddstrans.scores",
     "surrogate_loss": "ddstrans.scores",

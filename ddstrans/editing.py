@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ddstrans.embeddings import expand_batch
 from ddstrans.guidance import Guidance
 from ddstrans.scores import surrogate_loss
 
@@ -54,8 +55,7 @@ def edit_latents(
     if cfg.t_range_end is not None and not cfg.t_range_steps:  # anneal over the whole edit
         cfg = cfg.replace(t_range_steps=max(1, cfg.steps - 1))
     b = z_src.shape[0]
-    emb_src = emb_src.expand(b, *emb_src.shape[1:]) if emb_src.shape[0] == 1 else emb_src
-    emb_tgt = emb_tgt.expand(b, *emb_tgt.shape[1:]) if emb_tgt.shape[0] == 1 else emb_tgt
+    emb_src, emb_tgt = expand_batch(emb_src, b), expand_batch(emb_tgt, b)
     gen = torch.Generator(device=z_src.device).manual_seed(cfg.seed) if cfg.seed is not None else None
     z_src = z_src.detach().float()
     if z_init is not None and z_init.shape != z_src.shape:

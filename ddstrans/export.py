@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,16 +42,48 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     return ckpt
 
 
+def text_components(root: Path, family: str) -> list[str]:
+    """The text encoder and tokenizer folders a text-conditioned translator of ``family`` needs."""
+    if family == "sd":
+        return ["text_encoder", "tokenizer"]
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.startswith(("text_encoder", "tokenizer")))
+
+
+def copy_text_components(root: Path, out: Path, names: list[str]) -> None:
+    """Re-save the teacher's text encoders (safetensors) and tokenizers into ``out`` (with ``model_index.json`` for
+    families encoded through their pipeline)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    for name in names:
+        if name.startswith("tokenizer"):
+            AutoTokenizer.from_pretrained(root / name).save_pretrained(out / name)
+        else:
+            arch = json.loads((root / name / "config.json").read_text()).get("architectures") or ["CLIPTextModel"]
+            getattr(transformers, arch[0]).from_pretrained(root / name).save_pretrained(out / name)
+    if (root / "model_index.json").is_file() and len(names) > 2:
+        shutil.copyfile(root / "model_index.json", out / "model_index.json")
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
-    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available)."""
+def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: str | Path | None = None):
+    """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available).
+
+    A LoRA generator's checkpoint holds only the adapters: it is rebuilt on the teacher's UNet (read from
+    ``teacher_root``, default: the directory recorded in the checkpoint) and merged into a ``TranslationUNet``."""
     from ddstrans.generator import TranslationUNet
 
     payload = ckpt["ddstrans"]
-    gen = TranslationUNet.from_config(payload["generator_config"])
+    lora = payload.get("generator_class") == "LoRATeacherGenerator"
+    if lora:
+        from ddstrans.lora import lora_generator_from_config
+
+        gen = lora_generator_from_config(_teacher_unet(payload, teacher_root), payload["generator_config"])
+    else:
+        gen = TranslationUNet.from_config(payload["generator_config"])
     sd = {k[len("generator."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
     gen.load_state_dict(sd)
     used_ema = False
@@ -58,7 +91,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
         ema = ckpt.get("ema")
         if ema is None:
             raise ExportError("the checkpoint has no EMA weights (trained with optim.ema.enabled=false); export with use_ema=False")
-        params = list(gen.parameters())
+        params = [p for _, p in gen.trainable_named_parameters()] if lora else list(gen.parameters())
         shadow = ema["shadow_params"]
         if len(shadow) != len(params):
             raise ExportError(f"EMA has {len(shadow)} tensors but the generator {len(params)}")
@@ -66,62 +99,25 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True):
             for p, s in zip(params, shadow):
                 p.copy_(s.to(p.dtype))
         used_ema = True
+    if lora:
+        from ddstrans.lora import merge_to_translation_unet
+
+        try:
+            gen = merge_to_translation_unet(gen, in_place=True)  # one copy of the UNet in memory
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     return gen.eval(), used_ema
 
 
-def _model_card(info: dict, run_config: dict | None) -> str:
-    import yaml
+def _teacher_unet(payload: dict, teacher_root: str | Path | None):
+    """The teacher's UNet (float32) from ``teacher_root`` or the directory the checkpoint records."""
+    from diffusers import UNet2DConditionModel
 
-    rows = "\n".join(
-        f"| `{t['name']}` | {' / '.join(t['source'])} | {' / '.join(t['target'])} |" for t in info["tasks"])
-    metrics = info.get("training", {}).get("metrics", {})
-    metric_lines = "\n".join(f"- `{k}`: {v:.6g}" for k, v in sorted(metrics.items())) or "- (none recorded)"
-    first = info["tasks"][0]["name"]
-    text_usage = ""
-    if info["conditioning"] == "text":
-        text_usage = '\nimages = tr(pil_images, source="a photo of a cat", target="a photo of a fox")  # new prompt pair\n'
-    cfg_yaml = yaml.safe_dump(run_config or {}, sort_keys=False, default_flow_style=False) if run_config else "{}\n"
-    return f"""# ddstrans translator
-
-Single-pass image translation network trained with Delta Denoising Score (DDS) against a frozen
-text-to-image diffusion teacher (`{info['teacher'].get('source')}`).
-
-- conditioning: **{info['conditioning']}**
-- resolution: {info['resolution']} px (latents {info['latent_channels']} x {info['resolution'] // info['downsample_factor']}^2)
-- weights: {info['weights']} (training step {info.get('training', {}).get('global_step')})
-
-## Tasks
-
-| task | source prompts | target prompts |
-|---|---|---|
-{rows}
-
-## Metrics at export
-
-{metric_lines}
-
-## Usage
-
-```python
-import ddstrans
-from PIL import Image
-
-tr = ddstrans.Translator.from_pretrained("path/to/this/dir")
-print(tr.tasks)
-images = tr([Image.open("cat.jpg")], task="{first}")   # one generator forward pass per batch
-{text_usage}```
-
-```bash
-ddstrans translate path/to/this/dir --task {first} photos/*.jpg -o translated/
-```
-
-Files are safetensors + JSON; `translator.json` lists the sha256 of every file and loading refuses tampered files.
-
-## Training configuration
-
-```yaml
-{cfg_yaml}```
-"""
+    root = teacher_root or payload["teacher"].get("root")
+    if root is None or not (Path(root) / "unet").is_dir():
+        raise ExportError(f"a LoRA checkpoint holds only the adapters; the teacher directory {str(root)!r} (recorded "
+                          "in the checkpoint) has no unet/: give teacher_path, the teacher's diffusers directory")
+    return UNet2DConditionModel.from_pretrained(Path(root), subfolder="unet", torch_dtype=torch.float32)
 
 
 def export_checkpoint(
@@ -133,12 +129,21 @@ def export_checkpoint(
     teacher_path: str | Path | None = None,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
+    onnx: bool = False,
+    license: str | None = None,
+    examples: list | Callable[[dict | None], list] | None = None,
 ) -> Path:
     """Write the translator directory; returns its path.
 
     ``copy_teacher``: copy the VAE (and, for text conditioning, text encoder + tokenizer) into the directory;
     otherwise reference the teacher directory by absolute path. ``teacher_path`` overrides the teacher
-    location recorded in the checkpoint (e.g. when it moved)."""
+    location recorded in the checkpoint (e.g. when it moved). ``onnx``: also write ``onnx/`` (see
+    ``ddstrans.onnx_export``). ``license``: the model card's license (default: the teacher card's, else "other").
+    ``examples``: PIL images for ``examples/`` and the card's before/after grid, or a function of the run config
+    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``).
+
+    The directory is built in a temporary sibling folder, verified, and swapped in whole (under a lock file), so
+    a crash or a second export never leaves a half-written translator at ``out_dir``."""
     from ddstrans.locks import LockedError, LockFile
 
     out = Path(out_dir)
@@ -154,7 +159,7 @@ def export_checkpoint(
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
         try:
             _build(ckpt_path, tmp, use_ema=use_ema, copy_teacher=copy_teacher, teacher_path=teacher_path,
-                   trust_checkpoint=trust_checkpoint)
+                   trust_checkpoint=trust_checkpoint, onnx=onnx, license=license, examples=examples)
             swap_in_directory(tmp, out)
         except OSError as e:
             if is_no_space(e):
@@ -181,18 +186,22 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} exists and is not empty; overwrite=True replaces it")
 
 
-def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_path, trust_checkpoint: bool) -> None:
+def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_path, trust_checkpoint: bool,
+           onnx: bool = False, license: str | None = None, examples=None) -> None:
     """Write a complete translator into the empty directory ``tmp`` and verify it as a loader would."""
     from ddstrans.tasks import TaskTable
 
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
-    gen, used_ema = generator_from_checkpoint(ckpt, use_ema)
-    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
     teacher = payload["teacher"]
-    conditioning = gen.config.conditioning
     root = Path(teacher_path) if teacher_path else (Path(teacher["root"]) if teacher.get("root") else None)
-    needs = (["vae"] if teacher.get("has_vae") else []) + (["text_encoder", "tokenizer"] if conditioning == "text" else [])
+    gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root)
+    table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
+    conditioning = gen.config.conditioning
+    family = teacher.get("family", "sd")
+    texts = (text_components(root, family) if conditioning == "text" and root is not None and root.is_dir()
+             else ["text_encoder", "tokenizer"])
+    needs = (["vae"] if teacher.get("has_vae") else []) + (texts if conditioning == "text" else [])
     if needs and (root is None or not all((root / n).is_dir() for n in needs)):
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
                           "give teacher_path, the teacher's diffusers directory")
@@ -205,10 +214,7 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
 
             AutoencoderKL.from_pretrained(root, subfolder="vae").save_pretrained(tmp / "vae", safe_serialization=True)
         if conditioning == "text":
-            from transformers import AutoTokenizer, CLIPTextModel
-
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder").save_pretrained(tmp / "text_encoder")
-            AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(tmp / "tokenizer")
+            copy_text_components(root, tmp, texts)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -217,18 +223,43 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
         "latent_channels": int(teacher["latent_channels"]),
         "downsample_factor": int(teacher["downsample_factor"]),
         "latent_scale": float(teacher["latent_scale"]),
+        "latent_shift": float(teacher.get("latent_shift", 0.0)),
         "has_vae": bool(teacher.get("has_vae")),
-        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type")},
+        "teacher": {"source": teacher.get("source"), "prediction_type": teacher.get("prediction_type"),
+                    "family": family},
         "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
         "weights": "ema" if used_ema else "raw",
         "tasks": table.to_dict()["tasks"],
         "training": {"global_step": ckpt.get("global_step"), "metrics": payload.get("metrics", {}),
                      "checkpoint": str(Path(ckpt_path).resolve())},
     }
-    (tmp / "README.md").write_text(_model_card(info, payload.get("run_config")))
+    _write_extras(tmp, gen, table, info, payload.get("run_config"), root, onnx=onnx, license=license,
+                  examples=examples)
     info["files"] = hash_tree(tmp)
     (tmp / "translator.json").write_text(json.dumps(info, indent=2))
     try:  # verify as a user would load it: hashes, then every component
         Translator.from_pretrained(tmp)
     except TranslatorLoadError as e:
         raise ExportError(f"the export did not verify ({e})") from None
+
+
+def _write_extras(tmp: Path, gen, table, info: dict, run_config, teacher_root, *, onnx: bool, license, examples) -> None:
+    """ONNX files, example images and the model card of the directory being built (before it is hashed)."""
+    from ddstrans import model_card
+
+    vae = None
+    if info["has_vae"]:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(tmp / "vae" if (tmp / "vae").is_dir() else Path(teacher_root) / "vae")
+    if onnx:
+        from ddstrans.onnx_export import write_onnx
+
+        emb = tuple(table.source.shape[-2:]) if info["conditioning"] == "text" else None
+        info["onnx"] = write_onnx(tmp, gen, vae, resolution=info["resolution"],
+                                  downsample_factor=info["downsample_factor"], cross_attention_shape=emb)
+    if callable(examples):
+        examples = examples(run_config)
+    has_example = model_card.write_examples(tmp, Translator(gen, table, info, vae=vae), examples or [])
+    lic = license or model_card.teacher_license(teacher_root)
+    (tmp / "README.md").write_text(model_card.render_card(info, run_config, license=lic, has_example=has_example))

@@ -13,7 +13,10 @@ Conditioning (``conditioning`` in the config):
   attention-pooled and added to the time embedding, so that every ResNet block is modulated by the prompts as
   task ids modulate it through the class embedding (``text_pooling=False``: cross-attention only). The exported
   model can then be asked for prompt pairs it never saw in training.
-  ``text_mode="delta"`` feeds ``[tgt, tgt - src]``.
+  ``text_mode="delta"`` feeds ``[tgt, tgt - src]``, ``text_mode="target"`` the target tokens alone (the merged
+  LoRA generator's mode: the teacher's own input).
+
+``timestep``: the fixed timestep the backbone runs at (0; a merged LoRA generator keeps the one it was trained at).
 
 Position features (``position_frequencies`` > 0): a convolutional UNet is (up to its padding) translation
 equivariant, so it can only draw a texture whose phase is tied to the input's content. Some targets have no
@@ -32,8 +35,10 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from ddstrans.embeddings import hidden_states
+
 CONDITIONINGS = ("task_id", "text")
-TEXT_MODES = ("concat", "delta")
+TEXT_MODES = ("concat", "delta", "target")
 
 
 def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Tensor:
@@ -80,6 +85,9 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         text_pooling: bool = True,
         position_frequencies: int = 0,
+        timestep: int = 0,
+        transformer_layers_per_block: int | tuple[int, ...] = 1,
+        use_linear_projection: bool = False,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -102,6 +110,9 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=tuple(attention_head_dim) if isinstance(attention_head_dim, list) else attention_head_dim,
             norm_num_groups=norm_num_groups,
+            transformer_layers_per_block=(tuple(transformer_layers_per_block)
+                                          if isinstance(transformer_layers_per_block, list) else transformer_layers_per_block),
+            use_linear_projection=use_linear_projection,
             num_class_embeds=num_tasks if conditioning == "task_id" else None,
             **(dict(addition_embed_type="text",
                     addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
@@ -152,12 +163,14 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             if task_ids is None:
                 raise ValueError("task_id conditioning needs task_ids")
             return self.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
-        if src_emb is None or tgt_emb is None:
+        if tgt_emb is None or (src_emb is None and cfg.text_mode != "target"):
             raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
-        src, tgt = src_emb.to(dtype), tgt_emb.to(dtype)
+        seg = self.segment.to(dtype)
+        if cfg.text_mode == "target":
+            return hidden_states(tgt_emb).to(dtype) + seg[0]
+        src, tgt = hidden_states(src_emb).to(dtype), hidden_states(tgt_emb).to(dtype)
         first = tgt if cfg.text_mode == "delta" else src
         second = tgt - src if cfg.text_mode == "delta" else tgt
-        seg = self.segment.to(dtype)
         return torch.cat([first + seg[0], second + seg[1]], dim=1)
 
     def forward(
@@ -169,7 +182,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         b = z.shape[0]
         ctx = self.context(b, task_ids, src_emb, tgt_emb)
-        t = torch.zeros(b, device=z.device, dtype=torch.long)
+        t = torch.full((b,), self.config.get("timestep", 0), device=z.device, dtype=torch.long)
         class_labels = task_ids if self.config.conditioning == "task_id" else None
         x = z.to(self.unet.conv_in.weight.dtype)
         if self.config.position_frequencies:
@@ -189,20 +202,28 @@ def build_generator(
     copy_teacher_architecture: bool = False,
     **kwargs,
 ) -> TranslationUNet:
-    """Build a generator matched to a teacher (channels, cross-attention width, sample size).
+    """Build a generator matched to a teacher (latent channels: 4 or 16; cross-attention width: the width of the
+    teacher's prompt tokens; sample size).
 
     ``copy_teacher_architecture=True`` takes the teacher UNet's block layout (SD-scale generator);
-    ``init_from_teacher=True`` then copies its weights wherever names and shapes match.
+    ``init_from_teacher=True`` then copies its weights wherever names and shapes match. Both need a UNet teacher
+    (SD 1.x/2.x, SDXL); transformer teachers (SD3, Flux) train a UNet generator of its own layout.
     Hydra configs call this with ``_partial_: true``; the LightningModule supplies ``teacher`` and ``num_tasks``.
     """
+    unet = getattr(teacher, "unet", None)
+    if (copy_teacher_architecture or init_from_teacher) and teacher is not None and unet is None:
+        raise ValueError(f"init_from_teacher / copy_teacher_architecture need a UNet teacher (SD 1.x/2.x, SDXL); this "
+                         f"teacher ({getattr(teacher, 'family', '?')}) is a transformer: use a UNet generator of its own "
+                         "layout (e.g. generator=small)")
     if teacher is not None:
-        tcfg = teacher.unet.config
-        kwargs.setdefault("in_channels", tcfg.in_channels)
-        kwargs.setdefault("sample_size", tcfg.sample_size)
-        kwargs["cross_attention_dim"] = tcfg.cross_attention_dim
+        kwargs.setdefault("in_channels", teacher.latent_channels)
+        kwargs.setdefault("sample_size", teacher.latent_size)
+        kwargs["cross_attention_dim"] = teacher.context_dim
         if copy_teacher_architecture or init_from_teacher:
+            tcfg = unet.config
             for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                        "mid_block_type", "attention_head_dim", "norm_num_groups"):
+                        "mid_block_type", "attention_head_dim", "norm_num_groups", "transformer_layers_per_block",
+                        "use_linear_projection"):
                 kwargs[key] = tcfg[key]
     # Hydra passes ListConfig: make every sequence a plain tuple (the config must stay JSON-serialisable)
     kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v)
@@ -211,7 +232,7 @@ def build_generator(
     if init_from_teacher:
         if teacher is None:
             raise ValueError("init_from_teacher needs the teacher")
-        gen.load_teacher_weights_(teacher.unet)
+        gen.load_teacher_weights_(unet)
     if gradient_checkpointing:
         gen.enable_gradient_checkpointing()
     return gen

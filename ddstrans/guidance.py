@@ -19,8 +19,17 @@ from typing import Any
 
 import torch
 
+from ddstrans.flow import SIGMA_SAMPLINGS
 from ddstrans.schedules import KINDS, guidance_at, t_range_at
-from ddstrans.scores import WEIGHTINGS, dds_grad, fresh_noise, mix_shared_noise, sds_grad, shared_noise
+from ddstrans.scores import (
+    SCORE_SPACES,
+    WEIGHTINGS,
+    dds_grad,
+    fresh_noise,
+    mix_shared_noise,
+    sds_grad,
+    shared_noise,
+)
 
 METHODS = ("dds", "sds")
 
@@ -55,6 +64,10 @@ class Guidance:
         one fixed noise (``scores.shared_noise`` of ``shared_noise_seed``) instead of fresh noise, only for the
         tasks named in ``shared_noise_tasks`` (None: every task). With the same noise everywhere the teacher's
         choice among equally good edits (a checkerboard's phase) becomes a function of the input.
+    sigma_sampling: flow teachers (SD3, Flux): ``uniform`` or ``logit_normal`` sigma in ``t_range`` (scheduler
+        units, after the scheduler's shift); None: the teacher's (uniform). DDPM-family teachers ignore it.
+    score_space: ``eps`` (the DDS gradient in epsilon space, the same meaning for every family) or, for flow
+        teachers, ``velocity`` (the difference of the guided velocities).
     """
 
     method: str = "dds"
@@ -72,6 +85,8 @@ class Guidance:
     shared_noise_prob: float = 0.0
     shared_noise_seed: int = 0
     shared_noise_tasks: tuple[str, ...] | None = None
+    sigma_sampling: str | None = None
+    score_space: str = "eps"
     _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -96,6 +111,10 @@ class Guidance:
                 raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
         if not 0 <= self.guidance_low_t <= 1000:
             raise ValueError(f"guidance_low_t must be in [0, 1000] (0: off), got {self.guidance_low_t}")
+        if self.sigma_sampling not in (None, *SIGMA_SAMPLINGS):
+            raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} or None, got {self.sigma_sampling!r}")
+        if self.score_space not in SCORE_SPACES:
+            raise ValueError(f"score_space must be one of {SCORE_SPACES}, got {self.score_space!r}")
         if not 0.0 <= float(self.shared_noise_prob) <= 1.0:
             raise ValueError(f"shared_noise_prob must be in [0, 1], got {self.shared_noise_prob}")
 
@@ -161,7 +180,8 @@ class Guidance:
         drawn by the score unless given. SDS ignores ``z_src`` and ``emb_src``."""
         kw = dict(t=t, noise=noise, guidance_scale=self.scale_at(step) if guidance is None else guidance,
                   weighting=self.weighting, t_range=self.t_range_at(step), generator=generator,
-                  return_info=return_info, guidance_low_t=self.guidance_low_t, guidance_low=float(self.guidance_low))
+                  return_info=return_info, guidance_low_t=self.guidance_low_t, guidance_low=float(self.guidance_low),
+                  space=self.score_space, sigma_sampling=self.sigma_sampling)
         dtype = getattr(teacher, "dtype", None) or emb_tgt.dtype
         if self.method == "sds":
             return sds_grad(teacher, z_tgt, emb_tgt.to(dtype), **kw)

@@ -2,7 +2,7 @@
 
 A ``Task`` has a name and one or more source and target prompt variants; each training step samples one
 variant per sample. ``TaskTable`` holds the embeddings of every variant as padded tensors
-``(T, V, L, D)`` plus variant counts, computed once with the teacher's text encoder (which caches them on disk
+``(T, V, L, D)`` (or ``PromptEmbeddings`` with those leading dimensions: SDXL, SD3, Flux) plus variant counts, computed once with the teacher's text encoder (which caches them on disk
 too). The table saves to ``tasks.safetensors`` (tensors) + a JSON-able dict (names, prompts) for export.
 
 A task may also describe each image by its caption (``source: "{caption}"``) and derive the target with a
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ddstrans.embeddings import flatten, unflatten
 from ddstrans.prompts import Rewrite, fill, uses_caption
 
 
@@ -66,17 +67,17 @@ def as_tasks(items: Iterable) -> list[Task]:
     return tasks
 
 
-def _pad_variants(embs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_variants(embs: list) -> tuple:
     """List of (V_i, L, D) -> (T, Vmax, L, D) padded by repeating the first variant, and counts (T,)."""
-    vmax = max(e.shape[0] for e in embs)
-    out = torch.stack([torch.cat([e, e[:1].expand(vmax - e.shape[0], *e.shape[1:])]) for e in embs])
-    return out, torch.tensor([e.shape[0] for e in embs])
+    vmax = max(len(e) for e in embs)
+    out = torch.stack([e[[*range(len(e)), *([0] * (vmax - len(e)))]] for e in embs])
+    return out, torch.tensor([len(e) for e in embs])
 
 
 @dataclass
 class TaskTable:
     tasks: list[Task]
-    source: torch.Tensor  # (T, V, L, D) float32
+    source: torch.Tensor  # (T, V, L, D) float32, or PromptEmbeddings with leading (T, V)
     target: torch.Tensor  # (T, V, L, D)
     n_source: torch.Tensor  # (T,)
     n_target: torch.Tensor  # (T,)
@@ -163,8 +164,8 @@ class TaskTable:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
-            "source": self.source.detach().float().cpu().contiguous(),
-            "target": self.target.detach().float().cpu().contiguous(),
+            **flatten(self.source.detach().float(), "source"),
+            **flatten(self.target.detach().float(), "target"),
             "n_source": self.n_source.cpu().contiguous(),
             "n_target": self.n_target.cpu().contiguous(),
         }
@@ -172,10 +173,10 @@ class TaskTable:
     @classmethod
     def from_parts(cls, info: Mapping, tensors: Mapping[str, torch.Tensor]) -> TaskTable:
         tasks = as_tasks(info["tasks"])
-        table = cls(tasks, tensors["source"].float(), tensors["target"].float(), tensors["n_source"].long(),
-                    tensors["n_target"].long(), dict(info.get("meta", {})))
-        if table.source.shape[0] != len(tasks) or table.target.shape[0] != len(tasks):
-            raise ValueError(f"task table has {len(tasks)} tasks but embeddings for {table.source.shape[0]}")
+        table = cls(tasks, unflatten(tensors, "source").float(), unflatten(tensors, "target").float(),
+                    tensors["n_source"].long(), tensors["n_target"].long(), dict(info.get("meta", {})))
+        if len(table.source) != len(tasks) or len(table.target) != len(tasks):
+            raise ValueError(f"task table has {len(tasks)} tasks but embeddings for {len(table.source)}")
         return table
 
     def save(self, tensors_path: str | Path, json_path: str | Path | None = None) -> None:

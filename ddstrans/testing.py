@@ -81,6 +81,52 @@ def make_tiny_sd(
     return out_dir
 
 
+SHAPES_TASKS = ("to_blue", "to_red", "to_yellow", "to_square", "to_checkered")
+
+
+def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str = "task_id",
+                           teacher_root: str | Path | None = None) -> Path:
+    """Write a training checkpoint (the layout ``ddstrans-train`` saves) of a *random, non-identity* generator of
+    the shapes translator's architecture (32x32 pixels, ``configs/generator/shapes.yaml``) with the five shapes
+    tasks: what ``ddstrans export`` reads, without a training run. Returns ``path``.
+    ``conditioning="text"`` needs ``teacher_root`` (a teacher with ``text_encoder/`` and ``tokenizer/`` of width
+    64 and 16 tokens, as ``checkpoints/shapes-teacher``), whose text encoder the export copies."""
+    from ddstrans.generator import build_generator
+
+    torch.manual_seed(seed)
+    gen = build_generator(
+        conditioning=conditioning, num_tasks=len(SHAPES_TASKS), in_channels=3, sample_size=32, cross_attention_dim=64,
+        block_out_channels=(32, 64, 64), layers_per_block=1, num_task_tokens=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
+    torch.nn.init.normal_(gen.unet.conv_out.weight, std=0.05)  # not the identity
+    tasks = [{"name": n, "source": ["{caption}"], "target": ["{caption}"], "rewrite": None} for n in SHAPES_TASKS]
+    emb = torch.randn(len(tasks), 1, 16, 64)
+    ckpt = {
+        "global_step": 0,
+        "state_dict": {f"generator.{k}": v for k, v in gen.state_dict().items()},
+        "ema": {"shadow_params": [p.detach().clone() for p in gen.parameters()]},
+        "ddstrans": {
+            "format": 1, "generator_class": "TranslationUNet",
+            "generator_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in gen.config.items()
+                                 if not k.startswith("_")},
+            "tasks": {"tasks": tasks, "meta": {}},
+            "task_tensors": {"source": emb, "target": emb.clone(), "n_source": torch.ones(len(tasks), dtype=torch.long),
+                             "n_target": torch.ones(len(tasks), dtype=torch.long)},
+            "teacher": {"source": "checkpoints/shapes-teacher", "root": str(teacher_root) if teacher_root else None, "prediction_type": "v_prediction",
+                        "latent_channels": 3, "downsample_factor": 1, "latent_scale": 1.0, "image_size": 32,
+                        "has_vae": False},
+            "run_config": {"task_name": "shapes", "seed": seed, "trainer": {"max_steps": 0},
+                           "data": {"_target_": "ddstrans.shapes.data.ShapesDataModule", "batch_size": 16}},
+            "metrics": {},
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
 def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_vae: bool = True, seed: int = 0):
     """Load the tiny random teacher from ``cache_dir``, writing it first if absent (atomic: safe when several
     DDP processes start at once)."""
@@ -98,6 +144,120 @@ def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_v
             pass
         shutil.rmtree(tmp, ignore_errors=True)
     return Teacher.from_pretrained(root)
+
+
+def make_word_t5_tokenizer(words=TINY_WORDS, model_max_length: int = 16):
+    """A T5 tokenizer (Unigram, as T5's) whose vocabulary is ``words`` plus single letters; built locally."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(words))]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_vae(latent_channels: int, sample_size: int, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=sample_size * 2, **kw,
+    )
+
+
+def _tiny_clip(tokenizer, hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+
+
+def make_tiny_sdxl(out_dir: str | Path, *, sample_size: int = 8, seed: int = 0, force_zeros: bool = True) -> Path:
+    """A tiny random SDXL teacher (two CLIP encoders, text_time micro-conditioning), written by
+    ``StableDiffusionXLPipeline.save_pretrained``. Image size = ``sample_size`` x 2."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    torch.manual_seed(seed)
+    tok, tok2 = make_word_tokenizer(TINY_WORDS, 12), make_word_tokenizer(TINY_WORDS, 12)
+    te, te2 = _tiny_clip(tok, 16), _tiny_clip(tok2, 16, projection=16)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32, norm_num_groups=8,
+    )
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(4, sample_size), text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def make_tiny_sd3(out_dir: str | Path, *, sample_size: int = 8, seed: int = 0, with_t5: bool = True) -> Path:
+    """A tiny random SD3 teacher (two CLIP encoders + optional T5, 16-channel VAE with shift), written by
+    ``StableDiffusion3Pipeline.save_pretrained``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    torch.manual_seed(seed)
+    tok, tok2 = make_word_tokenizer(TINY_WORDS, 12), make_word_tokenizer(TINY_WORDS, 12)
+    te, te2 = _tiny_clip(tok, 16, projection=16), _tiny_clip(tok2, 16, projection=16)
+    tok3 = make_word_t5_tokenizer(model_max_length=16) if with_t5 else None
+    te3 = _tiny_t5(tok3) if with_t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32,
+    )
+    vae = _tiny_vae(16, sample_size, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+                                    text_encoder_3=te3, tokenizer_3=tok3)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def make_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
+    """A tiny random Flux teacher (``guidance_embeds`` True: as Flux-dev, with Flux-dev's dynamic shift; False: as
+    Flux-schnell), written by ``FluxPipeline.save_pretrained``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_word_tokenizer(TINY_WORDS, 12)
+    tok2 = make_word_t5_tokenizer(model_max_length=16)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8],
+    )
+    if guidance_embeds:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    vae = _tiny_vae(16, 8, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=_tiny_clip(tok, 32),
+                        tokenizer=tok, text_encoder_2=_tiny_t5(tok2), tokenizer_2=tok2)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- metric models

@@ -7,7 +7,8 @@ Directory layout (written by ``ddstrans.export``)::
     generator/             config.json + diffusion_pytorch_model.safetensors
     tasks.safetensors      task prompt embeddings (names/prompts in translator.json)
     vae/                   the teacher's VAE (absent for pixel-space teachers)
-    text_encoder/ tokenizer/   text-conditioned translators: to encode new prompt pairs
+    text_encoder*/ tokenizer*/ text-conditioned translators: to encode new prompt pairs (SDXL, SD3, Flux: all of
+                           the family's text encoders, and its model_index.json)
 
 Only JSON, text and safetensors are read, and only files listed in ``translator.json``: the directory must hold
 exactly the listed files, every listed path must stay inside it, and every file's sha256 is checked before use.
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ddstrans.teacher import encode_text, vae_decode, vae_encode
+from ddstrans.embeddings import expand_batch
+from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
 
 FORMAT = "ddstrans.translator"
 FORMAT_VERSION = 1
@@ -75,22 +77,32 @@ def check_entries(root: Path, files: dict[str, str]) -> None:
             raise TranslatorLoadError(f"{root}: {rel} resolves outside the directory; refusing to load")
 
 
-def verify_tree(root: Path, files: dict[str, str]) -> None:
+def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *, unlisted_ok: bool = False) -> None:
     """Raise ``TranslatorLoadError`` unless the directory holds exactly the listed files (plus translator.json),
     each with its hash. Entry paths are checked first (``check_entries``), unlisted files next (a loader must
-    never find an unverified file, e.g. a ``*.safetensors.index.json`` pointing at other weights), hashes last."""
+    never find an unverified file, e.g. a ``*.safetensors.index.json`` pointing at other weights), hashes last.
+    ``ignore``: folders (relative paths) no loader reads, skipped by the unlisted-file check (a hub download's
+    metadata folder, ``ddstrans.hub.HUB_METADATA_DIR``); a listed entry inside one is refused. ``unlisted_ok``:
+    only for a reader of the listed files alone (``push_to_hub`` uploads nothing else), never for a loader."""
     if not isinstance(files, dict) or not files:
         raise TranslatorLoadError(f"{root}: translator.json lists no file hashes; refusing to load unverified files "
                                   "(re-export it with `ddstrans export`)")
     check_entries(root, files)
+    ignored = tuple(d.rstrip("/") + "/" for d in ignore)
+    inside = [r for r in files if r.startswith(ignored)] if ignored else []
+    if inside:
+        raise TranslatorLoadError(f"{root}: translator.json lists {inside[0]}, inside the download metadata folder; "
+                                  "refusing to load")
     unlisted = [r for r in REQUIRED_FILES if r not in files]
     if unlisted:
         raise TranslatorLoadError(f"{root}: translator.json does not list {', '.join(unlisted)}; refusing to load")
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
+        if ignored and (rel + "/").startswith(ignored) and not p.is_symlink():
+            continue
         if p.is_symlink():
             raise TranslatorLoadError(f"{root}: {rel} is a symbolic link; refusing to load")
-        if p.is_file() and rel not in files and rel != "translator.json":
+        if p.is_file() and rel not in files and rel != "translator.json" and not unlisted_ok:
             raise TranslatorLoadError(f"{root}: unexpected file {rel} (not in translator.json); refusing to load")
     for rel, digest in files.items():
         p = root / rel
@@ -150,23 +162,37 @@ def load_component(model_cls, directory: Path, files: dict[str, str] | None, roo
 class Translator:
     """Attributes: ``generator`` (TranslationUNet), ``vae`` (or None), ``task_table``, ``info`` (translator.json)."""
 
-    def __init__(self, generator, task_table, info: dict, vae=None, tokenizer=None, text_encoder=None):
+    def __init__(self, generator, task_table, info: dict, vae=None, tokenizer=None, text_encoder=None,
+                 prompt_encoder=None):
         self.generator, self.task_table, self.info, self.vae = generator, task_table, info, vae
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.prompt_encoder = prompt_encoder  # SDXL, SD3, Flux: ddstrans.teacher.pipeline.PromptEncoder
         self.latent_scale = float(info.get("latent_scale", 1.0))
+        self.latent_shift = float(info.get("latent_shift", 0.0))
         self.resolution = int(info["resolution"])
         self.conditioning = info["conditioning"]
+        self.path: Path | None = None  # the directory it was loaded from
+        self._ignore: tuple[str, ...] = ()  # folders verify_tree skips there (a hub download's metadata)
+        self.backend = "torch"
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        verify: bool = True) -> Translator:
+                        verify: bool = True, backend: str = "torch", revision: str | None = None) -> Translator:
+        """Load a translator directory, or a hub repository id ``"org/name"`` (downloaded with
+        ``huggingface_hub``, then verified like a local directory). ``backend="onnx"`` runs the generator (and VAE)
+        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``)."""
         from diffusers import AutoencoderKL
 
         from ddstrans.generator import TranslationUNet
+        from ddstrans.hub import HUB_METADATA_DIR, is_repo_id, resolve_translator_path
         from ddstrans.tasks import TaskTable
 
-        root = Path(path)
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        from_hub = is_repo_id(path)
+        root = resolve_translator_path(path, revision=revision)
+        ignore = (HUB_METADATA_DIR,) if from_hub else ()
         meta_path = root / "translator.json"
         if not meta_path.is_file():
             raise TranslatorLoadError(f"{root}: no translator.json (not an exported translator; see `ddstrans export`)")
@@ -180,7 +206,7 @@ class Translator:
             raise TranslatorLoadError(f"{meta_path}: unsupported format {info.get('format')!r} "
                                       f"version {info.get('format_version')!r} (this ddstrans reads {FORMAT_VERSION})")
         if verify:
-            verify_tree(root, info.get("files", {}))
+            verify_tree(root, info.get("files", {}), ignore)
         elif info.get("files"):
             check_entries(root, info["files"])  # unverified, yet never outside the directory
         listed = info.get("files") or None  # the files to read, by name (verified above unless verify=False)
@@ -194,23 +220,55 @@ class Translator:
             if vae_dir is None or not vae_dir.is_dir():
                 raise TranslatorLoadError(f"{root}: the VAE is neither copied (vae/) nor found at the teacher reference {ref!r}")
             vae = load_component(AutoencoderKL, vae_dir, listed if copied else None, root if copied else vae_dir.parent)
-        tokenizer = text_encoder = None
+        tokenizer = text_encoder = prompt_encoder = None
+        family = info.get("teacher", {}).get("family", "sd")
         if info["conditioning"] == "text":
-            from transformers import AutoTokenizer, CLIPTextModel
-
             copied = (root / "text_encoder").is_dir()
             base = root if copied else (Path(ref) if ref else None)
             if base is not None and (base / "text_encoder").is_dir():
-                tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")  # JSON/text files only (verified)
-                text_encoder = load_component(CLIPTextModel, base / "text_encoder", listed if copied else None, base)
-        tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder)
-        return tr.to(device, dtype)
+                if family == "sd":
+                    from transformers import AutoTokenizer, CLIPTextModel
+
+                    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")  # JSON/text files only (verified)
+                    text_encoder = load_component(CLIPTextModel, base / "text_encoder", listed if copied else None, base)
+                else:
+                    from ddstrans.teacher.pipeline import PromptEncoder
+
+                    prompt_encoder = PromptEncoder.from_pretrained(base, family)
+        tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, prompt_encoder=prompt_encoder)
+        tr.path, tr._ignore = root, ignore
+        tr.to(device, dtype)
+        if backend == "onnx":
+            from ddstrans.onnx_export import OnnxLoadError, use_onnx
+
+            try:
+                use_onnx(tr, root, tr.device)
+            except OnnxLoadError as e:
+                raise TranslatorLoadError(str(e)) from None
+        return tr
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Verify this translator's directory again (it may have changed since loading), then upload
+        ``translator.json`` and the files it lists to the hub repository ``repo_id`` (created if needed).
+        ``kwargs``: ``token``, ``private``, ``revision``, ``commit_message`` (``ddstrans.hub.upload_translator``).
+        Returns the commit URL."""
+        from ddstrans.hub import upload_translator
+
+        if self.path is None:
+            raise ValueError("this Translator was not loaded from a directory; nothing to push")
+        meta = self.path / "translator.json"
+        if not meta.is_file():
+            raise TranslatorLoadError(f"{self.path}: no translator.json (not an exported translator)")
+        files = json.loads(meta.read_text()).get("files", {})
+        verify_tree(self.path, files, self._ignore, unlisted_ok=True)  # unlisted files are not uploaded
+        return upload_translator(self.path, repo_id, list(files), **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:
         # dtype only when given: diffusers' ModelMixin.to warns about float32 modules whenever a dtype key is passed,
         # even None (an empty list of such modules included)
         cast = {"dtype": dtype} if dtype is not None else {}
-        for m in (self.generator, self.vae, self.text_encoder):
+        extra = self.prompt_encoder.modules() if self.prompt_encoder is not None else []
+        for m in (self.generator, self.vae, self.text_encoder, *extra):
             if m is not None:
                 m.to(device=device, **cast)
                 m.eval()
@@ -229,11 +287,11 @@ class Translator:
     # ------------------------------------------------------------------ images <-> latents
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return vae_encode(self.vae, x.to(self.device), self.latent_scale)
+        return vae_encode(self.vae, x.to(self.device), self.latent_scale, shift=self.latent_shift)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return vae_decode(self.vae, z, self.latent_scale)
+        return vae_decode(self.vae, z, self.latent_scale, shift=self.latent_shift)
 
     # ------------------------------------------------------------------ translation
     def _condition(self, b: int, task: str | None, source: str | None, target: str | None):
@@ -248,10 +306,13 @@ class Translator:
         if self.conditioning != "text":
             raise ValueError("this translator is task-id conditioned: new prompt pairs need a text-conditioned one; "
                              f"use task= (one of {', '.join(self.tasks)})")
-        if self.text_encoder is None:
+        if self.text_encoder is None and self.prompt_encoder is None:
             raise ValueError("this translator was exported without its text encoder; it can only run its tasks")
-        emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
-        return None, emb[:1].expand(b, -1, -1), emb[1:].expand(b, -1, -1)
+        if self.prompt_encoder is not None:
+            emb = self.prompt_encoder([source, target]).float().to(self.device)
+        else:
+            emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
+        return None, expand_batch(emb[:1], b), expand_batch(emb[1:], b)
 
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, task: str | None = None, *, source: str | None = None,
@@ -266,19 +327,36 @@ class Translator:
         """Images (B, 3, H, W) in [-1, 1] at the translator's resolution -> translated images in [-1, 1]."""
         return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target))
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes the generator takes at ``fit="native"``: multiples of the VAE factor times its
+        down-sampling (2 per UNet level after the first)."""
+        levels = len(self.generator.config.block_out_channels)
+        return int(self.info.get("downsample_factor", 1)) * 2 ** (levels - 1)
+
     def __call__(self, images: Image.Image | Sequence[Image.Image], task: str | None = None, *,
-                 source: str | None = None, target: str | None = None, keep_size: bool = True):
-        """Translate PIL image(s): resized to the training resolution, one forward pass for the whole batch,
-        resized back to each input's size (``keep_size``). Returns a list (or one image for one input)."""
+                 source: str | None = None, target: str | None = None, keep_size: bool = True, fit: str = "pad"):
+        """Translate PIL image(s), keeping the aspect ratio by default (``fit``: ``pad``, ``crop``, ``resize``,
+        ``native``; see ``ddstrans.fitting``). One forward pass per batch (per distinct size at ``native``).
+        ``keep_size``: put outputs back at each input's size (else the network's outputs as they are).
+        Returns a list (or one image for one input)."""
+        from ddstrans.fitting import fit_image, restore_image
         from ddstrans.images import pil_to_tensor, tensor_to_pil, to_rgb
 
         single = isinstance(images, Image.Image)
         ims = [images] if single else list(images)
         if not ims:
             return []
-        r = self.resolution
-        x = pil_to_tensor([to_rgb(im).resize((r, r), Image.BICUBIC) for im in ims])
-        out = tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))
-        if keep_size:
-            out = [o.resize(im.size, Image.BICUBIC) if o.size != im.size else o for o, im in zip(out, ims)]
+        if fit == "native" and self.backend == "onnx" and not self.info.get("onnx", {}).get("dynamic_size", True):
+            raise ValueError("fit='native' needs a generator exported with dynamic sizes (this one has position "
+                             "features, traced at the training size)")
+        fitted = [fit_image(to_rgb(im), fit, self.resolution, self.size_multiple) for im in ims]
+        out: list = [None] * len(ims)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (x, _) in enumerate(fitted):
+            groups.setdefault(x.size, []).append(i)
+        for idx in groups.values():
+            x = pil_to_tensor([fitted[i][0] for i in idx])
+            for i, o in zip(idx, tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))):
+                out[i] = restore_image(o, fitted[i][1]) if keep_size else o
         return out[0] if single else out

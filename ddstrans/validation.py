@@ -168,14 +168,19 @@ def _check_teacher_path(cfg) -> None:
     name = _get(cfg, "teacher.path_or_hub_id", None)
     if name is None:
         return  # loaders with a default location (e.g. the shapes teacher) check it themselves
-    from ddstrans.teacher import REQUIRED_COMPONENTS, _looks_like_hub_id
+    from ddstrans.teacher import TeacherLoadError, _looks_like_hub_id, check_directory
+    from ddstrans.teacher.loading import REQUIRED
 
     local = Path(str(name)).expanduser()
     if local.is_dir():
-        missing = [c for c in REQUIRED_COMPONENTS if not (local / c).is_dir()]
+        try:
+            family, missing = check_directory(local)
+        except TeacherLoadError as e:
+            raise ConfigError(f"teacher.path_or_hub_id={name}: {e}") from None
         if missing:
             raise ConfigError(f"teacher.path_or_hub_id={name}: the directory lacks {', '.join(missing)} "
-                              f"(a diffusers-format teacher has {', '.join(REQUIRED_COMPONENTS)} and optionally vae)")
+                              f"(a diffusers-format {family} teacher has {', '.join(REQUIRED[family])}"
+                              + (" and optionally vae)" if family == "sd" else ")"))
     elif local.exists():
         raise ConfigError(f"teacher.path_or_hub_id={name} is a file; give the teacher's diffusers-format directory")
     elif not _looks_like_hub_id(str(name)):
@@ -207,6 +212,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_enough_data(cfg)
     _check_teacher_path(cfg)
     _check_image_metrics(cfg)
+    from ddstrans.savers import check_config
+
+    check_config(cfg, ConfigError, processes=world_size(cfg))  # LoRA rank, 8-bit optimizer library, FSDP, memory switches
 
 
 def data_resolution(cfg) -> int | None:
@@ -219,10 +227,13 @@ def data_resolution(cfg) -> int | None:
 
 def validate_with_teacher(cfg: DictConfig, teacher) -> None:
     """Checks that need the loaded teacher; raises ``ConfigError``."""
-    f = int(getattr(teacher, "downsample_factor", 1) or 1)
+    from ddstrans.savers import check_with_teacher
+
+    check_with_teacher(cfg, teacher, ConfigError)  # LoRA target modules exist in its UNet
+    f = int(getattr(teacher, "image_multiple", None) or getattr(teacher, "downsample_factor", 1) or 1)
     res = data_resolution(cfg)
     if res is not None and f > 1 and res % f:
         key = "data.resolution" if _get(cfg, "data.resolution", None) is not None else "data.image_size"
         lo = max(f, res // f * f)
-        raise ConfigError(f"{key}={res} is not divisible by the teacher's VAE downsampling factor {f}; "
-                          f"use {lo} or {lo + f}")
+        what = "VAE downsampling factor" if f == getattr(teacher, "downsample_factor", f) else "VAE factor x 2x2 packing"
+        raise ConfigError(f"{key}={res} is not divisible by the teacher's {what} {f}; use {lo} or {lo + f}")

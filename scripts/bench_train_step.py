@@ -32,6 +32,14 @@ architecture; falls back to ``tiny`` with a message if the directory is absent o
 layout, a 1-layer CLIP text encoder of width 768; generator = the same UNet layout with gradient checkpointing as in
 ``configs/generator/from_teacher.yaml``). By default batches are cached latents (as ``data=shards`` with latents);
 ``--data pixels`` adds the VAE encode to every step.
+``sdxl``, ``sd3``, ``flux`` (Flux-dev): the released architectures with random weights, held as their diffusers
+pipelines by the teacher adapters (SDXL: the 2.6B UNet with cross-attention 2048 and micro-conditioning; SD3.5-medium:
+SD3Transformer2DModel 24 layers x 1536, patch 2, 16-channel latents; FLUX.1-dev: 19 double + 38 single blocks x 3072,
+guidance embedding). Text encoders are one layer of the real widths (prompt embeddings are cached; their size does
+not matter); the VAE has SD's layout. ``--layers full|reduced`` (default: full on CUDA, reduced on CPU, where the
+full models do not fit a few GB): reduced keeps every width and cuts depth (SDXL transformer depth 1/2/10 -> 1/1/2;
+SD3 4 layers and a position table for up to 1536 px instead of 3072; Flux 1 double + 2 single blocks). The generator is ``configs/generator/small.yaml`` (a UNet; for
+SDXL ``--gen from_teacher`` takes the teacher's layout). ``--resolution`` (default 1024 CUDA, 256 CPU).
 """
 
 from __future__ import annotations
@@ -187,6 +195,91 @@ def build_sd15_teacher(device: torch.device, dtype: torch.dtype, base: int = 320
     return teacher.to(device, dtype)
 
 
+SMALL_GEN = dict(block_out_channels=(128, 256, 384), layers_per_block=2, num_task_tokens=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 mid_block_type="UNetMidBlock2DCrossAttn", attention_head_dim=8, norm_num_groups=32)
+
+
+def _one_layer_clip(tok, width: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=1024, num_hidden_layers=1,
+                         num_attention_heads=max(1, width // 64), max_position_embeddings=77,
+                         projection_dim=projection or width, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def _sd_vae(latent_channels: int, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=1024, **kw)
+
+
+def build_family_teacher(arch: str, device: torch.device, dtype: torch.dtype, reduced: bool):
+    """An SDXL / SD3.5-medium / FLUX.1-dev-shaped teacher with random weights (see the module docstring)."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    from ddstrans.teacher.pipeline import PIPELINE_TEACHERS
+    from ddstrans.testing import TINY_WORDS, make_word_t5_tokenizer
+    from ddstrans.word_tokenizer import make_word_tokenizer
+
+    words = [*TINY_WORDS, "photograph", "squirrel"]
+    tok, tok2 = make_word_tokenizer(words, 77), make_word_tokenizer(words, 77)
+    torch.manual_seed(0)
+    with torch.device(device):
+        if arch == "sdxl":
+            unet = diffusers.UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                transformer_layers_per_block=(1, 1, 2) if reduced else (1, 2, 10),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            pipe = diffusers.StableDiffusionXLPipeline(
+                vae=_sd_vae(4, scaling_factor=0.13025), text_encoder=_one_layer_clip(tok, 768),
+                text_encoder_2=_one_layer_clip(tok2, 1280, 1280), tokenizer=tok, tokenizer_2=tok2, unet=unet,
+                scheduler=diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                           beta_schedule="scaled_linear", steps_offset=1))
+        else:
+            tok3 = make_word_t5_tokenizer(words, model_max_length=512)
+            t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=4096, d_kv=64, d_ff=1024, num_layers=1,
+                                         num_heads=64, pad_token_id=0, eos_token_id=1))
+            if arch == "sd3":
+                layers = 4 if reduced else 24
+                tr = diffusers.SD3Transformer2DModel(
+                    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                    pooled_projection_dim=2048, pos_embed_max_size=192 if reduced else 384, qk_norm="rms_norm",
+                    dual_attention_layers=tuple(range(min(13, layers))))
+                pipe = diffusers.StableDiffusion3Pipeline(
+                    transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                    vae=_sd_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                                use_post_quant_conv=False),
+                    text_encoder=_one_layer_clip(tok, 768, 768), tokenizer=tok,
+                    text_encoder_2=_one_layer_clip(tok2, 1280, 1280), tokenizer_2=tok2, text_encoder_3=t5,
+                    tokenizer_3=tok3)
+            else:
+                tr = diffusers.FluxTransformer2DModel(
+                    patch_size=1, in_channels=64, num_layers=1 if reduced else 19, num_single_layers=2 if reduced else 38,
+                    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+                sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                                  max_shift=1.15)
+                pipe = diffusers.FluxPipeline(
+                    transformer=tr, scheduler=sched, vae=_sd_vae(16, scaling_factor=0.3611, shift_factor=0.1159,
+                                                                 use_quant_conv=False, use_post_quant_conv=False),
+                    text_encoder=_one_layer_clip(tok, 768), tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok3)
+    teacher = PIPELINE_TEACHERS[arch](pipe, identity=f"{arch}-shaped-random-{'reduced' if reduced else 'full'}",
+                                      cache_dir=None)
+    teacher.source = f"{arch}-shaped random ({'reduced depth' if reduced else 'full size'}, benchmark)"
+    return teacher.to(device, dtype)
+
+
 @dataclass
 class Setup:
     arch: str
@@ -196,20 +289,35 @@ class Setup:
     note: str = ""
     teacher_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+    latent_hw: int | None = None  # None: the teacher's own sample size
 
     def latent_shape(self) -> tuple[int, int, int]:
-        s = int(self.teacher.unet.config.sample_size)
+        s = int(self.latent_hw or self.teacher.latent_size)
         return (self.teacher.latent_channels, s, s)
 
     def image_size(self) -> int:
-        return self.teacher.image_size
+        return self.latent_shape()[-1] * self.teacher.downsample_factor
 
 
 def build_setup(arch: str, device: torch.device, dtype: torch.dtype, workdir: Path, grad_ckpt: str = "auto",
-                sd15_base: int = 320) -> Setup:
+                sd15_base: int = 320, layers: str = "auto", resolution: int | None = None, gen: str = "small") -> Setup:
     from ddstrans.teacher import Teacher
 
     cache = workdir / "prompt_cache"
+    if arch in ("sdxl", "sd3", "flux"):
+        reduced = layers == "reduced" or (layers == "auto" and device.type != "cuda")
+        teacher = build_family_teacher(arch, device, dtype, reduced)
+        res = int(resolution or (1024 if device.type == "cuda" else 256))
+        if res % teacher.image_multiple:
+            raise ValueError(f"--resolution {res} must be a multiple of {teacher.image_multiple} for {arch}")
+        ckpt = grad_ckpt == "on" or (grad_ckpt == "auto" and gen == "from_teacher")
+        kw = dict(copy_teacher_architecture=True, num_task_tokens=4) if gen == "from_teacher" else dict(SMALL_GEN)
+        kw["gradient_checkpointing"] = ckpt
+        depth = "reduced depth" if reduced else "full size"
+        evals = 2 if teacher.guidance_mode != "cfg" else 4
+        return Setup(arch, teacher, SD_TASKS, kw, latent_hw=res // teacher.downsample_factor,
+                     note=f"{arch}-shaped random teacher ({depth}, {res} px, {evals} evaluations per DDS sample); "
+                          f"generator {gen}")
     if arch == "shapes":
         if not (SHAPES_TEACHER / "unet").is_dir():
             log(f"[bench] {SHAPES_TEACHER} not found (the shapes teacher is not shipped yet): FALLING BACK to --arch tiny")
@@ -444,11 +552,12 @@ def run_bench(args, device: torch.device, dtype: torch.dtype, workdir: Path) -> 
 
     sync = make_sync(device)
     mem = Memory(device)
-    setup = build_setup(args.arch, device, dtype, workdir, args.grad_ckpt, args.sd15_base)
+    setup = build_setup(args.arch, device, dtype, workdir, args.grad_ckpt, args.sd15_base, args.layers,
+                        args.resolution, args.gen)
     module = make_module(setup, teacher_dtype=args.teacher_dtype, device=device)
     if args.compile:
         module.generator.unet.compile()
-        setup.teacher.unet.compile()
+        setup.teacher.model.compile()
     gen_init = copy.deepcopy(module.generator)
     n_iter = args.warmup + args.steps + 1  # +1: the last iteration only closes the previous one's interval
     loader = make_loader(setup, args.batch, n_iter, args.data)
@@ -470,7 +579,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype, workdir: Path) -> 
     med = {"a": statistics.median(a_iter), "a_window": statistics.median(a_win)}
     for k in ("b", "c", "d"):
         med[k] = statistics.median(timer.times[k])
-    teacher_mods = [setup.teacher.unet, setup.teacher.text_encoder, setup.teacher.vae]
+    teacher_mods = setup.teacher.modules()
     res = {
         "arch": setup.arch, "note": setup.note, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "teacher_dtype": str(setup.teacher.dtype).replace("torch.", ""), "batch": args.batch, "steps": len(a_iter),
@@ -483,7 +592,7 @@ def run_bench(args, device: torch.device, dtype: torch.dtype, workdir: Path) -> 
             "process peak RSS (VmHWM, reset per phase)" if mem.can_reset else "process peak RSS (not resettable)"),
         "teacher_weights_mb": tensor_bytes(teacher_mods) / MB,
         "generator_params_m": sum(p.numel() for p in module.generator.parameters()) / 1e6,
-        "teacher_unet_params_m": sum(p.numel() for p in setup.teacher.unet.parameters()) / 1e6,
+        "teacher_unet_params_m": sum(p.numel() for p in setup.teacher.model.parameters()) / 1e6,
         "overhead": med["a"] / (med["b"] + med["c"]),
         "vs_plain": med["a"] / med["d"],
         "images_per_s": {k: args.batch / med[k] for k in ("a", "d")},
@@ -513,7 +622,7 @@ def print_table(res: dict) -> None:
     print(f"\n## bench_train_step: arch={res['arch']} device={res['device']} dtype={res['dtype']} "
           f"(teacher {res['teacher_dtype']}) batch={res['batch']} data={res['data']} threads={res['threads']} "
           f"compile={res['compile']}")
-    print(f"{res['note']}; teacher UNet {res['teacher_unet_params_m']:.2f}M params, generator "
+    print(f"{res['note']}; teacher denoiser {res['teacher_unet_params_m']:.2f}M params, generator "
           f"{res['generator_params_m']:.2f}M params; {res['steps']} measured rounds after {res['warmup']} warm-up")
     print(f"memory: {res['memory_kind']}\n")
     print("| variant | median ms | min ms | images/s | peak above phase start (MB) | peak absolute (MB) |")
@@ -866,7 +975,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--quick", action="store_true", help="~1 minute on 2 CPU cores: shapes teacher, batch 4, 30 rounds")
-    ap.add_argument("--arch", choices=("tiny", "shapes", "sd15"), default="shapes")
+    ap.add_argument("--arch", choices=("tiny", "shapes", "sd15", "sdxl", "sd3", "flux"), default="shapes")
+    ap.add_argument("--layers", choices=("auto", "full", "reduced"), default="auto",
+                    help="sdxl/sd3/flux depth (auto: full on CUDA, reduced on CPU)")
+    ap.add_argument("--resolution", type=int, default=None, help="sdxl/sd3/flux image size (default 1024 CUDA, 256 CPU)")
+    ap.add_argument("--gen", choices=("small", "from_teacher"), default="small",
+                    help="sdxl/sd3/flux generator: configs/generator/small.yaml or the teacher UNet's layout (sdxl)")
     ap.add_argument("--batch", type=int, default=None, help="per-step batch (default: 4 CPU, 4 sd15)")
     ap.add_argument("--steps", type=int, default=None, help="measured rounds (default 30; --quick 30)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds not measured (default 5; --quick 3)")
@@ -891,7 +1005,7 @@ def parse_args(argv=None):
     dev = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if dev.type == "cuda" else "float32")
     if args.batch is None:
-        args.batch = 4
+        args.batch = 1 if args.arch in ("sdxl", "sd3", "flux") else 4
     if args.steps is None:
         args.steps = 30 if args.quick else 30
     if args.warmup is None:

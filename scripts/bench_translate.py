@@ -18,6 +18,15 @@ Rounds interleave the variants (noise hits all alike); medians are reported. The
 
 For ``--arch sd15`` (random SD-1.5-shaped teacher and generator) the translator is assembled in memory from the
 module (exporting 3.4 GB of random weights would only time the disk); the timed code is the same ``Translator``.
+
+``--backends eager,compile,onnx`` compares instead the ways to run one exported translator: PyTorch eager,
+``torch.compile`` of the generator, and ONNX Runtime (``backend="onnx"``), images/s at batch 1 and ``--batch``
+(tensor path) and each backend's max abs difference from eager on the same inputs. ``--translator`` must then hold
+``onnx/`` (``ddstrans export --onnx``); without it a random generator of the shapes translator's architecture is
+exported with ``--onnx`` to a temp dir (speed does not depend on the weights). Last line ``onnx_over_eager=R``
+(images/s ratio at ``--batch``).
+
+    python scripts/bench_translate.py --backends eager,compile,onnx --threads 2
 """
 
 from __future__ import annotations
@@ -90,7 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sd15-base", type=int, default=320)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--backends", default=None,
+                    help="compare running backends of one translator instead (comma list of eager, compile, onnx)")
     args = ap.parse_args(argv)
+    if args.backends:
+        return bench_backends(args)
     bts.quiet()
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "float32")]
@@ -198,6 +211,93 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     print(f"edit_over_single_pass={res['ratio_b1']:.1f}")
+    return 0
+
+
+def bench_backends(args) -> int:
+    """Eager vs torch.compile vs ONNX Runtime on one translator (see the module docstring)."""
+    from ddstrans.translator import Translator
+
+    bts.quiet()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = set(names) - {"eager", "compile", "onnx"}
+    if unknown:
+        raise SystemExit(f"error: unknown backend(s) {sorted(unknown)}; choose from eager, compile, onnx")
+    rounds = args.rounds or 5
+    sync = bts.make_sync(device)
+    with tempfile.TemporaryDirectory(prefix="ddstrans-bench-backends-") as td:
+        path = args.translator
+        how = f"loaded from {path}"
+        if path is None:
+            from ddstrans.export import export_checkpoint
+            from ddstrans.testing import make_shapes_checkpoint
+
+            path = export_checkpoint(make_shapes_checkpoint(Path(td) / "c.ckpt"), Path(td) / "tr", onnx=True,
+                                     examples=[])
+            how = "random generator of the shapes translator's architecture, exported with --onnx"
+        eager = Translator.from_pretrained(path, device=device)
+        task = eager.tasks[0]
+        r = eager.resolution
+        g = torch.Generator().manual_seed(0)
+        xs = {1: (torch.rand(1, 3, r, r, generator=g) * 2 - 1).to(device),
+              args.batch: (torch.rand(args.batch, 3, r, r, generator=g) * 2 - 1).to(device)}
+        runners, notes = {}, {}
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                if name == "eager":
+                    tr = eager
+                elif name == "compile":
+                    tr = Translator.from_pretrained(path, device=device)
+                    tr.generator = torch.compile(tr.generator, dynamic=False)
+                else:
+                    tr = Translator.from_pretrained(path, device=device, backend="onnx")
+                with torch.inference_mode():
+                    for x in xs.values():  # warm-up (compile happens here)
+                        tr.translate_tensor(x, task)
+                runners[name] = tr
+                notes[name] = f"set-up + warm-up {time.perf_counter() - t0:.1f} s"
+            except Exception as e:  # noqa: BLE001 - a backend this machine lacks is reported, not fatal
+                notes[name] = f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+        times = {(n, b): [] for n in runners for b in xs}
+        with torch.inference_mode():
+            ref = {b: eager.translate_tensor(x, task) for b, x in xs.items()}
+            err = {n: max((tr.translate_tensor(x, task) - ref[b]).abs().max().item() for b, x in xs.items())
+                   for n, tr in runners.items()}
+            for _ in range(rounds):
+                for n, tr in runners.items():  # interleaved: load drift hits every backend alike
+                    for b, x in xs.items():
+                        reps = 5 if b == 1 else 2
+                        sync()
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            tr.translate_tensor(x, task)
+                        sync()
+                        times[(n, b)].append((time.perf_counter() - t0) / reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n## bench_translate --backends: device={device} threads={torch.get_num_threads()} resolution={r} "
+          f"task={task!r}; medians of {rounds} interleaved rounds")
+    print(f"translator: {how}\n")
+    print(f"| backend | ms / image, batch 1 | images/s, batch 1 | ms / image, batch {args.batch} | "
+          f"images/s, batch {args.batch} | max abs diff vs eager | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for n in names:
+        if n not in runners:
+            print(f"| {n} | | | | | | {notes[n]} |")
+            continue
+        b1, bb = med[(n, 1)], med[(n, args.batch)]
+        print(f"| {n} | {b1 * 1e3:.2f} | {1 / b1:.1f} | {bb / args.batch * 1e3:.2f} | {args.batch / bb:.1f} | "
+              f"{err[n]:.1e} | {notes[n]} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
+                                               "batch": args.batch, "rounds": rounds, "translator": how,
+                                               "seconds": {f"{n}@{b}": v for (n, b), v in med.items()},
+                                               "max_abs_diff": err, "notes": notes}, indent=2))
+    if "onnx" in runners and "eager" in runners:
+        print(f"onnx_over_eager={med[('eager', args.batch)] / med[('onnx', args.batch)]:.2f}")
     return 0
 
 

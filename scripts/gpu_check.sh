@@ -51,11 +51,16 @@ step train_step 150 $PY scripts/bench_train_step.py --arch sd15 --device cuda --
 step translate 100 $PY scripts/bench_translate.py --arch sd15 --device cuda --dtype bf16 --batch 8 --rounds 3 \
   --json "$OUT/translate.json"
 # memory vs batch (each batch size in a fresh process: cuda max_memory_allocated per phase)
-step memory_sweep 130 $PY scripts/bench_train_step.py --arch sd15 --device cuda --dtype bf16 --memory-sweep 1,2,4 \
+step memory_sweep 90 $PY scripts/bench_train_step.py --arch sd15 --device cuda --dtype bf16 --memory-sweep 1,2,4 \
   --sweep-steps 3 --batch 1 --steps 3 --warmup 1
 # optimisation ablations on the GPU: inference_mode, bf16/fp16 vs fp32 teacher, SDPA vs classic attention,
 # channels_last, prompt cache, cached latents (SD VAE at 512 px), gradient checkpointing, module per-step costs
-step ablations 120 $PY scripts/bench_train_step.py --arch sd15 --device cuda --dtype bf16 --batch 4 --ablations --quick \
+step ablations 90 $PY scripts/bench_train_step.py --arch sd15 --device cuda --dtype bf16 --batch 4 --ablations --quick \
   --steps 0 --json "$OUT/ablations.json"
+# scale: peak memory of real DDS steps on a random full-size SD-1.5 teacher (LoRA vs full generator, savers), next
+# to the memory model's prediction (docs/performance.md, "Memory at full size"). trainer=fsdp needs >= 2 GPUs:
+# with several, add  ddstrans-train experiment=sd15_cat2animals generator=from_teacher trainer=fsdp optim.ema.enabled=false
+step memory_fullsize 120 $PY scripts/measure_memory.py --device cuda --resolution 512 \
+  --settings lora-b1,lora-b4,full-b1
 echo "[gpu_check] done in $SECONDS s; files in $OUT" | tee -a "$OUT/env.txt"
 ls -la "$OUT"

@@ -22,8 +22,10 @@ done
 
 echo "== 4/4 evaluate (64 held-out inputs per task) -> $out/eval.json, $out/before_after.png"
 ddstrans eval "$translator" --methods identity,network --n 64 --json "$out/eval.json" --grid "$out/before_after.png"
+ddstrans card "$translator" --eval "$out/eval.json"
 
 echo "== done"
+echo "try it in a browser: ddstrans demo $translator   (http://127.0.0.1:7860)"
 echo "validation metrics during training (val/<task>/target_acc, mask_iou, keep_psnr, diversity): $out/train/csv/version_*/metrics.csv"
 for run in "$out"/train/wandb/offline-run-*; do
   [ -d "$run" ] && echo "wandb offline run (grids + metrics; upload with: wandb sync $run)"

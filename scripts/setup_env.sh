@@ -18,6 +18,6 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
   fi
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,demo,onnx]"
   echo "$want" > "$stamp"
 fi

@@ -50,6 +50,30 @@ def tiny_pixel_teacher_dir(tmp_path_factory):
     return _make(tmp_path_factory, "tiny_pixel", with_vae=False, sample_size=16)
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Tiny random SDXL, SD3, Flux-dev (guidance embedding) and Flux-schnell directories, written by the diffusers
+    pipelines' own save_pretrained (16x16 images; latents 4x8x8 for SDXL, 16x8x8 otherwise)."""
+    from ddstrans.testing import make_tiny_flux, make_tiny_sd3, make_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "sdxl": make_tiny_sdxl(root / "sdxl"),
+        "sd3": make_tiny_sd3(root / "sd3"),
+        "flux_dev": make_tiny_flux(root / "flux_dev", guidance_embeds=True),
+        "flux_schnell": make_tiny_flux(root / "flux_schnell", guidance_embeds=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def teachers(family_dirs, tmp_path_factory):
+    """The teachers of ``family_dirs``, loaded by Teacher.from_pretrained."""
+    from ddstrans.teacher import Teacher
+
+    cache = tmp_path_factory.mktemp("family_cache")
+    return {k: Teacher.from_pretrained(d, cache_dir=cache) for k, d in family_dirs.items()}
+
+
 @pytest.fixture
 def tiny_teacher(tiny_teacher_dir, tmp_path):
     from ddstrans.teacher import Teacher
@@ -69,3 +93,26 @@ def load_script():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="session")
+def shapes_translator_dir(tmp_path_factory):
+    """A random (non-identity) translator of the shapes translator's architecture, exported with ``--onnx``
+    through the real export (32x32 pixels, the five shapes tasks, examples rendered)."""
+    from ddstrans.export import export_checkpoint
+    from ddstrans.shapes.examples import examples_for_run
+    from ddstrans.testing import make_shapes_checkpoint
+
+    tmp = tmp_path_factory.mktemp("shapes_translator")
+    return export_checkpoint(make_shapes_checkpoint(tmp / "last.ckpt"), tmp / "translator", onnx=True,
+                             examples=examples_for_run)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``fullsize`` tests (minutes, several GB) run only when ``-m`` names them (e.g. ``-m fullsize``)."""
+    if "fullsize" in (config.option.markexpr or ""):
+        return
+    keep = [i for i in items if i.get_closest_marker("fullsize") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("fullsize") is not None])
+        items[:] = keep

@@ -196,3 +196,14 @@ def test_progress_bar_flag_alone_silences_the_run(tmp_path):
     cfg = compose(["experiment=smoke", "trainer.max_steps=1", "trainer.val_check_interval=1",
                    "trainer.enable_progress_bar=false"], tmp_path / "run")
     assert train(cfg) is not None
+
+
+def test_resume_keeps_one_last_checkpoint(tmp_path):
+    """A run whose last.ckpt came from the end-of-training save (not from ModelCheckpoint) resumes and writes
+    last.ckpt itself: no last-v1.ckpt beside an older last.ckpt that a later resume would pick up."""
+    run = tmp_path / "run"
+    base = ["experiment=smoke", "callbacks.model_checkpoint.every_n_train_steps=4", *QUIET]
+    train(compose([*base, "trainer.max_steps=2"], run))
+    train(compose([*base, "trainer.max_steps=4", "ckpt_path=last"], run))
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

@@ -57,8 +57,8 @@ def run(args) -> int:
     dtype = torch.float16 if args.fp16 else None
     teacher = Teacher.from_pretrained(args.teacher, torch_dtype=dtype, device=device)
     size = args.size or teacher.image_size
-    if size % teacher.downsample_factor:
-        raise CLIError(f"--size {size} must be a multiple of {teacher.downsample_factor} for this teacher")
+    if size % teacher.image_multiple:
+        raise CLIError(f"--size {size} must be a multiple of {teacher.image_multiple} for this teacher")
     x = pil_to_tensor(resize_center_crop(image, size))
     out = edit_images(teacher, x, args.source, args.target, cfg, progress=True)
     result = tensor_to_pil(out)[0].resize(image.size)

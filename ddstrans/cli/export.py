@@ -27,6 +27,14 @@ def add_parser(sub) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust; by default it is read "
                    "with torch.load(weights_only=True))")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the generator (and VAE) as ONNX with dynamic batch under onnx/ (hashed like the "
+                   "other files; run with Translator.from_pretrained(dir, backend='onnx'))")
+    p.add_argument("--license", default=None,
+                   help="license of the model card's front matter (default: the teacher card's, else 'other')")
+    p.add_argument("--examples", type=Path, nargs="+", default=None, metavar="IMAGE",
+                   help="example inputs stored in examples/ (the demo offers them; the card shows their "
+                   "translations). Shapes-world runs render held-out scenes when not given")
     p.set_defaults(func=run)
 
 
@@ -41,10 +49,21 @@ def run(args) -> int:
             raise CLIError(str(e)) from None
         name = (ckpt["ddstrans"].get("run_config") or {}).get("task_name") or "translator"
         out = Path("checkpoints") / f"{name}-step{ckpt.get('global_step', 0)}"
+    from ddstrans.shapes.examples import examples_for_run
+
+    examples = examples_for_run
+    if args.examples:
+        from ddstrans.images import ImageReadError, load_image
+
+        try:
+            examples = [load_image(f) for f in args.examples]
+        except ImageReadError as e:
+            raise CLIError(f"--examples: {e}") from None
     try:
         path = export_checkpoint(args.checkpoint, out, use_ema=not args.no_ema,
                                  copy_teacher=not args.reference_teacher, teacher_path=args.teacher,
-                                 overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+                                 overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                                 onnx=args.onnx, license=args.license, examples=examples)
     except ExportError as e:
         raise CLIError(str(e)) from None
     print(f"exported translator to {path}")

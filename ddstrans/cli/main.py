@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "ddstrans.cli.translate",
     "ddstrans.cli.make_shards",
     "ddstrans.cli.eval",
+    "ddstrans.cli.demo",
+    "ddstrans.cli.card",
 ]
 
 

@@ -116,12 +116,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def build_module(cfg: DictConfig, teacher=None):
     """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
+    from ddstrans.savers import apply_teacher_savers
     from ddstrans.validation import validate_with_teacher
 
     from ddstrans.user_errors import instantiate_teacher
 
     teacher = teacher if teacher is not None else instantiate_teacher(cfg.teacher)
     validate_with_teacher(cfg, teacher)
+    memory = cfg.model.get("memory")
+    apply_teacher_savers(teacher, OmegaConf.to_container(memory, resolve=True) if memory is not None else None)
     inst = hydra.utils.instantiate
     optim = cfg.optim
     try:
@@ -250,13 +253,14 @@ def _export_after_fit(cfg: DictConfig, trainer) -> None:
     from datetime import datetime
 
     from ddstrans.export import export_checkpoint
+    from ddstrans.shapes.examples import examples_for_run
 
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", None) if trainer.checkpoint_callback else None
     if not ckpt:
         print("export_after_fit: no checkpoint was written (callbacks off?); nothing exported", file=sys.stderr)
         return
     out = Path(cfg.paths.checkpoint_dir) / f"{cfg.task_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    export_checkpoint(ckpt, out)
+    export_checkpoint(ckpt, out, examples=examples_for_run)
     print(f"exported translator to {out}")
 
 

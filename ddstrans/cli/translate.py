@@ -15,12 +15,15 @@ def add_parser(sub) -> None:
         "translate",
         help="translate images with an exported translator (single forward pass)",
         description="Translate each input image with TRANSLATOR_DIR (see `ddstrans export`) and write "
-        "OUTDIR/<input name>.png at the input's size (the input tree mirrored below OUTDIR when names repeat). Directories are expanded to their image files. "
+        "OUTDIR/<input name>.png at the input's size (the input tree mirrored below OUTDIR when names repeat). "
+        "Inputs are files, directories (their image files), glob patterns (quoted: 'photos/**/*.jpg') or - "
+        "(newline-separated paths on stdin); a file given twice is translated once. The aspect ratio is kept "
+        "(scaled and padded to the training resolution, then back); --crop, --resize and --native-size change that. "
         "Unreadable inputs are reported and skipped; the exit code is 1 if any input failed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("translator", type=Path, help="exported translator directory")
-    p.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="image files or directories")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files, directories, glob patterns, or - (stdin)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.add_argument("--task", default=None, help="task name (see translator.json); or --source/--target")
     p.add_argument("--source", default=None, help="source prompt (text-conditioned translators)")
@@ -30,19 +33,15 @@ def add_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="run in float16 (GPU only)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=run)
-
-
-def _expand(inputs: list[Path]) -> list[Path]:
-    from ddstrans.images import IMAGE_SUFFIXES
-
-    files = []
-    for p in inputs:
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(p)
-    return files
+    fit = p.add_mutually_exclusive_group()
+    fit.add_argument("--resize", dest="fit", action="store_const", const="resize",
+                     help="stretch every image to the training resolution and back (aspect ratio not kept)")
+    fit.add_argument("--crop", dest="fit", action="store_const", const="crop",
+                     help="translate the center square only (output: that square at the input's scale)")
+    fit.add_argument("--native-size", dest="fit", action="store_const", const="native",
+                     help="run at each input's own size, rounded to the generator's size multiple "
+                     "(fully convolutional generators)")
+    p.set_defaults(func=run, fit="pad")
 
 
 def _output_names(files: list[Path], outdir: Path) -> list[Path]:
@@ -80,7 +79,9 @@ def run(args) -> int:
         raise CLIError("--batch-size must be >= 1")
     if args.task is None and (args.source is None or args.target is None):
         raise CLIError("give --task NAME, or --source and --target for a text-conditioned translator")
-    files = list({f.resolve(): f for f in _expand(args.inputs)}.values())  # a file given twice: translated once
+    from ddstrans.inputs import expand_inputs
+
+    files = list({f.resolve(): f for f in expand_inputs(args.inputs)}.values())  # a file given twice: translated once
     if not files:
         raise CLIError("no input images found")
     outs = _output_names(files, args.output)
@@ -109,7 +110,7 @@ def run(args) -> int:
                 failed.append(f)
                 tqdm.write(f"skipped {e}", file=sys.stderr)
         if images:
-            results = tr(images, task=args.task, source=args.source, target=args.target)
+            results = tr(images, task=args.task, source=args.source, target=args.target, fit=args.fit)
             for im, o in zip(results, targets):
                 try:
                     save_png(im, o)

@@ -442,7 +442,7 @@ class ShardDataModule(_lightning_base()):
         teacher = self._teacher()
         if teacher is not None:
             self.downsample_factor = int(getattr(teacher, "downsample_factor", self.downsample_factor))
-        self.check_resolution()
+        self.check_resolution(getattr(teacher, "image_multiple", None))  # Flux: the VAE factor x its 2x2 packing
         if self.batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
         urls = expand_urls(self.urls_arg)

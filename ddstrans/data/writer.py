@@ -284,8 +284,9 @@ def write_from_folder(
 
     if teacher is not None and not resolution:
         raise ValueError("teacher (latents) needs resolution: latents are stored for a fixed square crop")
-    if resolution and teacher is not None and resolution % teacher.downsample_factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of the teacher's VAE factor {teacher.downsample_factor}")
+    if resolution and teacher is not None and resolution % teacher.image_multiple:
+        raise ValueError(f"resolution {resolution} must be a multiple of {teacher.image_multiple} for this teacher "
+                         "(its VAE factor; x2 for Flux's 2x2 packing)")
     images, others = find_images(src)
     info = {
         "kind": "folder", "source": str(Path(src).resolve()), "resolution": resolution, "max_side": max_side,
@@ -294,7 +295,7 @@ def write_from_folder(
     }
     if teacher is not None:
         info.update(latent_channels=teacher.latent_channels, latent_scale=teacher.latent_scale,
-                    downsample_factor=teacher.downsample_factor, latent_dtype="float16")
+                    latent_shift=teacher.latent_shift, downsample_factor=teacher.downsample_factor, latent_dtype="float16")
     with ShardSet(out, maxcount=maxcount, maxsize=maxsize, overwrite=overwrite, info=info, command=command) as shards:
         for p in others:
             shards.skip(f"not an image file ({p.suffix or 'no suffix'})", str(p))
@@ -375,8 +376,9 @@ def write_from_teacher(
         raise ValueError("prompts must hold at least one prompt")
     f = teacher.downsample_factor
     resolution = int(resolution or teacher.image_size)
-    if resolution % f:
-        raise ValueError(f"resolution {resolution} must be a multiple of the teacher's VAE factor {f}")
+    if resolution % teacher.image_multiple:
+        raise ValueError(f"resolution {resolution} must be a multiple of {teacher.image_multiple} for this teacher "
+                         "(its VAE factor; x2 for Flux's 2x2 packing)")
     generation = {
         "teacher": teacher_id(teacher), "prompts": list(prompts), "seed": seed,
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution": resolution,
@@ -396,6 +398,7 @@ def write_from_teacher(
         "kind": "teacher", "generation": generation, "teacher": generation["teacher"], "resolution": resolution,
         "image_format": image_format, "pixels": True, "latents": bool(latents),
         "latent_channels": teacher.latent_channels, "latent_scale": teacher.latent_scale,
+        "latent_shift": teacher.latent_shift,
         "downsample_factor": f, "latent_dtype": "float16" if latents else None, "requested": count,
     }
     with ShardSet(out, maxcount=maxcount, maxsize=maxsize, resume=True, info=info, command=command) as shards:
