@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ddstrans.translator import FORMAT, FORMAT_VERSION, hash_tree
+from ddstrans.io_safety import is_no_space, swap_in_directory
+from ddstrans.translator import FORMAT, FORMAT_VERSION, Translator, TranslatorLoadError, hash_tree
 
 
 class ExportError(RuntimeError):
@@ -137,14 +140,57 @@ def export_checkpoint(
     location recorded in the checkpoint (e.g. when it moved). ``onnx``: also write ``onnx/`` (see
     ``ddstrans.onnx_export``). ``license``: the model card's license (default: the teacher card's, else "other").
     ``examples``: PIL images for ``examples/`` and the card's before/after grid, or a function of the run config
-    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``)."""
-    from ddstrans.tasks import TaskTable
+    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``).
+
+    The directory is built in a temporary sibling folder, verified, and swapped in whole (under a lock file), so
+    a crash or a second export never leaves a half-written translator at ``out_dir``."""
+    from ddstrans.locks import LockedError, LockFile
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; overwrite=True replaces it")
-        shutil.rmtree(out)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = LockFile(out.with_name(f".{out.name}.lock"), what=f"export target {out}")
+    try:
+        lock.acquire()
+    except LockedError as e:
+        raise ExportError(f"{e}: another export to the same directory is running") from None
+    try:
+        _check_target(out, overwrite)  # again, now that no other export can change it
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
+        try:
+            _build(ckpt_path, tmp, use_ema=use_ema, copy_teacher=copy_teacher, teacher_path=teacher_path,
+                   trust_checkpoint=trust_checkpoint, onnx=onnx, license=license, examples=examples)
+            swap_in_directory(tmp, out)
+        except OSError as e:
+            if is_no_space(e):
+                raise ExportError(f"no space left on {out.parent} while exporting; {out} is unchanged") from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
+    return out
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """An absent or empty directory is written; a translator directory only with ``overwrite``; anything else
+    (a file, a folder of other things) never: ``overwrite`` must not delete what it was not meant for."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out} exists and is not a directory; refusing to replace it")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "translator.json").is_file():
+        raise ExportError(f"{out} is not empty and not a translator directory (no translator.json); refusing to "
+                          "replace it (with or without overwrite=True): choose another output directory")
+    if not overwrite:
+        raise ExportError(f"{out} exists and is not empty; overwrite=True replaces it")
+
+
+def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_path, trust_checkpoint: bool,
+           onnx: bool = False, license: str | None = None, examples=None) -> None:
+    """Write a complete translator into the empty directory ``tmp`` and verify it as a loader would."""
+    from ddstrans.tasks import TaskTable
+
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
     teacher = payload["teacher"]
@@ -160,9 +206,6 @@ def export_checkpoint(
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
                           "give teacher_path, the teacher's diffusers directory")
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     gen.save_pretrained(tmp / "generator", safe_serialization=True)
     table.save(tmp / "tasks.safetensors")
     if copy_teacher and needs:
@@ -194,17 +237,15 @@ def export_checkpoint(
                   examples=examples)
     info["files"] = hash_tree(tmp)
     (tmp / "translator.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        out.rmdir()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
+    try:  # verify as a user would load it: hashes, then every component
+        Translator.from_pretrained(tmp)
+    except TranslatorLoadError as e:
+        raise ExportError(f"the export did not verify ({e})") from None
 
 
 def _write_extras(tmp: Path, gen, table, info: dict, run_config, teacher_root, *, onnx: bool, license, examples) -> None:
     """ONNX files, example images and the model card of the directory being built (before it is hashed)."""
     from ddstrans import model_card
-    from ddstrans.translator import Translator
 
     vae = None
     if info["has_vae"]:

@@ -15,6 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# ``snapshot_download(local_dir=...)`` keeps its download metadata in this folder of the local directory; no loader
+# reads it, so the strict "only listed files" check of a downloaded translator skips it (and only it).
+HUB_METADATA_DIR = ".cache/huggingface"
 
 
 def is_repo_id(path: str | Path) -> bool:

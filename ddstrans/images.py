@@ -6,28 +6,80 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class ImageReadError(ValueError):
-    """An input file that is not a readable image (message names the file and the reason)."""
+    """An input file that is not a readable image (message names the file and the reason; ``reason`` is the short
+    reason alone, for counts by reason)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+# The one limit on declared image size for every reader (translate, edit, make-shards, shard decoding): a header
+# may claim any size, and decoding allocates it. PIL's own default (about 9459 x 9459, ~256 MB as RGB), applied
+# as a refusal of that one file rather than PIL's warning or exception.
+MAX_IMAGE_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def open_checked(source, name: str | None = None, *, draft_size: int | None = None) -> Image.Image:
+    """Open and decode one image (a path or bytes) under the common policy; ``ImageReadError`` naming the file
+    and the reason for anything unusable: empty, not an image, truncated, or a declared size above
+    ``MAX_IMAGE_PIXELS`` (refused from the header, before any pixel is decoded). ``draft_size``: let JPEG decode
+    at a reduced scale no smaller than that. The image keeps its mode (see ``to_rgb``)."""
+    import io
+    import warnings
+
+    label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "image")
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageReadError(f"{label}: empty file", "empty file")
+        fp = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageReadError(f"{label}: no such file", "no such file")
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"{label}: empty file", "empty file")
+        fp = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                im.close()
+                raise ImageReadError(f"{label}: declared size {w}x{h} exceeds the limit of {MAX_IMAGE_PIXELS} pixels "
+                                     "(ddstrans.images.MAX_IMAGE_PIXELS; a decompression bomb?)", "image too large")
+            if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            return im
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"{label}: declared size exceeds the limit of {MAX_IMAGE_PIXELS} pixels (a decompression "
+                             f"bomb?): {e}", "image too large") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+        raise ImageReadError(f"{label}: not a readable image ({type(e).__name__}: {e})",
+                             f"not a readable image ({type(e).__name__})") from None
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open any readable image as RGB (grayscale, palette, RGBA, CMYK, 16-bit converted)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: empty file")
+    """Open any readable image as RGB (grayscale, palette, RGBA, CMYK, 16-bit converted); ``ImageReadError``
+    under the policy of ``open_checked``."""
+    im = open_checked(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({e})") from None
+        return to_rgb(im)
+    except Exception as e:  # noqa: BLE001
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})",
+                             f"not a readable image ({type(e).__name__})") from None
+    finally:
+        im.close()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -84,3 +136,14 @@ def resize_max_side(im: Image.Image, max_side: int | None) -> Image.Image:
         return im
     s = max_side / max(w, h)
     return im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+
+
+def save_png(im: Image.Image, out: str | Path) -> None:
+    """PNG under a temp name next to ``out``, renamed over it when complete: a full disk or a kill never leaves
+    a partial file under the output name."""
+    from ddstrans.io_safety import atomic_output
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:
+        im.save(tmp, format="PNG")

@@ -213,28 +213,60 @@ def write_examples(root: str | Path, translator, images: Sequence, scale: int | 
 
 # ---------------------------------------------------------------------- rewriting the card of an export
 def update_card_eval(root: str | Path, eval_rows: Sequence[Mapping]) -> Path:
-    """Write ``eval_rows`` into the card's evaluation section and the card's new sha256 into translator.json
-    (each file written to a temporary name, then renamed over the old one)."""
-    from ddstrans.translator import TranslatorLoadError, sha256_file, verify_tree
+    """Write ``eval_rows`` into the card's evaluation section and the card's new sha256 into translator.json.
 
-    root = Path(root)
+    Both files change together or not at all: the directory is rebuilt beside itself (the unchanged files hard-
+    linked, copied where links are not possible), the new card and translator.json written there, the result
+    verified, and swapped in whole (``ddstrans.io_safety.swap_in_directory``) under the export lock of the
+    directory. A crash leaves the old directory, never a card whose hash translator.json does not list."""
+    import shutil
+    import tempfile
+
+    from ddstrans.io_safety import swap_in_directory
+    from ddstrans.locks import LockedError, LockFile
+    from ddstrans.translator import TranslatorLoadError, hash_tree, verify_tree
+
+    given = Path(root)
+    root = given.resolve()  # a link to the directory: the directory itself is rebuilt, the link kept
     meta_path, card = root / "translator.json", root / "README.md"
     if not meta_path.is_file() or not card.is_file():
-        raise TranslatorLoadError(f"{root}: not an exported translator (translator.json and README.md needed)")
-    info = json.loads(meta_path.read_text())
-    verify_tree(root, info.get("files", {}))  # never re-sign a tampered directory
-    text = card.read_text()
-    if EVAL_BEGIN not in text or EVAL_END not in text:
-        raise TranslatorLoadError(f"{card}: has no evaluation section (exported by an older ddstrans; re-export it)")
-    head, rest = text.split(EVAL_BEGIN, 1)
-    tail = rest.split(EVAL_END, 1)[1]
-    _write_atomic(card, head + _eval_section(list(eval_rows)) + tail)
-    info["files"]["README.md"] = sha256_file(card)
-    _write_atomic(meta_path, json.dumps(info, indent=2))
-    return card
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        raise TranslatorLoadError(f"{given}: not an exported translator (translator.json and README.md needed)")
+    lock = LockFile(root.with_name(f".{root.name}.lock"), what=f"translator directory {root}")
+    try:
+        lock.acquire()
+    except LockedError as e:
+        raise TranslatorLoadError(f"{e}: an export or another card update of the same directory is running") from None
+    try:
+        info = json.loads(meta_path.read_text())
+        files = info.get("files", {})
+        verify_tree(root, files)  # never re-sign a tampered directory
+        text = card.read_text()
+        if EVAL_BEGIN not in text or EVAL_END not in text:
+            raise TranslatorLoadError(f"{card}: has no evaluation section (exported by an older ddstrans; re-export it)")
+        head, rest = text.split(EVAL_BEGIN, 1)
+        tail = rest.split(EVAL_END, 1)[1]
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.card-{os.getpid()}-"))
+        try:
+            for rel in files:
+                if rel == "README.md":
+                    continue
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(root / rel, tmp / rel)
+                except OSError:
+                    shutil.copy2(root / rel, tmp / rel)
+            (tmp / "README.md").write_text(head + _eval_section(list(eval_rows)) + tail)
+            new_files = hash_tree(tmp)
+            if set(new_files) != set(files) or any(new_files[r] != files[r] for r in files if r != "README.md"):
+                raise TranslatorLoadError(f"{root}: changed while its card was being rewritten; nothing was changed")
+            info["files"] = {r: new_files[r] for r in files}
+            with open(tmp / "translator.json", "w") as f:
+                f.write(json.dumps(info, indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            swap_in_directory(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
+    return given / "README.md"

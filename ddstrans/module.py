@@ -148,6 +148,8 @@ class DDSTranslationModule(L.LightningModule):
         self._stepped = False
         self.skipped_steps = 0
         self.consecutive_skipped = 0
+        self.skipped_samples = 0  # samples the data loader dropped (non-finite, unreadable), all ranks
+        self._val_nonfinite = False
         self._ema_swapped = False
         self._val_grid_rows: list = []
 
@@ -232,12 +234,18 @@ class DDSTranslationModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._place_teacher()
 
-    def _generator_rng(self) -> torch.Generator:
-        """Per-rank task/timestep/noise RNG, seeded from (seed, rank, global step at start)."""
+    def _generator_rng(self, batch_idx: int = 0) -> torch.Generator:
+        """Per-rank task/timestep/noise RNG of one training batch, seeded from (seed, rank, global step, batch
+        index): a function of the position in training alone, so a resumed run draws exactly what the
+        uninterrupted run drew at that step (no RNG state to checkpoint; accumulated micro-batches differ by
+        their batch index)."""
+        rank = self.global_rank if self._trainer is not None else 0
         if self._rng is None:
-            rank = self.global_rank if self._trainer is not None else 0
-            self._rng = torch.Generator().manual_seed(self.seed * 1_000_003 + rank * 7919 + self.global_step)
-        return self._rng
+            self._rng = torch.Generator()
+        import numpy as np
+
+        key = [abs(int(x)) for x in (self.seed, rank, self.global_step, batch_idx)]
+        return self._rng.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: Mapping) -> torch.Tensor:
@@ -277,7 +285,7 @@ class DDSTranslationModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         self._place_teacher()
-        rng = self._generator_rng()
+        rng = self._generator_rng(batch_idx)
         z_src = self.encode(batch)
         b = z_src.shape[0]
         task_ids = torch.randint(len(self.task_table), (b,), generator=rng).to(self.device)
@@ -298,12 +306,20 @@ class DDSTranslationModule(L.LightningModule):
             self.log("train/loss_palette", palette.detach())
             loss = loss + palette_w * palette
 
-        # A non-finite loss must be skipped on every rank alike (DDP): reduce the flag. This is the one host
-        # sync per step; everything logged below stays a tensor.
-        bad = (~torch.isfinite(loss.detach())).float()
+        # A non-finite loss, score entry or translation (a diverged generator: the score of an inf latent is
+        # zeroed, and its loss would read a harmless 0) must be skipped on every rank alike (DDP): reduce the flag,
+        # together with the count of samples the data loader skipped. This is the one host sync per step;
+        # everything logged below stays a tensor.
+        bad = ((~torch.isfinite(loss.detach())) | (info.nonfinite > 0)
+               | ~torch.isfinite(z_tgt.detach()).all()).float().reshape(())
+        dropped = batch.get("skipped_samples") if isinstance(batch, Mapping) else None
+        flags = torch.stack([bad.to(self.device), torch.as_tensor(dropped if dropped is not None else 0,
+                                                                   dtype=torch.float32, device=self.device).sum()])
         if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        self._skip_step = bool(bad.item() > 0)
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        bad_n, dropped_n = flags.tolist()
+        self.skipped_samples += int(dropped_n)
+        self._skip_step = bad_n > 0
         if self._skip_step:
             self.skipped_steps += 1
             self.consecutive_skipped += 1
@@ -316,6 +332,7 @@ class DDSTranslationModule(L.LightningModule):
         self.log("train/nonfinite", info.nonfinite.float())
         self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/consecutive_skipped", float(self.consecutive_skipped))
+        self.log("train/skipped_samples", float(self.skipped_samples))
         self.log("train/delta", (z_tgt.detach() - z_src).abs().mean())
         return loss
 
@@ -338,6 +355,29 @@ class DDSTranslationModule(L.LightningModule):
             f"teacher overflow in {tdt}{half}; bad inputs (NaN/inf pixels or latents). Skipped steps did not "
             "change the weights, so the last checkpoint is usable. loss.max_consecutive_nonfinite sets the "
             "limit (0: never stop)")
+
+    def _check_validation_finite(self) -> None:
+        """A non-finite validation metric counts as a non-finite step (towards the streak limit) and is
+        remembered: a run whose last validation is non-finite ends with ``NonFiniteLossError`` (see
+        ``on_train_end``), never with a finite-looking result."""
+        v = self.trainer.callback_metrics.get("val/dds_norm")
+        self._val_nonfinite = v is not None and not bool(torch.isfinite(torch.as_tensor(v)).all())
+        if self._val_nonfinite:
+            self.consecutive_skipped += 1
+            self._check_nonfinite_streak()
+
+    def on_train_end(self) -> None:
+        """Refuse to end as a success with diverged weights: non-finite generator or EMA parameters, or a last
+        validation that was non-finite."""
+        params = list(self.generator.parameters()) + (list(self.ema.shadow_params) if self.ema is not None else [])
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        if finite and not self._val_nonfinite:
+            return
+        what = "the generator's weights are non-finite" if not finite else "the last validation was non-finite"
+        raise NonFiniteLossError(
+            f"training diverged: {what} at global step {self.global_step} ({self.skipped_steps} step(s) skipped as "
+            "non-finite). Likely causes: learning rate too high (lower optim.lr, or set trainer.gradient_clip_val); "
+            "teacher overflow in float16 (model.teacher_dtype=bfloat16 or float32); bad inputs")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().float() for p in self.generator.parameters() if p.grad is not None]
@@ -402,8 +442,11 @@ class DDSTranslationModule(L.LightningModule):
         norms, deltas, outs = [], [], []
         for k in range(len(self.task_table)):
             z_tgt, emb_src, emb_tgt = self._translate(z_src, k, batch.get("caption"))
-            grad, _ = self.score(z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance=self.guidance.guidance)
-            norms.append(grad.pow(2).mean())
+            grad, info = self.score(z_src, z_tgt, emb_src, emb_tgt, t=t, noise=noise, guidance=self.guidance.guidance)
+            norm = grad.pow(2).mean()
+            # zeroed non-finite score entries would read as a perfect 0: a diverged generator reports NaN
+            finite = (info.nonfinite == 0) & torch.isfinite(z_tgt).all()
+            norms.append(torch.where(finite, norm, torch.full_like(norm, float("nan"))))
             deltas.append((z_tgt - z_src).abs().mean())
             outs.append(z_tgt)
         self.log("val/dds_norm", torch.stack(norms).mean(), sync_dist=True, batch_size=b)
@@ -418,6 +461,8 @@ class DDSTranslationModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.swap_out_ema()
+        if not self.trainer.sanity_checking:
+            self._check_validation_finite()
         if self.global_rank == 0 and self._val_grid_rows and not self.trainer.sanity_checking:
             self._write_grid()
         self._val_grid_rows = []
@@ -462,6 +507,7 @@ class DDSTranslationModule(L.LightningModule):
             "metrics": metrics,
             "skipped_steps": self.skipped_steps,
             "consecutive_skipped": self.consecutive_skipped,
+            "skipped_samples": self.skipped_samples,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -479,6 +525,7 @@ class DDSTranslationModule(L.LightningModule):
         payload = checkpoint.get(CHECKPOINT_KEY, {})
         self.skipped_steps = int(payload.get("skipped_steps", 0))
         self.consecutive_skipped = int(payload.get("consecutive_skipped", 0))
+        self.skipped_samples = int(payload.get("skipped_samples", 0))
 
 
 def log_grid(loggers, grid, step: int, caption: str = "", key: str = "val/grid") -> None:

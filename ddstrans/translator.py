@@ -10,7 +10,10 @@ Directory layout (written by ``ddstrans.export``)::
     text_encoder*/ tokenizer*/ text-conditioned translators: to encode new prompt pairs (SDXL, SD3, Flux: all of
                            the family's text encoders, and its model_index.json)
 
-Only JSON and safetensors are read; every file's sha256 is checked against ``translator.json`` before use.
+Only JSON, text and safetensors are read, and only files listed in ``translator.json``: the directory must hold
+exactly the listed files, every listed path must stay inside it, and every file's sha256 is checked before use.
+Weights are loaded by path (``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``), never through a
+library's file discovery.
 """
 
 from __future__ import annotations
@@ -54,14 +57,53 @@ def hash_tree(root: Path, exclude: Sequence[str] = ("translator.json",)) -> dict
     return out
 
 
-def verify_tree(root: Path, files: dict[str, str]) -> None:
-    """Raise ``TranslatorLoadError`` unless every listed file exists with its hash and no pickle file was added."""
-    if not files:
+def check_entries(root: Path, files: dict[str, str]) -> None:
+    """Refuse, before reading any file, entries that could leave ``root``: absolute paths, ``..`` components,
+    backslashes or drive letters, and paths through a symlink (a listed file or one of its parent directories)."""
+    base = root.resolve()
+    for rel in files:
+        bad = (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ":" in rel
+               or any(part in ("", ".", "..") for part in rel.split("/")))
+        if bad:
+            raise TranslatorLoadError(f"{root}: translator.json lists {rel!r}, not a plain relative path inside the "
+                                      "directory; refusing to load")
+        p = root
+        for part in rel.split("/"):
+            p = p / part
+            if p.is_symlink():
+                raise TranslatorLoadError(f"{root}: {rel} goes through a symbolic link ({p.relative_to(root)}); "
+                                          "refusing to load")
+        if not (root / rel).resolve().is_relative_to(base):
+            raise TranslatorLoadError(f"{root}: {rel} resolves outside the directory; refusing to load")
+
+
+def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *, unlisted_ok: bool = False) -> None:
+    """Raise ``TranslatorLoadError`` unless the directory holds exactly the listed files (plus translator.json),
+    each with its hash. Entry paths are checked first (``check_entries``), unlisted files next (a loader must
+    never find an unverified file, e.g. a ``*.safetensors.index.json`` pointing at other weights), hashes last.
+    ``ignore``: folders (relative paths) no loader reads, skipped by the unlisted-file check (a hub download's
+    metadata folder, ``ddstrans.hub.HUB_METADATA_DIR``); a listed entry inside one is refused. ``unlisted_ok``:
+    only for a reader of the listed files alone (``push_to_hub`` uploads nothing else), never for a loader."""
+    if not isinstance(files, dict) or not files:
         raise TranslatorLoadError(f"{root}: translator.json lists no file hashes; refusing to load unverified files "
                                   "(re-export it with `ddstrans export`)")
+    check_entries(root, files)
+    ignored = tuple(d.rstrip("/") + "/" for d in ignore)
+    inside = [r for r in files if r.startswith(ignored)] if ignored else []
+    if inside:
+        raise TranslatorLoadError(f"{root}: translator.json lists {inside[0]}, inside the download metadata folder; "
+                                  "refusing to load")
     unlisted = [r for r in REQUIRED_FILES if r not in files]
     if unlisted:
         raise TranslatorLoadError(f"{root}: translator.json does not list {', '.join(unlisted)}; refusing to load")
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if ignored and (rel + "/").startswith(ignored) and not p.is_symlink():
+            continue
+        if p.is_symlink():
+            raise TranslatorLoadError(f"{root}: {rel} is a symbolic link; refusing to load")
+        if p.is_file() and rel not in files and rel != "translator.json" and not unlisted_ok:
+            raise TranslatorLoadError(f"{root}: unexpected file {rel} (not in translator.json); refusing to load")
     for rel, digest in files.items():
         p = root / rel
         if not p.is_file():
@@ -69,10 +111,52 @@ def verify_tree(root: Path, files: dict[str, str]) -> None:
         if sha256_file(p) != digest:
             raise TranslatorLoadError(
                 f"{root}: {rel} does not match its sha256 in translator.json (tampered, truncated or corrupted); refusing to load")
-    for p in root.rglob("*"):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and p.suffix in PICKLE_SUFFIXES and rel not in files:
-            raise TranslatorLoadError(f"{root}: unexpected file {rel} (not in translator.json); refusing to load")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TranslatorLoadError(f"{path}: cannot read ({e})") from None
+
+
+def load_component(model_cls, directory: Path, files: dict[str, str] | None, root: Path):
+    """A diffusers/transformers model built from ``directory/config.json`` with the weights of the listed
+    ``*.safetensors`` files of that directory, loaded by path (``safetensors.torch.load_file``) and with
+    ``strict=True``: no library discovery (index files, other formats) decides what is read.
+
+    ``files`` (the manifest) None: a referenced teacher directory outside the translator (the user's own teacher,
+    not part of the translator's hashes): its canonical safetensors file is read."""
+    from safetensors.torch import load_file
+
+    cfg = _read_config(directory / "config.json")
+    if files is None:  # the canonical single file of a diffusers/transformers save (not e.g. an fp16 variant)
+        weights = [p for p in (directory / "diffusion_pytorch_model.safetensors", directory / "model.safetensors")
+                   if p.is_file()][:1]
+        if not weights:  # a sharded save of the user's own teacher: the library's loader, safetensors only
+            return model_cls.from_pretrained(directory, use_safetensors=True).eval()
+    else:
+        prefix = directory.relative_to(root).as_posix() + "/"
+        weights = [root / r for r in sorted(files) if r.startswith(prefix) and "/" not in r[len(prefix):]
+                   and r.endswith(".safetensors")]
+    if not weights:
+        raise TranslatorLoadError(f"{directory}: no .safetensors weights")
+    state: dict = {}
+    try:
+        for w in weights:
+            state.update(load_file(str(w)))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad headers
+        raise TranslatorLoadError(f"{directory}: cannot read weights ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if hasattr(model_cls, "from_config"):
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        model = model_cls.from_config(cfg)
+    else:  # transformers: config class of the model
+        model = model_cls(model_cls.config_class.from_dict(cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise TranslatorLoadError(f"{directory}: weights do not fit the config ({str(e).splitlines()[0]})") from None
+    return model.eval()
 
 
 class Translator:
@@ -88,6 +172,7 @@ class Translator:
         self.resolution = int(info["resolution"])
         self.conditioning = info["conditioning"]
         self.path: Path | None = None  # the directory it was loaded from
+        self._ignore: tuple[str, ...] = ()  # folders verify_tree skips there (a hub download's metadata)
         self.backend = "torch"
 
     # ------------------------------------------------------------------ loading
@@ -100,12 +185,14 @@ class Translator:
         from diffusers import AutoencoderKL
 
         from ddstrans.generator import TranslationUNet
-        from ddstrans.hub import resolve_translator_path
+        from ddstrans.hub import HUB_METADATA_DIR, is_repo_id, resolve_translator_path
         from ddstrans.tasks import TaskTable
 
         if backend not in ("torch", "onnx"):
             raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        from_hub = is_repo_id(path)
         root = resolve_translator_path(path, revision=revision)
+        ignore = (HUB_METADATA_DIR,) if from_hub else ()
         meta_path = root / "translator.json"
         if not meta_path.is_file():
             raise TranslatorLoadError(f"{root}: no translator.json (not an exported translator; see `ddstrans export`)")
@@ -113,36 +200,43 @@ class Translator:
             info = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise TranslatorLoadError(f"{meta_path}: invalid JSON ({e})") from None
+        if not isinstance(info, dict):
+            raise TranslatorLoadError(f"{meta_path}: not a JSON object")
         if info.get("format") != FORMAT or int(info.get("format_version", -1)) > FORMAT_VERSION:
             raise TranslatorLoadError(f"{meta_path}: unsupported format {info.get('format')!r} "
                                       f"version {info.get('format_version')!r} (this ddstrans reads {FORMAT_VERSION})")
         if verify:
-            verify_tree(root, info.get("files", {}))
-        gen = TranslationUNet.from_pretrained(root / "generator", use_safetensors=True)
+            verify_tree(root, info.get("files", {}), ignore)
+        elif info.get("files"):
+            check_entries(root, info["files"])  # unverified, yet never outside the directory
+        listed = info.get("files") or None  # the files to read, by name (verified above unless verify=False)
+        gen = load_component(TranslationUNet, root / "generator", listed, root)
         table = TaskTable.load(root / "tasks.safetensors", {"tasks": info["tasks"], "meta": {}})
         ref = info.get("teacher_reference")  # components referenced instead of copied
         vae = None
         if info.get("has_vae"):
-            vae_dir = root / "vae" if (root / "vae").is_dir() else (Path(ref) / "vae" if ref else None)
+            copied = (root / "vae").is_dir()
+            vae_dir = root / "vae" if copied else (Path(ref) / "vae" if ref else None)
             if vae_dir is None or not vae_dir.is_dir():
                 raise TranslatorLoadError(f"{root}: the VAE is neither copied (vae/) nor found at the teacher reference {ref!r}")
-            vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+            vae = load_component(AutoencoderKL, vae_dir, listed if copied else None, root if copied else vae_dir.parent)
         tokenizer = text_encoder = prompt_encoder = None
         family = info.get("teacher", {}).get("family", "sd")
         if info["conditioning"] == "text":
-            base = root if (root / "text_encoder").is_dir() else (Path(ref) if ref else None)
+            copied = (root / "text_encoder").is_dir()
+            base = root if copied else (Path(ref) if ref else None)
             if base is not None and (base / "text_encoder").is_dir():
                 if family == "sd":
                     from transformers import AutoTokenizer, CLIPTextModel
 
-                    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-                    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True)
+                    tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")  # JSON/text files only (verified)
+                    text_encoder = load_component(CLIPTextModel, base / "text_encoder", listed if copied else None, base)
                 else:
                     from ddstrans.teacher.pipeline import PromptEncoder
 
                     prompt_encoder = PromptEncoder.from_pretrained(base, family)
         tr = cls(gen, table, info, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, prompt_encoder=prompt_encoder)
-        tr.path = root
+        tr.path, tr._ignore = root, ignore
         tr.to(device, dtype)
         if backend == "onnx":
             from ddstrans.onnx_export import OnnxLoadError, use_onnx
@@ -166,7 +260,7 @@ class Translator:
         if not meta.is_file():
             raise TranslatorLoadError(f"{self.path}: no translator.json (not an exported translator)")
         files = json.loads(meta.read_text()).get("files", {})
-        verify_tree(self.path, files)
+        verify_tree(self.path, files, self._ignore, unlisted_ok=True)  # unlisted files are not uploaded
         return upload_translator(self.path, repo_id, list(files), **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:

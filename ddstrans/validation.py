@@ -11,6 +11,7 @@ divisible by world size x ``trainer.accumulate_grad_batches``, and the per-devic
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -79,35 +80,64 @@ def _check_tasks(cfg) -> None:
                           "(they select the task at export/translate time)")
 
 
+def _num(key: str, v, kind=float):
+    """``v`` as a number (``kind``), or ``ConfigError`` naming ``key`` (``optim.lr=abc``)."""
+    if isinstance(v, bool):
+        raise ConfigError(f"{key}={v}: must be a number")
+    try:
+        x = kind(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={v}: must be {'an integer' if kind is int else 'a number'}") from None
+    if kind is int and isinstance(v, float) and v != x:
+        raise ConfigError(f"{key}={v}: must be an integer")
+    return x
+
+
 def _check_positive(cfg) -> None:
     max_steps = _get(cfg, "trainer.max_steps", -1)
     max_epochs = _get(cfg, "trainer.max_epochs", None)
-    if max_steps is not None and (int(max_steps) == 0 or int(max_steps) < -1):
+    max_steps = None if max_steps is None else _num("trainer.max_steps", max_steps, int)
+    max_epochs = None if max_epochs is None else _num("trainer.max_epochs", max_epochs, int)
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise ConfigError(f"trainer.max_steps={max_steps}: must be a positive number of optimizer steps "
                           "(or -1 with trainer.max_epochs)")
-    if (max_steps is None or int(max_steps) == -1) and (max_epochs is None or int(max_epochs) <= 0):
+    if (max_steps is None or max_steps == -1) and (max_epochs is None or max_epochs <= 0):
         raise ConfigError("trainer.max_steps=-1 and no positive trainer.max_epochs: the run would never end; "
                           "set trainer.max_steps=N")
-    lr = _get(cfg, "optim.lr", None)
-    if lr is not None and not float(lr) > 0:
-        raise ConfigError(f"optim.lr={lr}: the learning rate must be > 0")
-    for key in ("optim.optimizer.lr",):
+    for key in ("optim.lr", "optim.optimizer.lr"):
         v = _get(cfg, key, None)
-        if v is not None and not float(v) > 0:
+        if v is not None and not _num(key, v) > 0:
             raise ConfigError(f"{key}={v}: the learning rate must be > 0")
-    for key in ("data.batch_size", "trainer.accumulate_grad_batches"):
+        if v is not None and not math.isfinite(_num(key, v)):
+            raise ConfigError(f"{key}={v}: the learning rate must be finite")
+    for key in ("data.batch_size", "trainer.accumulate_grad_batches", "data.image_size", "data.resolution",
+                "data.num_train", "data.num_val"):
         v = _get(cfg, key, None)
-        if v is not None and int(v) <= 0:
+        if v is not None and _num(key, v, int) <= 0:
             raise ConfigError(f"{key}={v}: must be >= 1")
     val = _get(cfg, "trainer.val_check_interval", None)
-    if isinstance(val, (int, float)) and val <= 0:
+    if val is not None and _num("trainer.val_check_interval", val) <= 0:
         raise ConfigError(f"trainer.val_check_interval={val}: must be > 0 (steps, or a fraction of an epoch)")
     every = _get(cfg, "callbacks.model_checkpoint.every_n_train_steps", None)
-    if every is not None and int(every) < 0:
+    if every is not None and _num("callbacks.model_checkpoint.every_n_train_steps", every, int) < 0:
         raise ConfigError(f"callbacks.model_checkpoint.every_n_train_steps={every}: must be >= 0")
     n = _get(cfg, "loss.max_consecutive_nonfinite", None)
-    if n is not None and int(n) < 0:
+    if n is not None and _num("loss.max_consecutive_nonfinite", n, int) < 0:
         raise ConfigError(f"loss.max_consecutive_nonfinite={n}: must be >= 0 (0: never stop)")
+
+
+def _check_enough_data(cfg) -> None:
+    """A finite training set smaller than one global batch yields no batch (``drop_last``): Lightning would end
+    the run at step 0 with exit status 0, having trained nothing."""
+    n = _get(cfg, "data.num_train", None)
+    bs = _get(cfg, "data.batch_size", None)
+    if n is None or bs is None:
+        return
+    need = int(bs) * world_size(cfg)
+    if int(n) < need:
+        raise ConfigError(f"data.num_train={n} is smaller than one batch (data.batch_size={bs} x {world_size(cfg)} "
+                          f"process(es) = {need}): no training step could run; raise data.num_train or lower "
+                          "data.batch_size")
 
 
 def _check_global_batch(cfg) -> None:
@@ -179,6 +209,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_tasks(cfg)
     _check_positive(cfg)
     _check_global_batch(cfg)
+    _check_enough_data(cfg)
     _check_teacher_path(cfg)
     _check_image_metrics(cfg)
     from ddstrans.savers import check_config

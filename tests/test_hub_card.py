@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,6 +100,13 @@ class _LocalHub:
 
     def snapshot_download(self, repo_id, revision=None, local_dir=None, token=None, repo_type="model"):
         shutil.copytree(self.root / repo_id, local_dir, dirs_exist_ok=True)
+        meta = Path(local_dir) / ".cache" / "huggingface"  # as huggingface_hub keeps its local_dir metadata
+        for f in (self.root / repo_id).rglob("*"):
+            if f.is_file():
+                m = meta / "download" / f"{f.relative_to(self.root / repo_id).as_posix()}.metadata"
+                m.parent.mkdir(parents=True, exist_ok=True)
+                m.write_text("0\n0\n0\n")
+        (meta / ".gitignore").write_text("*")
         return str(local_dir)
 
 
@@ -158,3 +166,35 @@ def test_repo_id_or_path(tmp_path, monkeypatch):
     assert hub.is_repo_id("org/name") and not hub.is_repo_id("name") and not hub.is_repo_id("../x/y")
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert not hub.is_repo_id("org/name")  # an existing local path wins
+
+
+def test_card_update_is_one_swap_under_the_export_lock(shapes_translator_dir, tmp_path):
+    from ddstrans.locks import LockFile
+
+    d = tmp_path / "tr"
+    shutil.copytree(shapes_translator_dir, d)
+    (tmp_path / "eval.json").write_text(json.dumps([{"task": "to_red", "method": "network", "n": 4}]))
+    before = json.loads((d / "translator.json").read_text())["files"]
+    with LockFile(tmp_path / ".tr.lock", what="export target"):  # an export of the same directory is running
+        assert cli(["card", str(d), "--eval", str(tmp_path / "eval.json")]) == 1
+    assert json.loads((d / "translator.json").read_text())["files"] == before
+    assert cli(["card", str(d), "--eval", str(tmp_path / "eval.json")]) == 0
+    after = json.loads((d / "translator.json").read_text())["files"]
+    assert set(after) == set(before) and after["README.md"] != before["README.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "tr"]  # no temp or old folder left
+    Translator.from_pretrained(d)
+
+
+def test_hub_metadata_folder_is_skipped_only_in_downloads(shapes_translator_dir, local_hub, tmp_path):
+    Translator.from_pretrained(shapes_translator_dir).push_to_hub("org/t")
+    got = Translator.from_pretrained("org/t")
+    assert (got.path / ".cache" / "huggingface" / ".gitignore").is_file()  # huggingface_hub's local_dir metadata
+    (got.path / ".cache" / "weights.safetensors").write_bytes(b"x")  # anything else stays refused
+    with pytest.raises(TranslatorLoadError, match="unexpected file .cache/weights.safetensors"):
+        Translator.from_pretrained("org/t")
+    d = tmp_path / "local"
+    shutil.copytree(shapes_translator_dir, d)
+    (d / ".cache" / "huggingface").mkdir(parents=True)
+    (d / ".cache" / "huggingface" / "x.json").write_text("{}")
+    with pytest.raises(TranslatorLoadError, match="unexpected file"):
+        Translator.from_pretrained(d)

@@ -63,7 +63,11 @@ def run(args) -> int:
     x = pil_to_tensor(resize_center_crop(image, size))
     out = edit_images(teacher, x, args.source, args.target, cfg, progress=True)
     result = tensor_to_pil(out)[0].resize(image.size)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.save(args.output)
+    from ddstrans.images import save_png
+
+    try:
+        save_png(result, args.output)  # temp name + rename: never a partial PNG under the output name
+    except OSError as e:
+        raise CLIError(f"could not write {args.output}: {e.strerror or e}") from None
     print(f"wrote {args.output} ({image.size[0]}x{image.size[1]}, {cfg.method.upper()}, {cfg.steps} steps)")
     return 0

@@ -127,7 +127,9 @@ def build_module(cfg: DictConfig, teacher=None):
     from ddstrans.savers import apply_teacher_savers
     from ddstrans.validation import validate_with_teacher
 
-    teacher = teacher if teacher is not None else hydra.utils.instantiate(cfg.teacher)
+    from ddstrans.user_errors import instantiate_teacher
+
+    teacher = teacher if teacher is not None else instantiate_teacher(cfg.teacher)
     validate_with_teacher(cfg, teacher)
     memory = cfg.model.get("memory")
     apply_teacher_savers(teacher, OmegaConf.to_container(memory, resolve=True) if memory is not None else None)
@@ -188,17 +190,24 @@ def train(cfg: DictConfig) -> float | None:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from ddstrans.rundir import claim_run_directory, config_snapshot, write_run_config
+    from ddstrans.user_errors import instantiate_checked
     from ddstrans.validation import ConfigError, validate_config
 
-    validate_config(cfg)  # before any heavy work: one clear ConfigError line
+    snapshot = config_snapshot(cfg)
+    validate_config(cfg)  # before any heavy work and before writing into the run dir: one clear ConfigError line
     ckpt_path = resolve_ckpt_path(cfg)
-    save_resolved_config(cfg)
-    module = build_module(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    loggers = instantiate_loggers(cfg)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=loggers or False,
-                                      **checkpoint_io_plugins(cfg))
+    lock = claim_run_directory(cfg.paths.output_dir) if rank_zero() else None  # one run per run dir
+    loggers: list = []
     try:
+        datamodule = instantiate_checked(cfg.data, "data")  # before the teacher: a wrong data config fails fast
+        module = build_module(cfg)
+        if rank_zero():  # validated, teacher loaded: now the run's files may be written
+            write_run_config(cfg.paths.output_dir, snapshot)
+            save_resolved_config(cfg)
+        loggers = instantiate_loggers(cfg)
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg), logger=loggers or False,
+                                          **checkpoint_io_plugins(cfg))
         try:
             # weights_only: resuming unpickles no code (tensors, containers and primitives only)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -210,6 +219,9 @@ def train(cfg: DictConfig) -> float | None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"ckpt_path={ckpt_path}: refusing to unpickle it (resume loads checkpoints with "
                               f"weights_only=True; it holds other objects: {first})") from None
+        if trainer.global_step == 0 and int(cfg.trainer.get("max_steps") or -1) != 0 and not trainer.interrupted:
+            raise ConfigError("no training step ran: the training data yielded no batch (data smaller than one "
+                              "batch, or an empty shard list); nothing was trained or saved")
         short = stopped_short_message(cfg, trainer)
         if short and trainer.is_global_zero:
             print(short, file=sys.stderr, flush=True)
@@ -227,6 +239,8 @@ def train(cfg: DictConfig) -> float | None:
                 wandb.finish()
         if in_multirun:
             teardown_distributed(saved_env)
+        if lock is not None:
+            lock.release()
     return metric
 
 
@@ -298,14 +312,26 @@ def run_reporting_errors(cfg: DictConfig) -> float | None:
         if rank_zero():
             print(e.message, file=sys.stderr)
         raise SystemExit(143) from None
-    except (ConfigError, TeacherLoadError, NonFiniteLossError) as e:
+    except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (trace) below
+        from ddstrans.user_errors import first_line, os_error_line
+
+        if isinstance(e, (ConfigError, TeacherLoadError, NonFiniteLossError)):
+            line, code = str(e), (1 if isinstance(e, NonFiniteLossError) else 2)
+        elif isinstance(e, OSError):  # a full disk, a permission, a missing file: the environment, not a bug
+            line, code = os_error_line(e), 1
+            if "no space left" in line:
+                line += "; the checkpoints already written are complete (each is written to a temp file and renamed)"
+        elif type(e).__name__ == "SafetensorError":
+            line, code = f"a safetensors file could not be read: {first_line(e)}", 2
+        else:
+            raise
         if _show_traces():
             raise
         if rank_zero():
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {line}", file=sys.stderr)
         if in_multirun():
             raise  # a sweep records the failed job (Optuna: a failed trial) and goes on
-        raise SystemExit(1 if isinstance(e, NonFiniteLossError) else 2) from None
+        raise SystemExit(code) from None
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +15,9 @@ def add_parser(sub) -> None:
         "translate",
         help="translate images with an exported translator (single forward pass)",
         description="Translate each input image with TRANSLATOR_DIR (see `ddstrans export`) and write "
-        "OUTDIR/<input name>.png at the input's size. Inputs are files, directories (their image files), glob "
-        "patterns (quoted: 'photos/**/*.jpg') or - (newline-separated paths on stdin). The aspect ratio is kept "
+        "OUTDIR/<input name>.png at the input's size (the input tree mirrored below OUTDIR when names repeat). "
+        "Inputs are files, directories (their image files), glob patterns (quoted: 'photos/**/*.jpg') or - "
+        "(newline-separated paths on stdin); a file given twice is translated once. The aspect ratio is kept "
         "(scaled and padded to the training resolution, then back); --crop, --resize and --native-size change that. "
         "Unreadable inputs are reported and skipped; the exit code is 1 if any input failed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -43,20 +45,34 @@ def add_parser(sub) -> None:
 
 
 def _output_names(files: list[Path], outdir: Path) -> list[Path]:
-    seen: dict[str, int] = {}
-    outs = []
-    for f in files:
-        n = seen.get(f.stem, 0)
-        seen[f.stem] = n + 1
-        outs.append(outdir / (f"{f.stem}.png" if n == 0 else f"{f.stem}_{n}.png"))
-    return outs
+    """``OUTDIR/<input stem>.png`` when those names are unique; otherwise the input tree is mirrored below
+    ``OUTDIR`` (paths relative to the inputs' common directory), so no output can take another input's name.
+    Inputs that still collide (``a.jpg`` and ``a.png`` side by side) keep their suffix: ``a.jpg.png``."""
+    def unique(names: list[str]) -> bool:
+        return len(set(names)) == len(names)
+
+    flat = [f"{f.stem}.png" for f in files]
+    if unique(flat):
+        return [outdir / n for n in flat]
+    resolved = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    rel = [r.relative_to(root) for r in resolved]
+    names = [r.with_suffix(".png").as_posix() for r in rel]
+    clash = {n for n in names if names.count(n) > 1}
+    names = [(r.parent / f"{r.name}.png").as_posix() if n in clash else n for r, n in zip(rel, names)]
+    if not unique(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        a, b = [str(f) for f, n in zip(files, names) if n == dup][:2]
+        raise CLIError(f"inputs {a} and {b} would both be written to {outdir / dup}; rename one")
+    return [outdir / n for n in names]
 
 
 def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from ddstrans.images import ImageReadError, load_image
+    from ddstrans.images import ImageReadError, load_image, save_png
+    from ddstrans.io_safety import is_no_space
     from ddstrans.translator import Translator, TranslatorLoadError
 
     if args.batch_size < 1:
@@ -65,7 +81,7 @@ def run(args) -> int:
         raise CLIError("give --task NAME, or --source and --target for a text-conditioned translator")
     from ddstrans.inputs import expand_inputs
 
-    files = expand_inputs(args.inputs)
+    files = list({f.resolve(): f for f in expand_inputs(args.inputs)}.values())  # a file given twice: translated once
     if not files:
         raise CLIError("no input images found")
     outs = _output_names(files, args.output)
@@ -96,7 +112,16 @@ def run(args) -> int:
         if images:
             results = tr(images, task=args.task, source=args.source, target=args.target, fit=args.fit)
             for im, o in zip(results, targets):
-                im.save(o)
+                try:
+                    save_png(im, o)
+                except OSError as e:
+                    if is_no_space(e):
+                        bar.close()
+                        raise CLIError(f"no space left on {o.parent} writing {o.name}; {written} image(s) were "
+                                       "written, none partially") from None
+                    failed.append(o)
+                    tqdm.write(f"could not write {o}: {e}", file=sys.stderr)
+                    continue
                 written += 1
         bar.update(len(chunk))
     bar.close()

@@ -54,8 +54,10 @@ class ProceduralDataModule(L.LightningDataModule):
         self.val_set = ProceduralImages(self.num_val, self.image_size, self.seed, "val")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        from ddstrans.data.resumable import train_loader
+
+        return train_loader(self, self.train_set, batch_size=self.batch_size, seed=self.seed,
+                            num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=0)

@@ -70,15 +70,14 @@ def decode_image_bytes(data: bytes, resolution: int | None, min_size: int = 0) -
 
     Raises ``ValueError`` with the reason for unusable data.
     """
+    from ddstrans.images import ImageReadError, open_checked
+
     if not data:
         raise ValueError("empty image member")
-    try:
-        im = Image.open(io.BytesIO(data))
-        if resolution and im.format == "JPEG" and min(im.size) >= 2 * resolution:
-            im.draft("RGB", (resolution, resolution))  # decode at a reduced DCT scale (>= resolution)
-        im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
-        raise ValueError(f"corrupt or unreadable image ({type(e).__name__})") from None
+    try:  # the common policy (ddstrans.images); JPEG decoded at a reduced DCT scale (>= resolution)
+        im = open_checked(data, "image member", draft_size=resolution)
+    except ImageReadError as e:
+        raise ValueError(e.reason.replace("not a readable image", "corrupt or unreadable image")) from None
     if min(im.size) < max(1, min_size):
         raise ValueError(f"image too small ({im.size[0]}x{im.size[1]} < {min_size})")
     im = to_rgb(im)

@@ -170,6 +170,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.stats = SkipCounter(f"shards[rank {rank}]")
         self.pixels_uint8 = False
+        self.start_step = 0  # the trainer's global step when the loader is made (set by ShardDataModule)
 
     def worker_batches(self, worker: int, num_workers: int) -> int:
         """Batches this worker yields per epoch: the rank's total split as evenly as possible."""
@@ -177,11 +178,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         return n + (1 if worker < w else 0)
 
     def _rng(self, worker: int, base_seed: int | None) -> random.Random:
+        # Seeded by (seed, the global step the loader started at, torch's base seed of this iterator - drawn from
+        # the seeded global RNG, new for each epoch's fresh workers -, this copy's epoch count, rank, worker): a run
+        # resumed at step k draws the same stream every time, and not the stream of a run that starts at step 0
+        # (the uninterrupted run's stream past step k is not replayed: that would need the shuffle buffer's state;
+        # docs/reliability.md). Persistent workers keep their copy across epochs: count this copy's epochs too.
         if base_seed is None:  # main-process loading: draw from torch's RNG (differs per epoch)
             base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        # persistent workers keep their seed across epochs: count this copy's epochs too
         self._epoch = getattr(self, "_epoch", -1) + 1
-        return random.Random(f"{self.seed}/{base_seed}/{self._epoch}/{self.rank}/{worker}")
+        return random.Random(f"{self.seed}/{self.start_step}/{base_seed}/{self._epoch}/{self.rank}/{worker}")
 
     def _shard_order(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
         if self.resampled:
@@ -244,10 +249,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         samples = self._shuffled(self._samples(worker, num_workers, rng), rng)
         chunk: list[dict] = []
-        for s in samples:
+        reported = self.stats.total  # each batch carries the samples skipped since the previous one (per worker):
+        for s in samples:            # the module sums them into train/skipped_samples
             chunk.append(s)
             if len(chunk) == self.batch_size:
-                yield collate(chunk)
+                batch = collate(chunk)
+                batch["skipped_samples"] = torch.tensor(self.stats.total - reported)
+                reported = self.stats.total
+                yield batch
                 chunk = []
                 todo -= 1
                 if todo == 0:
@@ -506,6 +515,8 @@ class ShardDataModule(_lightning_base()):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.setup("fit")
         self.train_stream.pixels_uint8 = self._ship_uint8()
+        trainer = getattr(self, "trainer", None)
+        self.train_stream.start_step = int(trainer.global_step) if trainer is not None else 0
         return self._loader(self.train_stream, self.num_workers)
 
     def val_dataloader(self):

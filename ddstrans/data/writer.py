@@ -230,15 +230,19 @@ def find_images(src: str | Path) -> tuple[list[Path], list[Path]]:
 
 def open_image(path: Path, min_size: int = 0) -> tuple[Image.Image, str]:
     """RGB image and its original mode; ``ValueError`` with a reason for unusable files."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
+    from ddstrans.images import ImageReadError, open_checked
+
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            rgb = to_rgb(im)
+        im = open_checked(path)  # the common policy: empty, unreadable, declared size above MAX_IMAGE_PIXELS
+    except ImageReadError as e:
+        raise ValueError(e.reason) from None
+    try:
+        mode = im.mode
+        rgb = to_rgb(im)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
         raise ValueError(f"not a readable image ({type(e).__name__})") from None
+    finally:
+        im.close()
     if min(rgb.size) < max(1, min_size):
         raise ValueError(f"too small (short side < {min_size})")
     return rgb, mode

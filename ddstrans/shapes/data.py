@@ -35,21 +35,24 @@ class ShapesDataModule(L.LightningDataModule):
     """
 
     def __init__(self, batch_size: int = 16, num_train: int = 100_000, num_val: int = 8, val_batch_size: int | None = None,
-                 num_workers: int = 0, overrides: dict | None = None, image_size: int = 32):
+                 num_workers: int = 0, overrides: dict | None = None, image_size: int = 32, seed: int = 0):
         super().__init__()
         if image_size != SIZE:
             raise ValueError(f"the shapes world renders {SIZE}x{SIZE} images; image_size={image_size} is not supported")
         self.batch_size, self.num_train, self.num_val = batch_size, num_train, num_val
         self.val_batch_size = val_batch_size or num_val
         self.num_workers, self.overrides, self.image_size = num_workers, dict(overrides or {}), image_size
+        self.seed = int(seed)  # the training order: a function of (seed, epoch), resumable mid-epoch
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = ShapeScenes(seeds.take(seeds.TRANSLATOR_TRAIN, 0, self.num_train), **self.overrides)
         self.val_set = ShapeScenes(seeds.take(seeds.HELD_OUT, 0, self.num_val), **self.overrides)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        from ddstrans.data.resumable import train_loader
+
+        return train_loader(self, self.train_set, batch_size=self.batch_size, seed=self.seed,
+                            num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=0)

@@ -136,7 +136,8 @@ class PromptEncoder:
 
         tcls = PIPELINE_TEACHERS[family]
         skip = {"vae": None, "scheduler": None, ("unet" if family == "sdxl" else "transformer"): None}
-        pipe = getattr(diffusers, tcls.pipeline_class).from_pretrained(root, **skip, **tcls._absent_components(root))
+        pipe = getattr(diffusers, tcls.pipeline_class).from_pretrained(  # weights: safetensors only, never pickle
+            root, use_safetensors=True, **skip, **tcls._absent_components(root))
         return cls(family, pipe)
 
     def modules(self) -> list[torch.nn.Module]:
