@@ -99,13 +99,10 @@ def _features(feature) -> FeatureNetwork:
     return feature if isinstance(feature, torch.nn.Module) else FeatureNetwork.from_path(str(feature))
 
 
-class FID(FrechetInceptionDistance):
-    """torchmetrics FID on a given feature network; ``update_from`` adds outputs, ``add_real`` target images."""
+class _TargetDomain:
+    """Target-domain images are added once and kept across ``reset()``; outputs come from the eval batch."""
 
     needs = ("outputs",)
-
-    def __init__(self, feature, **kwargs):
-        super().__init__(feature=_features(feature), reset_real_features=False, **kwargs)
 
     def add_real(self, images: torch.Tensor) -> None:
         self.update(images, real=True)
@@ -119,6 +116,13 @@ class FID(FrechetInceptionDistance):
     def update_from(self, batch: dict) -> None:
         self.update(batch["outputs"], real=False)
 
+
+class FID(_TargetDomain, FrechetInceptionDistance):
+    """torchmetrics FID on a given feature network; ``update_from`` adds outputs, ``add_real`` target images."""
+
+    def __init__(self, feature, **kwargs):
+        super().__init__(feature=_features(feature), reset_real_features=False, **kwargs)
+
     def compute(self) -> torch.Tensor:
         if int(self.real_features_num_samples) < 2 or int(self.fake_features_num_samples) < 2:
             raise ValueError(f"fid needs at least 2 target and 2 output images, got "
@@ -126,10 +130,8 @@ class FID(FrechetInceptionDistance):
         return super().compute()
 
 
-class KID(KernelInceptionDistance):
+class KID(_TargetDomain, KernelInceptionDistance):
     """torchmetrics KID (mean, std over subsets); the subset size shrinks to the smaller of the two sets."""
-
-    needs = ("outputs",)
 
     def __init__(self, feature, subsets: int = 100, subset_size: int = 1000, **kwargs):
         import warnings
@@ -139,18 +141,6 @@ class KID(KernelInceptionDistance):
             super().__init__(feature=_features(feature), subsets=subsets, subset_size=subset_size,
                              reset_real_features=False, **kwargs)
         self.max_subset_size = int(subset_size)
-
-    def add_real(self, images: torch.Tensor) -> None:
-        self.update(images, real=True)
-
-    def clear_real(self) -> None:
-        """Forget the target images too (the next task has another target domain)."""
-        self.reset_real_features = True
-        self.reset()
-        self.reset_real_features = False
-
-    def update_from(self, batch: dict) -> None:
-        self.update(batch["outputs"], real=False)
 
     def compute(self):
         n = min(sum(len(f) for f in self.real_features), sum(len(f) for f in self.fake_features))
