@@ -56,6 +56,28 @@ def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Te
     return torch.cat([fx, fy]).float()
 
 
+def conditioning_tokens(net, batch_size: int, dtype: torch.dtype | None, task_ids=None, src_emb=None, tgt_emb=None):
+    """The cross-attention tokens of a generator with ``config`` (conditioning, text_mode, num_task_tokens,
+    cross_attention_dim), ``task_tokens`` and ``segment``: learned tokens per task, or the teacher's prompt
+    embeddings (target only, source then target, or target and the target-source difference) marked by a learned
+    segment embedding, in ``dtype`` (None: the segment embedding's). Shared by every generator kind so that one
+    conditioning means one thing."""
+    cfg = net.config
+    if cfg.conditioning == "task_id":
+        if task_ids is None:
+            raise ValueError("task_id conditioning needs task_ids")
+        return net.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
+    if tgt_emb is None or (src_emb is None and cfg.text_mode != "target"):
+        raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
+    seg = net.segment if dtype is None else net.segment.to(dtype)
+    dtype = seg.dtype
+    if cfg.text_mode == "target":
+        return hidden_states(tgt_emb).to(dtype) + seg[0]
+    src, tgt = hidden_states(src_emb).to(dtype), hidden_states(tgt_emb).to(dtype)
+    first, second = (tgt, tgt - src) if cfg.text_mode == "delta" else (src, tgt)
+    return torch.cat([first + seg[0], second + seg[1]], dim=1)
+
+
 class TranslationUNet(ModelMixin, ConfigMixin):
     """Latent (or pixel) in, latent out; identity at initialisation."""
 
@@ -157,21 +179,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         tgt_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The cross-attention tokens for this conditioning mode, (B, L, D)."""
-        cfg = self.config
-        dtype = self.unet.conv_in.weight.dtype
-        if cfg.conditioning == "task_id":
-            if task_ids is None:
-                raise ValueError("task_id conditioning needs task_ids")
-            return self.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
-        if tgt_emb is None or (src_emb is None and cfg.text_mode != "target"):
-            raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
-        seg = self.segment.to(dtype)
-        if cfg.text_mode == "target":
-            return hidden_states(tgt_emb).to(dtype) + seg[0]
-        src, tgt = hidden_states(src_emb).to(dtype), hidden_states(tgt_emb).to(dtype)
-        first = tgt if cfg.text_mode == "delta" else src
-        second = tgt - src if cfg.text_mode == "delta" else tgt
-        return torch.cat([first + seg[0], second + seg[1]], dim=1)
+        return conditioning_tokens(self, batch_size, self.unet.conv_in.weight.dtype, task_ids, src_emb, tgt_emb)
 
     def forward(
         self,

@@ -201,20 +201,9 @@ class LoRATeacherGenerator(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def context(self, batch_size: int, task_ids=None, src_emb=None, tgt_emb=None) -> torch.Tensor:
-        cfg = self.config
-        if cfg.conditioning == "task_id":
-            if task_ids is None:
-                raise ValueError("task_id conditioning needs task_ids")
-            return self.task_tokens(task_ids).reshape(batch_size, cfg.num_task_tokens, cfg.cross_attention_dim)
-        if tgt_emb is None or (src_emb is None and cfg.text_mode != "target"):
-            raise ValueError("text conditioning needs src_emb and tgt_emb (prompt embeddings of the teacher)")
-        seg = self.segment
-        tgt = tgt_emb.to(seg.dtype)
-        if cfg.text_mode == "target":
-            return tgt + seg[0]
-        src = src_emb.to(seg.dtype)
-        first, second = (tgt, tgt - src) if cfg.text_mode == "delta" else (src, tgt)
-        return torch.cat([first + seg[0], second + seg[1]], dim=1)
+        from ddstrans.generator import conditioning_tokens
+
+        return conditioning_tokens(self, batch_size, None, task_ids, src_emb, tgt_emb)
 
     def forward(self, z: torch.Tensor, task_ids=None, src_emb=None, tgt_emb=None) -> torch.Tensor:
         b = z.shape[0]
