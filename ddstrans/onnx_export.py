@@ -147,7 +147,21 @@ def _np(x: torch.Tensor | None, dtype=np.float32):
     return None if x is None else x.detach().to("cpu").numpy().astype(dtype, copy=False)
 
 
-class OrtGenerator:
+class _FrozenModuleAPI:
+    """The ``nn.Module`` calls ``Translator`` makes on its parts (``to``, ``eval``, ``requires_grad_``): an
+    onnxruntime session is fixed to its device and has no parameters, so each is a no-op."""
+
+    def to(self, device=None, **_):
+        return self
+
+    def eval(self):
+        return self
+
+    def requires_grad_(self, _=False):
+        return self
+
+
+class OrtGenerator(_FrozenModuleAPI):
     """The generator's call signature, ``(z, task_ids=, src_emb=, tgt_emb=) -> z_out``, on onnxruntime."""
 
     def __init__(self, session, config, device: torch.device):
@@ -167,18 +181,9 @@ class OrtGenerator:
         out = self.session.run(None, {n: feeds[n] for n in self.input_names})[0]
         return torch.from_numpy(out).to(self._device)
 
-    # the module API that Translator.to() calls
-    def to(self, device=None, **_):
-        return self
-
-    def eval(self):
-        return self
-
-    def requires_grad_(self, _=False):
-        return self
 
 
-class OrtVAE:
+class OrtVAE(_FrozenModuleAPI):
     """``encode(x).latent_dist.mean`` and ``decode(z).sample`` (diffusers' AutoencoderKL API) on onnxruntime."""
 
     dtype = torch.float32
@@ -197,14 +202,6 @@ class OrtVAE:
     def decode(self, z):
         return SimpleNamespace(sample=torch.from_numpy(self.decoder.run(None, {"latents": _np(z)})[0]).to(self._device))
 
-    def to(self, device=None, **_):
-        return self
-
-    def eval(self):
-        return self
-
-    def requires_grad_(self, _=False):
-        return self
 
 
 def use_onnx(translator, root: str | Path, device: str | torch.device = "cpu"):
