@@ -10,6 +10,11 @@ Directory layout (written by ``ddstrans.export``)::
     text_encoder*/ tokenizer*/ text-conditioned translators: to encode new prompt pairs (SDXL, SD3, Flux: all of
                            the family's text encoders, and its model_index.json)
 
+A LoRA translator exported with ``merge_adapters=False`` (format version 2) holds ``generator/config.json`` and
+``generator/adapters.safetensors`` instead of the generator's weights, and references its base teacher by directory,
+hub id and weight hash (``ddstrans.lora_export``); loading finds the base (or takes ``base``), checks the hash and
+folds the adapters in.
+
 Only JSON, text and safetensors are read, and only files listed in ``translator.json``: the directory must hold
 exactly the listed files, every listed path must stay inside it, and every file's sha256 is checked before use.
 Weights are loaded by path (``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``), never through a
@@ -30,8 +35,9 @@ from ddstrans.embeddings import expand_batch
 from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
 
 FORMAT = "ddstrans.translator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keep-adapters translators; merged ones are still written as version 1 (older readers)
 REQUIRED_FILES = ("generator/config.json", "generator/diffusion_pytorch_model.safetensors", "tasks.safetensors")
+ADAPTER_REQUIRED_FILES = ("generator/config.json", "generator/adapters.safetensors", "tasks.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -77,7 +83,8 @@ def check_entries(root: Path, files: dict[str, str]) -> None:
             raise TranslatorLoadError(f"{root}: {rel} resolves outside the directory; refusing to load")
 
 
-def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *, unlisted_ok: bool = False) -> None:
+def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *, unlisted_ok: bool = False,
+                required: Sequence[str] = REQUIRED_FILES) -> None:
     """Raise ``TranslatorLoadError`` unless the directory holds exactly the listed files (plus translator.json),
     each with its hash. Entry paths are checked first (``check_entries``), unlisted files next (a loader must
     never find an unverified file, e.g. a ``*.safetensors.index.json`` pointing at other weights), hashes last.
@@ -93,7 +100,7 @@ def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *
     if inside:
         raise TranslatorLoadError(f"{root}: translator.json lists {inside[0]}, inside the download metadata folder; "
                                   "refusing to load")
-    unlisted = [r for r in REQUIRED_FILES if r not in files]
+    unlisted = [r for r in required if r not in files]
     if unlisted:
         raise TranslatorLoadError(f"{root}: translator.json does not list {', '.join(unlisted)}; refusing to load")
     for p in sorted(root.rglob("*")):
@@ -111,6 +118,11 @@ def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *
         if sha256_file(p) != digest:
             raise TranslatorLoadError(
                 f"{root}: {rel} does not match its sha256 in translator.json (tampered, truncated or corrupted); refusing to load")
+
+
+def required_files(info: dict) -> tuple[str, ...]:
+    """The files every translator of this kind lists (a keep-adapters one has adapters instead of weights)."""
+    return ADAPTER_REQUIRED_FILES if info.get("adapters") else REQUIRED_FILES
 
 
 def _read_config(path: Path) -> dict:
@@ -178,10 +190,13 @@ class Translator:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        verify: bool = True, backend: str = "torch", revision: str | None = None) -> Translator:
+                        verify: bool = True, backend: str = "torch", revision: str | None = None,
+                        base: str | Path | None = None) -> Translator:
         """Load a translator directory, or a hub repository id ``"org/name"`` (downloaded with
         ``huggingface_hub``, then verified like a local directory). ``backend="onnx"`` runs the generator (and VAE)
-        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``)."""
+        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``). ``base``: the teacher
+        directory of a translator that keeps its LoRA adapters separate (default: the one it records); its UNet
+        must hash as recorded."""
         from diffusers import AutoencoderKL
 
         from ddstrans.generator import TranslationUNet
@@ -205,12 +220,20 @@ class Translator:
         if info.get("format") != FORMAT or int(info.get("format_version", -1)) > FORMAT_VERSION:
             raise TranslatorLoadError(f"{meta_path}: unsupported format {info.get('format')!r} "
                                       f"version {info.get('format_version')!r} (this ddstrans reads {FORMAT_VERSION})")
+        adapters = bool(info.get("adapters"))
+        if adapters and backend == "onnx":
+            raise ValueError("backend='onnx' needs a merged translator (this one keeps its LoRA adapters separate)")
         if verify:
-            verify_tree(root, info.get("files", {}), ignore)
+            verify_tree(root, info.get("files", {}), ignore, required=required_files(info))
         elif info.get("files"):
             check_entries(root, info["files"])  # unverified, yet never outside the directory
         listed = info.get("files") or None  # the files to read, by name (verified above unless verify=False)
-        gen = load_component(TranslationUNet, root / "generator", listed, root)
+        if adapters:
+            from ddstrans.lora_export import load_adapter_generator
+
+            gen = load_adapter_generator(root, info, base)
+        else:
+            gen = load_component(TranslationUNet, root / "generator", listed, root)
         table = TaskTable.load(root / "tasks.safetensors", {"tasks": info["tasks"], "meta": {}})
         ref = info.get("teacher_reference")  # components referenced instead of copied
         vae = None
@@ -260,7 +283,8 @@ class Translator:
         if not meta.is_file():
             raise TranslatorLoadError(f"{self.path}: no translator.json (not an exported translator)")
         files = json.loads(meta.read_text()).get("files", {})
-        verify_tree(self.path, files, self._ignore, unlisted_ok=True)  # unlisted files are not uploaded
+        verify_tree(self.path, files, self._ignore, unlisted_ok=True,  # unlisted files are not uploaded
+                    required=required_files(self.info))
         return upload_translator(self.path, repo_id, list(files), **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:
