@@ -10,8 +10,8 @@ refused instead of translating with adapters that were trained for a different n
 The hash (:func:`unet_sha256`) is sha256 over the UNet's state dict as loaded in float32: every tensor's name,
 shape and bytes, in sorted name order. Hashing tensors instead of files makes it independent of how the weights
 are stored (one file or shards, safetensors header order and metadata, a re-save), and costs one pass over weights
-the loader reads anyway (about 2 s per GB on one CPU core). It is computed in float32 because that is what the
-adapters are folded into.
+the loader reads anyway (SD 1.5: 4.5 s on one CPU core, docs/scale.md). It is computed in float32 because that is
+what the adapters are folded into.
 
 Loading folds the adapters into the base with PEFT's ``merge`` (in place: one copy of the UNet) and returns the same
 ``TranslationUNet`` a merged export holds, so inference, ONNX-free serving and the outputs are those of the merged
