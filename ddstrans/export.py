@@ -82,9 +82,10 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: st
     lora = payload.get("generator_class") == "LoRATeacherGenerator"
     if lora:
         from ddstrans.lora import lora_generator_from_config
+        from ddstrans.lora_export import unet_sha256
 
         unet = _teacher_unet(payload, teacher_root)
-        base_sha256 = None if merge else _unet_sha256(unet)
+        base_sha256 = None if merge else unet_sha256(unet)  # of the plain UNet, before the adapters go in
         gen = lora_generator_from_config(unet, payload["generator_config"])
         gen.base_sha256 = base_sha256
     else:
@@ -112,12 +113,6 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: st
         except ValueError as e:
             raise ExportError(str(e)) from None
     return gen.eval(), used_ema
-
-
-def _unet_sha256(unet) -> str:
-    from ddstrans.lora_export import unet_sha256
-
-    return unet_sha256(unet)
 
 
 def _teacher_unet(payload: dict, teacher_root: str | Path | None):

@@ -22,7 +22,7 @@ PARAMETER_FLAGS = {
     "merge_adapters=False": "--keep-adapters",
     "onnx=True": "--onnx",
     "give base,": "pass --base DIR,",
-    "base=": "--base ",
+    "base='": "--base '",
 }
 
 
