@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ddstrans.translator import TranslatorLoadError, _read_config, load_component
+from ddstrans.translator_files import TranslatorLoadError, _read_config, load_component
 
 ADAPTERS_FILE = "generator/adapters.safetensors"
 CONFIG_FILE = "generator/config.json"

@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--generators: unknown {bad}; choose from {', '.join(GENERATORS)}")
 
-    sys.path.insert(0, str(ROOT))
     from ddstrans.arch import make_random_sd15
 
     work = args.workdir.resolve()
