@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         ckpt = run / "checkpoints" / "last.ckpt"
         out = work / f"translator-{kind}-w{args.width_divisor}"
         rows.append(run_stage(f"export ({kind})", [
-            str(bin_dir / "ddstrans"), "export", str(ckpt), str(out), "--overwrite"], env, work / f"export_{kind}.log"))
+            str(bin_dir / "ddstrans"), "export", str(ckpt), str(out), "--overwrite",
+            *(["--no-ema"] if "optim.ema.enabled=false" in args.train_override else [])], env, work / f"export_{kind}.log"))
         trans = work / f"translated-{kind}"
         shutil.rmtree(trans, ignore_errors=True)
         rows.append(run_stage(f"translate ({kind})", [
