@@ -15,10 +15,10 @@ How attributes are read from an arbitrary image (a render, a teacher sample, a n
 - **Color**: every pixel of the estimated mask votes for its nearest palette color (Euclidean in
   RGB); the majority wins. No mask (fewer than ``MIN_PIXELS`` pixels) -> ``None`` (never correct).
 - **Shape**: the estimated mask is compared by IoU with the renderer's circle / square / triangle
-  masks of the same centroid and an area-matched size (a few sizes around it); the best IoU names the
-  candidate, and the strict reader (the default, the one accuracy uses) accepts it only if the mask looks like
-  that shape (:mod:`ddstrans.shapes.shape_checks`: convex and in one piece; a square fills its bounding box with
-  straight sides, a circle is round, a triangle's sides are straight). Every clean render passes (tested on 500
+  masks of the same centroid and an area-matched size (a few sizes around it); the best IoU wins. The strict
+  reader (the default, the one accuracy uses) takes the best-fitting shape that the mask also looks like
+  (:mod:`ddstrans.shapes.shape_checks`: convex and in one piece; a square fills its bounding box with straight
+  sides and filled corners, a circle is round, a triangle's sides are straight). Every clean render passes (500
   held-out renders per shape); a pincushion or a blob reads as ``None`` and never counts as a change.
 - **Background kind**: stripes are constant along one of the four directions 0/45/90/135 degrees,
   checkers along none. For each direction the gray background (shape dilated by 1 px excluded)
@@ -160,9 +160,10 @@ def shape_scores(mask: np.ndarray) -> dict[str, float]:
 
 def classify_shape(images=None, masks=None, strict: bool = True) -> list[str | None]:
     """Shape of each image's mask (``masks`` given, or estimated from ``images``): the best-fitting template's,
-    and with ``strict`` (the reader accuracy uses) only when the mask also passes that shape's checks
+    and with ``strict`` (the reader accuracy uses) the best-fitting one whose checks the mask passes
     (:func:`ddstrans.shapes.shape_checks.looks_like`: convex, one piece; a square fills its box with straight
-    sides), else ``None``; the strict reader first drops pixel noise from the mask (``clean_mask``). The lenient reader (``strict=False``) names a shape for any blob."""
+    sides), else ``None``; it first drops pixel noise from the mask (``clean_mask``). The lenient reader
+    (``strict=False``) names a shape for any blob."""
     m = estimate_mask(images) if masks is None else np.asarray(masks, dtype=bool)
     if m.ndim == 2:
         m = m[None]
@@ -171,11 +172,10 @@ def classify_shape(images=None, masks=None, strict: bool = True) -> list[str | N
         if strict:
             mk = clean_mask(mk)
         sc = shape_scores(mk)
-        best = max(sc, key=sc.get)
-        if sc[best] <= 0 or (strict and not looks_like(best, mk, sc[best])):
-            out.append(None)
-        else:
-            out.append(best)
+        ranked = [s for s in sorted(sc, key=sc.get, reverse=True) if sc[s] > 0]
+        if strict:  # the best-fitting shape whose checks the mask passes: the checks say what a shape is
+            ranked = [s for s in ranked if looks_like(s, mk, sc[s])]
+        out.append(ranked[0] if ranked else None)
     return out
 
 

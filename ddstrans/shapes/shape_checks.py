@@ -11,8 +11,9 @@ renders and hand-drawn pincushions and blobs):
   pixels whose centres lie in the convex hull of that piece's pixel centres but outside it (concave sides,
   holes, notches) are at most ``MAX_CONVEX_DEFICIENCY`` of its area. A render of a convex shape has exactly none
   (the hull of the pixel centres inside a convex set stays inside it), so the tolerance is all for soft edges.
-- square: fills its bounding box (``SQUARE_MIN_FILL``; renders fill it exactly), is about as wide as tall, and
-  each side of the box is covered by the mask (``SQUARE_MIN_SIDE``: straight sides reaching filled corners).
+- square: fills its bounding box (``SQUARE_MIN_FILL``; renders fill it exactly), is about as wide as tall, each
+  side of the box is covered by the mask within one pixel (``SQUARE_MIN_SIDE``: straight sides) and each 2x2
+  corner of the box holds at least ``SQUARE_MIN_CORNER`` mask pixels (filled corners, not bevelled ones).
 - circle: fills about pi/4 of its box (``CIRCLE_FILL``), as wide as tall, and overlaps the area-matched circle
   at its centroid by ``CIRCLE_MIN_IOU`` (round, not a rounded square or an ellipse).
 - triangle: fills about half of its box (``TRIANGLE_FILL``), its row widths grow linearly from the apex (top) to
@@ -29,6 +30,7 @@ MIN_MAIN_COMPONENT = 0.95
 MAX_CONVEX_DEFICIENCY = 0.05  # renders: 0 exactly
 SQUARE_MIN_FILL = 0.9  # renders: 1.0
 SQUARE_MIN_SIDE = 0.75  # renders: 1.0
+SQUARE_MIN_CORNER = 2  # mask pixels in each 2x2 corner of the box; renders: 4
 ASPECT_RANGE = (0.8, 1.25)  # width / height; renders, cleaned: 0.89-1.125 over all shapes
 CIRCLE_FILL = (0.65, 0.93)  # pi/4 = 0.785; renders of radius 5-8.5 px, cleaned: 0.70-0.90
 CIRCLE_MIN_IOU = 0.88  # renders, cleaned: >= 0.93
@@ -106,7 +108,10 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
     return {
         "fill": float(box.mean()),
         "aspect": w / h,
-        "side": float(min(box[0].mean(), box[-1].mean(), box[:, 0].mean(), box[:, -1].mean())),
+        # per side of the box, the better covered of its outermost two lines: a side may be ragged by one pixel
+        "side": float(min(box[:2].mean(1).max(), box[-2:].mean(1).max(), box[:, :2].mean(0).max(),
+                          box[:, -2:].mean(0).max())),
+        "corner": float(min(box[:2, :2].sum(), box[:2, -2:].sum(), box[-2:, :2].sum(), box[-2:, -2:].sum())),
         "convex_deficiency": convex_deficiency(mask),
         "main_component": share,
         "row_r2": r2,
@@ -121,7 +126,8 @@ def looks_like(shape: str, mask: np.ndarray, template_iou: float) -> bool:
         return False
     square_ish = ASPECT_RANGE[0] <= f["aspect"] <= ASPECT_RANGE[1]
     if shape == "square":
-        return square_ish and f["fill"] >= SQUARE_MIN_FILL and f["side"] >= SQUARE_MIN_SIDE
+        return (square_ish and f["fill"] >= SQUARE_MIN_FILL and f["side"] >= SQUARE_MIN_SIDE
+                and f["corner"] >= SQUARE_MIN_CORNER)
     if shape == "circle":
         return square_ish and CIRCLE_FILL[0] <= f["fill"] <= CIRCLE_FILL[1] and template_iou >= CIRCLE_MIN_IOU
     if shape == "triangle":
