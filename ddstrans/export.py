@@ -69,19 +69,25 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: str | Path | None = None):
+def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: str | Path | None = None,
+                              merge: bool = True):
     """Rebuild the ``TranslationUNet`` of a checkpoint, with EMA weights when ``use_ema`` (and available).
 
     A LoRA generator's checkpoint holds only the adapters: it is rebuilt on the teacher's UNet (read from
-    ``teacher_root``, default: the directory recorded in the checkpoint) and merged into a ``TranslationUNet``."""
+    ``teacher_root``, default: the directory recorded in the checkpoint) and merged into a ``TranslationUNet``
+    (``merge=False``: returned as the LoRA generator, with ``base_sha256``, the hash of the UNet it adapts)."""
     from ddstrans.generator import TranslationUNet
 
     payload = ckpt["ddstrans"]
     lora = payload.get("generator_class") == "LoRATeacherGenerator"
     if lora:
         from ddstrans.lora import lora_generator_from_config
+        from ddstrans.lora_export import unet_sha256
 
-        gen = lora_generator_from_config(_teacher_unet(payload, teacher_root), payload["generator_config"])
+        unet = _teacher_unet(payload, teacher_root)
+        base_sha256 = None if merge else unet_sha256(unet)  # of the plain UNet, before the adapters go in
+        gen = lora_generator_from_config(unet, payload["generator_config"])
+        gen.base_sha256 = base_sha256
     else:
         gen = TranslationUNet.from_config(payload["generator_config"])
     sd = {k[len("generator."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("generator.")}
@@ -99,7 +105,7 @@ def generator_from_checkpoint(ckpt: dict, use_ema: bool = True, teacher_root: st
             for p, s in zip(params, shadow):
                 p.copy_(s.to(p.dtype))
         used_ema = True
-    if lora:
+    if lora and merge:
         from ddstrans.lora import merge_to_translation_unet
 
         try:
@@ -132,6 +138,7 @@ def export_checkpoint(
     onnx: bool = False,
     license: str | None = None,
     examples: list | Callable[[dict | None], list] | None = None,
+    merge_adapters: bool = True,
 ) -> Path:
     """Write the translator directory; returns its path.
 
@@ -140,7 +147,9 @@ def export_checkpoint(
     location recorded in the checkpoint (e.g. when it moved). ``onnx``: also write ``onnx/`` (see
     ``ddstrans.onnx_export``). ``license``: the model card's license (default: the teacher card's, else "other").
     ``examples``: PIL images for ``examples/`` and the card's before/after grid, or a function of the run config
-    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``).
+    that returns them (the CLI passes ``ddstrans.shapes.examples.examples_for_run``). ``merge_adapters=False`` (LoRA
+    checkpoints): write only the adapters and conditioning tensors and reference the teacher's UNet by directory,
+    hub id and weight hash instead of folding the adapters into a copy of it (``ddstrans.lora_export``).
 
     The directory is built in a temporary sibling folder, verified, and swapped in whole (under a lock file), so
     a crash or a second export never leaves a half-written translator at ``out_dir``."""
@@ -159,7 +168,8 @@ def export_checkpoint(
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
         try:
             _build(ckpt_path, tmp, use_ema=use_ema, copy_teacher=copy_teacher, teacher_path=teacher_path,
-                   trust_checkpoint=trust_checkpoint, onnx=onnx, license=license, examples=examples)
+                   trust_checkpoint=trust_checkpoint, onnx=onnx, license=license, examples=examples,
+                   merge_adapters=merge_adapters)
             swap_in_directory(tmp, out)
         except OSError as e:
             if is_no_space(e):
@@ -187,15 +197,32 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_path, trust_checkpoint: bool,
-           onnx: bool = False, license: str | None = None, examples=None) -> None:
+           onnx: bool = False, license: str | None = None, examples=None, merge_adapters: bool = True) -> None:
     """Write a complete translator into the empty directory ``tmp`` and verify it as a loader would."""
     from ddstrans.tasks import TaskTable
 
     ckpt = load_training_checkpoint(ckpt_path, trust=trust_checkpoint)
     payload = ckpt["ddstrans"]
     teacher = payload["teacher"]
+    if not merge_adapters:
+        if payload.get("generator_class") != "LoRATeacherGenerator":
+            raise ExportError(f"merge_adapters=False needs a LoRA checkpoint (generator=lora_from_teacher); this one "
+                              f"trained a {payload.get('generator_class') or 'TranslationUNet'}")
+        if onnx:
+            raise ExportError("onnx=True and merge_adapters=False exclude each other (the ONNX graph holds the whole network)")
     root = Path(teacher_path) if teacher_path else (Path(teacher["root"]) if teacher.get("root") else None)
-    gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root)
+    gen, used_ema = generator_from_checkpoint(ckpt, use_ema, root, merge=merge_adapters)
+    adapters = None
+    if not merge_adapters:
+        from ddstrans.lora import merge_to_translation_unet
+        from ddstrans.lora_export import base_reference, write_adapters
+
+        write_adapters(gen, tmp)
+        adapters = {"base": base_reference(root, teacher.get("source"), gen.base_sha256)}
+        try:  # the merged network for the examples and the card (one UNet copy: folded in place)
+            gen = merge_to_translation_unet(gen, in_place=True)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
     table = TaskTable.from_parts(payload["tasks"], payload["task_tensors"])
     conditioning = gen.config.conditioning
     family = teacher.get("family", "sd")
@@ -206,7 +233,8 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
         raise ExportError(f"teacher directory {str(root)!r} (recorded in the checkpoint) lacks {', '.join(needs)}; "
                           "give teacher_path, the teacher's diffusers directory")
 
-    gen.save_pretrained(tmp / "generator", safe_serialization=True)
+    if adapters is None:
+        gen.save_pretrained(tmp / "generator", safe_serialization=True)
     table.save(tmp / "tasks.safetensors")
     if copy_teacher and needs:
         if teacher.get("has_vae"):
@@ -217,7 +245,7 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
             copy_text_components(root, tmp, texts)
     info = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if adapters else 1,
         "conditioning": conditioning,
         "resolution": int(teacher["image_size"]),
         "latent_channels": int(teacher["latent_channels"]),
@@ -229,6 +257,7 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
                     "family": family},
         "teacher_reference": None if copy_teacher or not needs else str(root.resolve()),
         "weights": "ema" if used_ema else "raw",
+        **({"adapters": adapters} if adapters else {}),
         "tasks": table.to_dict()["tasks"],
         "training": {"global_step": ckpt.get("global_step"), "metrics": payload.get("metrics", {}),
                      "checkpoint": str(Path(ckpt_path).resolve())},
@@ -238,7 +267,7 @@ def _build(ckpt_path, tmp: Path, *, use_ema: bool, copy_teacher: bool, teacher_p
     info["files"] = hash_tree(tmp)
     (tmp / "translator.json").write_text(json.dumps(info, indent=2))
     try:  # verify as a user would load it: hashes, then every component
-        Translator.from_pretrained(tmp)
+        Translator.from_pretrained(tmp, base=root if adapters else None)
     except TranslatorLoadError as e:
         raise ExportError(f"the export did not verify ({e})") from None
 

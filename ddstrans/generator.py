@@ -18,6 +18,10 @@ Conditioning (``conditioning`` in the config):
 
 ``timestep``: the fixed timestep the backbone runs at (0; a merged LoRA generator keeps the one it was trained at).
 
+``added_conditioning="text_time"`` (a merged SDXL LoRA generator): the backbone keeps SDXL's added conditioning, a
+pooled text embedding plus micro-conditioning time ids, because its weights were trained with it
+(:func:`added_conditioning`).
+
 Position features (``position_frequencies`` > 0): a convolutional UNet is (up to its padding) translation
 equivariant, so it can only draw a texture whose phase is tied to the input's content. Some targets have no
 such anchor: "checkered" admits every cell offset, the teacher's DDS direction points at a different one on
@@ -35,7 +39,7 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ddstrans.embeddings import hidden_states
+from ddstrans.embeddings import PromptEmbeddings, hidden_states
 
 CONDITIONINGS = ("task_id", "text")
 TEXT_MODES = ("concat", "delta", "target")
@@ -78,6 +82,34 @@ def conditioning_tokens(net, batch_size: int, dtype: torch.dtype | None, task_id
     return torch.cat([first + seg[0], second + seg[1]], dim=1)
 
 
+def added_conditioning(net, z: torch.Tensor, task_ids=None, tgt_emb=None, dtype: torch.dtype | None = None):
+    """SDXL's ``added_cond_kwargs`` for a generator whose UNet has ``addition_embed_type="text_time"`` (``config``:
+    ``added_conditioning``, ``conditioning``, ``downsample_factor``; ``task_pooled`` for task ids), else None.
+
+    ``text_embeds``: the task's learned pooled embedding (initialised from its target prompt's), or the target
+    prompt's pooled embedding (text conditioning). ``time_ids``: what the SDXL pipeline (and ``SDXLTeacher``) uses for
+    this latent size without options: original size = target size = the image size, no crop. The SDXL UNet adds both
+    to its time embedding; without them it cannot run, and with other values it is a different network than the
+    one whose weights the generator adapts."""
+    cfg = net.config
+    if cfg.get("added_conditioning") is None:
+        return None
+    if cfg.conditioning == "task_id":
+        if task_ids is None:
+            raise ValueError("task_id conditioning needs task_ids")
+        pooled = net.task_pooled(task_ids)
+    else:
+        pooled = getattr(tgt_emb, "pooled", None) if isinstance(tgt_emb, PromptEmbeddings) else None
+        if pooled is None:
+            raise ValueError("an SDXL text-conditioned generator needs tgt_emb with a pooled embedding "
+                             "(PromptEmbeddings of the SDXL teacher)")
+    dtype = dtype or pooled.dtype
+    f = int(cfg.get("downsample_factor") or 8)
+    h, w = z.shape[-2] * f, z.shape[-1] * f
+    ids = torch.tensor([[h, w, 0, 0, h, w]], device=z.device, dtype=dtype).expand(z.shape[0], -1)
+    return {"text_embeds": pooled.to(device=z.device, dtype=dtype), "time_ids": ids}
+
+
 class TranslationUNet(ModelMixin, ConfigMixin):
     """Latent (or pixel) in, latent out; identity at initialisation."""
 
@@ -110,6 +142,10 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         timestep: int = 0,
         transformer_layers_per_block: int | tuple[int, ...] = 1,
         use_linear_projection: bool = False,
+        added_conditioning: str | None = None,
+        pooled_dim: int = 1280,
+        addition_time_embed_dim: int = 256,
+        downsample_factor: int = 8,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -120,6 +156,17 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             raise ValueError("task_id conditioning needs num_tasks >= 1")
         if position_frequencies < 0:
             raise ValueError(f"position_frequencies must be >= 0, got {position_frequencies}")
+        if added_conditioning not in (None, "text_time"):
+            raise ValueError(f"added_conditioning must be None or 'text_time', got {added_conditioning!r}")
+        if added_conditioning and conditioning == "text" and text_pooling:
+            raise ValueError("added_conditioning='text_time' needs text_pooling=False (both feed the time embedding)")
+        extra = {}
+        if added_conditioning:
+            extra = dict(addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+                         projection_class_embeddings_input_dim=pooled_dim + 6 * addition_time_embed_dim)
+        elif conditioning == "text" and text_pooling:
+            extra = dict(addition_embed_type="text",
+                         addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=in_channels + 4 * position_frequencies,
@@ -136,13 +183,14 @@ class TranslationUNet(ModelMixin, ConfigMixin):
                                           if isinstance(transformer_layers_per_block, list) else transformer_layers_per_block),
             use_linear_projection=use_linear_projection,
             num_class_embeds=num_tasks if conditioning == "task_id" else None,
-            **(dict(addition_embed_type="text",
-                    addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
-               if conditioning == "text" and text_pooling else {}),
+            **extra,
         )
         if conditioning == "task_id":
             self.task_tokens = nn.Embedding(num_tasks, num_task_tokens * cross_attention_dim)
             nn.init.normal_(self.task_tokens.weight, std=0.02)
+            if added_conditioning:
+                self.task_pooled = nn.Embedding(num_tasks, pooled_dim)
+                nn.init.normal_(self.task_pooled.weight, std=0.02)
         else:
             self.segment = nn.Parameter(torch.randn(2, cross_attention_dim) * 0.02)
         self.zero_residual_()
@@ -196,7 +244,8 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         if self.config.position_frequencies:
             pos = grid_fourier_features(z.shape[-2], z.shape[-1], self.config.position_frequencies)
             x = torch.cat([x, pos.to(x)[None].expand(b, -1, -1, -1)], dim=1)
-        residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
+        added = added_conditioning(self, z, task_ids, tgt_emb, x.dtype)
+        residual = self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels, added_cond_kwargs=added).sample
         return z + residual.to(z.dtype)
 
 

@@ -14,6 +14,9 @@ Conditioning: ``task_id`` learns one token sequence per task, initialised from t
 (:meth:`LoRATeacherGenerator.init_from_tasks_`), so the teacher sees at step 0 the prompt it was trained on;
 ``text`` feeds the prompt embeddings (``text_mode``: ``target`` = the target prompt, ``concat`` = source then
 target tokens, ``delta`` = target and target - source; a learned, zero-initialised segment embedding per half).
+SDXL's UNet also takes a pooled text embedding and micro-conditioning time ids in every call; the generator passes
+them too (``ddstrans.generator.added_conditioning``): the target prompt's pooled embedding, or for task ids a learned
+one per task initialised from it, and the pipeline's time ids for the image size (those of the teacher's calls).
 
 Only the trainable tensors (adapters, ``conv_out`` twin, task tokens / segment embedding) are in the
 ``state_dict``: checkpoints stay small and hold no copy of the teacher. :func:`merge_to_translation_unet` folds
@@ -91,7 +94,7 @@ class LoRATeacherGenerator(nn.Module):
     def __init__(self, unet, *, conditioning: str = "task_id", num_tasks: int = 1, text_mode: str = "target",
                  rank: int = DEFAULT_RANK, alpha: float | None = DEFAULT_ALPHA,
                  target_modules=DEFAULT_TARGET_MODULES, timestep: int = 0, num_task_tokens: int = 1,
-                 dropout: float = 0.0, gradient_checkpointing: bool = False):
+                 dropout: float = 0.0, gradient_checkpointing: bool = False, downsample_factor: int = 8):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -109,13 +112,25 @@ class LoRATeacherGenerator(nn.Module):
             raise ValueError("task_id conditioning needs num_tasks >= 1 and num_task_tokens >= 1")
         if _tuner_layers(unet) or isinstance(unet.conv_out, GeneratorConvOut):
             raise ValueError("this UNet already carries adapters: one LoRA generator per teacher")
+        added = getattr(unet.config, "addition_embed_type", None)
+        if added not in (None, "text_time"):
+            raise ValueError(f"the LoRA generator adapts UNets without added conditioning or with SDXL's text_time; "
+                             f"this UNet has addition_embed_type={added!r}")
+        pooled_dim = time_dim = 0
+        if added == "text_time":
+            time_dim = int(unet.config.addition_time_embed_dim)
+            pooled_dim = int(unet.config.projection_class_embeddings_input_dim) - 6 * time_dim
+            if pooled_dim <= 0:
+                raise ValueError("this text_time UNet does not take SDXL's 6 time ids (a refiner?): not supported")
         targets = tuple(str(t) for t in target_modules)
         check_target_modules((n for n, _ in unet.named_modules()), targets)
         dim = int(unet.config.cross_attention_dim)
         self.config = FrozenDict(
             conditioning=conditioning, num_tasks=int(num_tasks), text_mode=text_mode, rank=int(rank),
             alpha=float(alpha if alpha is not None else rank), target_modules=list(targets), timestep=int(timestep),
-            num_task_tokens=int(num_task_tokens), cross_attention_dim=dim, dropout=float(dropout))
+            num_task_tokens=int(num_task_tokens), cross_attention_dim=dim, dropout=float(dropout),
+            added_conditioning=added, pooled_dim=pooled_dim, addition_time_embed_dim=time_dim,
+            downsample_factor=int(downsample_factor))
         unet.requires_grad_(False)
         inject_adapter_in_model(LoraConfig(r=int(rank), lora_alpha=self.config.alpha, lora_dropout=float(dropout),
                                            init_lora_weights="gaussian", target_modules=list(targets)), unet)
@@ -124,6 +139,9 @@ class LoRATeacherGenerator(nn.Module):
         if conditioning == "task_id":
             self.task_tokens = nn.Embedding(int(num_tasks), int(num_task_tokens) * dim)
             nn.init.normal_(self.task_tokens.weight, std=0.02)
+            if added:
+                self.task_pooled = nn.Embedding(int(num_tasks), pooled_dim)
+                nn.init.normal_(self.task_pooled.weight, std=0.02)
         else:
             self.segment = nn.Parameter(torch.zeros(2, dim))
         for name, p in self.named_parameters():
@@ -137,7 +155,8 @@ class LoRATeacherGenerator(nn.Module):
 
     @staticmethod
     def _is_trainable(name: str) -> bool:
-        return ".lora_" in name or ".conv_out.twin." in name or name.startswith(("task_tokens.", "segment"))
+        return ".lora_" in name or ".conv_out.twin." in name or name.startswith(("task_tokens.", "task_pooled.",
+                                                                                 "segment"))
 
     # ------------------------------------------------------------------ adapter switch
     def _set_adapters(self, on: bool) -> None:
@@ -191,12 +210,20 @@ class LoRATeacherGenerator(nn.Module):
 
     @torch.no_grad()
     def init_from_tasks_(self, task_table) -> LoRATeacherGenerator:
-        """Task tokens := each task's (first) target-prompt embedding, when its length is ``num_task_tokens``."""
+        """Task tokens := each task's (first) target-prompt embedding, when its length is ``num_task_tokens`` (and,
+        SDXL, the task's pooled embedding := the target prompt's)."""
+        from ddstrans.embeddings import PromptEmbeddings, hidden_states
+
         if self.config.conditioning != "task_id":
             return self
-        tgt = task_table.target[:, 0] if task_table.target.ndim == 4 else task_table.target
+        emb = task_table.target
+        first = emb[:, 0] if hidden_states(emb).ndim == 4 else emb
+        tgt = hidden_states(first)
         if tgt.shape[0] == self.config.num_tasks and tgt.shape[1] == self.config.num_task_tokens:
             self.task_tokens.weight.copy_(tgt.reshape(tgt.shape[0], -1).to(self.task_tokens.weight))
+        pooled = first.pooled if isinstance(first, PromptEmbeddings) else None
+        if hasattr(self, "task_pooled") and pooled is not None and pooled.shape == self.task_pooled.weight.shape:
+            self.task_pooled.weight.copy_(pooled.to(self.task_pooled.weight))
         return self
 
     # ------------------------------------------------------------------ forward
@@ -206,12 +233,15 @@ class LoRATeacherGenerator(nn.Module):
         return conditioning_tokens(self, batch_size, None, task_ids, src_emb, tgt_emb)
 
     def forward(self, z: torch.Tensor, task_ids=None, src_emb=None, tgt_emb=None) -> torch.Tensor:
+        from ddstrans.generator import added_conditioning
+
         b = z.shape[0]
         base_dtype = self.unet.conv_in.weight.dtype
         ctx = self.context(b, task_ids, src_emb, tgt_emb).to(base_dtype)
         t = torch.full((b,), self.config.timestep, device=z.device, dtype=torch.long)
+        added = added_conditioning(self, z, task_ids, tgt_emb, base_dtype)
         with self.adapters_enabled():
-            residual = self.unet(z.to(base_dtype), t, encoder_hidden_states=ctx).sample
+            residual = self.unet(z.to(base_dtype), t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
         return z + residual.to(z.dtype)
 
 
@@ -243,11 +273,13 @@ def build_lora_generator(*, teacher=None, num_tasks: int = 1, conditioning: str 
     if teacher is None:
         raise ValueError("the LoRA generator needs the teacher (it adapts the teacher's own UNet)")
     if num_task_tokens is None:
-        num_task_tokens = int(getattr(teacher.tokenizer, "model_max_length", 77))
+        tok = getattr(teacher, "tokenizer", None) or getattr(getattr(teacher, "pipe", None), "tokenizer", None)
+        num_task_tokens = int(getattr(tok, "model_max_length", 77))
     return LoRATeacherGenerator(teacher.unet, conditioning=conditioning, num_tasks=num_tasks, text_mode=text_mode,
                                 rank=rank, alpha=alpha, target_modules=tuple(target_modules), timestep=timestep,
                                 num_task_tokens=num_task_tokens, dropout=dropout,
-                                gradient_checkpointing=gradient_checkpointing)
+                                gradient_checkpointing=gradient_checkpointing,
+                                downsample_factor=int(getattr(teacher, "downsample_factor", 8)))
 
 
 @torch.no_grad()
@@ -296,7 +328,12 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator, in_place: bool = False)
         mid_block_type=t.mid_block_type,
         attention_head_dim=tuple(t.attention_head_dim) if isinstance(t.attention_head_dim, (list, tuple))
         else t.attention_head_dim,
-        norm_num_groups=t.norm_num_groups, text_pooling=False, timestep=c.timestep)
+        norm_num_groups=t.norm_num_groups, text_pooling=False, timestep=c.timestep,
+        transformer_layers_per_block=tuple(t.transformer_layers_per_block)
+        if isinstance(t.transformer_layers_per_block, (list, tuple)) else t.transformer_layers_per_block,
+        use_linear_projection=bool(t.use_linear_projection), added_conditioning=c.get("added_conditioning"),
+        pooled_dim=c.get("pooled_dim") or 1280, addition_time_embed_dim=c.get("addition_time_embed_dim") or 256,
+        downsample_factor=c.get("downsample_factor") or 8)
     if t.out_channels != t.in_channels:
         raise ValueError(f"cannot merge: the teacher UNet has {t.out_channels} output and {t.in_channels} input "
                          "channels (a TranslationUNet maps latents to latents)")
@@ -312,6 +349,8 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator, in_place: bool = False)
                          f"{res.unexpected_keys[:3]} (the teacher UNet's layout differs)")
     if c.conditioning == "task_id":
         tu.task_tokens.weight = nn.Parameter(gen.task_tokens.weight.detach().float().clone())
+        if hasattr(gen, "task_pooled"):
+            tu.task_pooled.weight = nn.Parameter(gen.task_pooled.weight.detach().float().clone())
         # the LoRA generator has no class embedding: a zero one adds nothing
         tu.unet.class_embedding.weight = nn.Parameter(torch.zeros(tu.unet.class_embedding.weight.shape))
     else:
@@ -325,5 +364,5 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator, in_place: bool = False)
 def lora_generator_from_config(unet, config: dict) -> LoRATeacherGenerator:
     """Rebuild a LoRA generator on ``unet`` from a checkpoint's ``generator_config``."""
     keys = ("conditioning", "num_tasks", "text_mode", "rank", "alpha", "target_modules", "timestep",
-            "num_task_tokens", "dropout")
+            "num_task_tokens", "dropout", "downsample_factor")
     return LoRATeacherGenerator(unet, **{k: config[k] for k in keys if k in config})

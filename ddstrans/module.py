@@ -8,26 +8,31 @@ The teacher is a plain attribute (``ddstrans.Teacher`` is not an ``nn.Module``),
 ``state_dict``, not in checkpoints and not wrapped by DDP; each process moves its own replica to its device in
 ``on_fit_start`` (half precision on GPU). Only ``generator.*`` tensors are in the ``state_dict``; the EMA weights
 and the task table travel in the checkpoint through ``on_save_checkpoint``.
+
+The EMA (``ddstrans.ema``), the non-finite bookkeeping (``ddstrans.nonfinite``) and the checkpoint payload
+(``ddstrans.run_checkpoint``) are mixins of their own modules; their public names stay importable from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddstrans.ema import DEFAULT_EMA, EMAMixin
 from ddstrans.generator import TranslationUNet
 from ddstrans.guidance import Guidance
+from ddstrans.nonfinite import NonFiniteGuard, NonFiniteLossError
+from ddstrans.run_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointMixin
 from ddstrans.schedules import weight_at
 from ddstrans.scores import identity_loss, palette_loss, surrogate_loss
 from ddstrans.tasks import TaskTable
 
-CHECKPOINT_KEY = "ddstrans"
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_KEY", "DEFAULT_EMA", "DEFAULT_VALIDATION", "LOSS_TERMS",
+           "DDSTranslationModule", "NonFiniteLossError", "log_grid", "loss_defaults"]
 
 # The loss terms beside the score; the score's settings (guidance, warm-up, t range, weighting, noise policy) are
 # the fields of ``ddstrans.guidance.Guidance``. A run's ``loss`` config holds both (``loss_defaults``).
@@ -50,13 +55,7 @@ def loss_defaults() -> dict:
     return {**Guidance().to_dict(), **LOSS_TERMS}
 
 
-DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
-               "inv_gamma": 1.0, "power": 2 / 3}
 DEFAULT_VALIDATION = {"num_images": 4, "save_png": True, "log_images": True, "seed": 1234}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss: training stops instead of spinning on skipped steps."""
 
 
 def _resolve_dtype(name: str | torch.dtype | None, device: torch.device, precision: str) -> torch.dtype:
@@ -69,7 +68,7 @@ def _resolve_dtype(name: str | torch.dtype | None, device: torch.device, precisi
     return getattr(torch, str(name))
 
 
-class DDSTranslationModule(L.LightningModule):
+class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.LightningModule):
     """Args:
     teacher: a loaded ``ddstrans.Teacher`` (kept outside ``state_dict``).
     tasks: a ``TaskTable`` or a list of ``{name, source, target}`` (encoded with the teacher).
@@ -144,12 +143,8 @@ class DDSTranslationModule(L.LightningModule):
         self.ema = self._new_ema()
         self._ema_from_checkpoint = False
         self._rng: torch.Generator | None = None
-        self._skip_step = False
+        self._init_nonfinite()
         self._stepped = False
-        self.skipped_steps = 0
-        self.consecutive_skipped = 0
-        self.skipped_samples = 0  # samples the data loader dropped (non-finite, unreadable), all ranks
-        self._val_nonfinite = False
         self._ema_swapped = False
         self._val_grid_rows: list = []
 
@@ -186,26 +181,6 @@ class DDSTranslationModule(L.LightningModule):
         step = self.global_step if step is None else step
         return weight_at(step, float(c["palette_weight"]), int(c["palette_start"]), int(c["palette_ramp_steps"]))
 
-    def _new_ema(self):
-        """EMA of the generator weights (``diffusers.training_utils.EMAModel``), or None when disabled."""
-        if not self.ema_cfg["enabled"]:
-            return None
-        from diffusers.training_utils import EMAModel
-
-        c = self.ema_cfg
-        return EMAModel(self._ema_parameters(), decay=c["decay"], update_after_step=c["update_after_step"],
-                        use_ema_warmup=c["use_ema_warmup"], inv_gamma=c["inv_gamma"], power=c["power"],
-                        foreach=True)  # one fused update for all tensors (measured 2.5 -> 1.9 ms/step, CPU)
-
-    def _ema_named_parameters(self) -> list:
-        """The trained weights (for the LoRA generator: not the teacher's weights it shares)."""
-        if hasattr(self.generator, "trainable_named_parameters"):
-            return self.generator.trainable_named_parameters()
-        return list(self.generator.named_parameters())
-
-    def _ema_parameters(self) -> list:
-        return [p for _, p in self._ema_named_parameters()]
-
     # ------------------------------------------------------------------ devices
     def _place_teacher(self) -> None:
         """Move this process's teacher replica (and the task embeddings, EMA) to the module's device."""
@@ -219,10 +194,6 @@ class DDSTranslationModule(L.LightningModule):
         if self.task_table.source.device != device:
             self.task_table.to(device)
         self._ema_to_device()
-
-    def _ema_to_device(self) -> None:
-        if self.ema is not None and self.ema.shadow_params and self.ema.shadow_params[0].device != self.device:
-            self.ema.to(self.device)
 
     def on_fit_start(self) -> None:
         # Under DDP the weights were just broadcast from rank 0 (ranks may have built different random inits):
@@ -306,26 +277,7 @@ class DDSTranslationModule(L.LightningModule):
             self.log("train/loss_palette", palette.detach())
             loss = loss + palette_w * palette
 
-        # A non-finite loss, score entry or translation (a diverged generator: the score of an inf latent is
-        # zeroed, and its loss would read a harmless 0) must be skipped on every rank alike (DDP): reduce the flag,
-        # together with the count of samples the data loader skipped. This is the one host sync per step;
-        # everything logged below stays a tensor.
-        bad = ((~torch.isfinite(loss.detach())) | (info.nonfinite > 0)
-               | ~torch.isfinite(z_tgt.detach()).all()).float().reshape(())
-        dropped = batch.get("skipped_samples") if isinstance(batch, Mapping) else None
-        flags = torch.stack([bad.to(self.device), torch.as_tensor(dropped if dropped is not None else 0,
-                                                                   dtype=torch.float32, device=self.device).sum()])
-        if self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        bad_n, dropped_n = flags.tolist()
-        self.skipped_samples += int(dropped_n)
-        self._skip_step = bad_n > 0
-        if self._skip_step:
-            self.skipped_steps += 1
-            self.consecutive_skipped += 1
-            self._check_nonfinite_streak()
-        else:
-            self.consecutive_skipped = 0
+        self._record_step_health(loss, info, z_tgt, batch)
         name = f"train/loss_{self.guidance.method}"
         self.log(name, torch.nan_to_num(loss.detach()), prog_bar=True)
         self.log("train/guidance", float(guidance))
@@ -335,49 +287,6 @@ class DDSTranslationModule(L.LightningModule):
         self.log("train/skipped_samples", float(self.skipped_samples))
         self.log("train/delta", (z_tgt.detach() - z_src).abs().mean())
         return loss
-
-    def _check_nonfinite_streak(self) -> None:
-        """Raise ``NonFiniteLossError`` after ``loss.max_consecutive_nonfinite`` skipped steps in a row (0: never).
-        The skip flag is reduced over ranks, so every rank raises at the same step."""
-        limit = int(self.loss_cfg.get("max_consecutive_nonfinite") or 0)
-        if limit <= 0 or self.consecutive_skipped < limit:
-            return
-        lr = None
-        if self._trainer is not None and self.trainer.optimizers:
-            lr = self.trainer.optimizers[0].param_groups[0].get("lr")
-        tdt = str(self.teacher.dtype).replace("torch.", "")
-        lr_now = f"optim.lr, now {lr:g}" if isinstance(lr, (int, float)) else "optim.lr"
-        half = " - try model.teacher_dtype=bfloat16 or float32" if tdt == "float16" else ""
-        raise NonFiniteLossError(
-            f"the {self.guidance.method.upper()} loss was non-finite (NaN/inf) for {self.consecutive_skipped} "
-            f"consecutive steps (up to global step {self.global_step}; {self.skipped_steps} skipped in all). "
-            f"Likely causes: learning rate too high ({lr_now}: lower it, or set trainer.gradient_clip_val); "
-            f"teacher overflow in {tdt}{half}; bad inputs (NaN/inf pixels or latents). Skipped steps did not "
-            "change the weights, so the last checkpoint is usable. loss.max_consecutive_nonfinite sets the "
-            "limit (0: never stop)")
-
-    def _check_validation_finite(self) -> None:
-        """A non-finite validation metric counts as a non-finite step (towards the streak limit) and is
-        remembered: a run whose last validation is non-finite ends with ``NonFiniteLossError`` (see
-        ``on_train_end``), never with a finite-looking result."""
-        v = self.trainer.callback_metrics.get("val/dds_norm")
-        self._val_nonfinite = v is not None and not bool(torch.isfinite(torch.as_tensor(v)).all())
-        if self._val_nonfinite:
-            self.consecutive_skipped += 1
-            self._check_nonfinite_streak()
-
-    def on_train_end(self) -> None:
-        """Refuse to end as a success with diverged weights: non-finite generator or EMA parameters, or a last
-        validation that was non-finite."""
-        params = list(self.generator.parameters()) + (list(self.ema.shadow_params) if self.ema is not None else [])
-        finite = all(bool(torch.isfinite(p).all()) for p in params)
-        if finite and not self._val_nonfinite:
-            return
-        what = "the generator's weights are non-finite" if not finite else "the last validation was non-finite"
-        raise NonFiniteLossError(
-            f"training diverged: {what} at global step {self.global_step} ({self.skipped_steps} step(s) skipped as "
-            "non-finite). Likely causes: learning rate too high (lower optim.lr, or set trainer.gradient_clip_val); "
-            "teacher overflow in float16 (model.teacher_dtype=bfloat16 or float32); bad inputs")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().float() for p in self.generator.parameters() if p.grad is not None]
@@ -393,9 +302,8 @@ class DDSTranslationModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # EMA right after the optimizer step: before callbacks' on_train_batch_end (ModelCheckpoint), so a
         # checkpoint written at this step holds this step's EMA and resume continues it exactly.
-        if self.ema is not None and self._stepped:
-            self._ema_to_device()
-            self.ema.step(self._ema_parameters())
+        if self._stepped:
+            self._ema_step()
         self._stepped = False
 
     def configure_optimizers(self):
@@ -404,29 +312,6 @@ class DDSTranslationModule(L.LightningModule):
             return opt
         sched = self.scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
-
-    # ------------------------------------------------------------------ EMA
-    def swap_in_ema(self) -> None:
-        if self.ema is not None and not self._ema_swapped:
-            self._ema_to_device()
-            self.ema.store(self._ema_parameters())
-            self.ema.copy_to(self._ema_parameters())
-            self._ema_swapped = True
-
-    def swap_out_ema(self) -> None:
-        if self.ema is not None and self._ema_swapped:
-            self.ema.restore(self._ema_parameters())
-            self._ema_swapped = False
-
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The generator's ``state_dict`` with EMA weights (the raw weights when EMA is off)."""
-        sd = {k: v.detach().clone() for k, v in self.generator.state_dict().items()}
-        if self.ema is None:
-            return sd
-        names = [n for n, _ in self._ema_named_parameters()]
-        for n, s in zip(names, self.ema.shadow_params):
-            sd[n] = s.detach().clone().to(sd[n].dtype)
-        return sd
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -483,50 +368,6 @@ class DDSTranslationModule(L.LightningModule):
             grid.save(out / f"step_{step:07d}.png")
         if self.val_cfg["log_images"]:
             log_grid(self.loggers, grid, step, caption)
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_payload(self) -> dict[str, Any]:
-        metrics = {}
-        if self._trainer is not None:
-            for k, v in self.trainer.callback_metrics.items():
-                try:
-                    metrics[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "generator_class": type(self.generator).__name__,
-            "generator_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.generator.config.items()
-                                 if not k.startswith("_")},
-            "tasks": self.task_table.to_dict(),
-            "task_tensors": self.task_table.tensors(),
-            "teacher": {"source": getattr(self.teacher, "source", None),
-                        "root": str(getattr(self.teacher, "root", "")) or None,
-                        **self.teacher.describe()},
-            "run_config": self.run_config,
-            "metrics": metrics,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skipped": self.consecutive_skipped,
-            "skipped_samples": self.skipped_samples,
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None:
-            if self._ema_swapped:  # never save EMA weights as the raw weights
-                raise RuntimeError("checkpoint requested while EMA weights are swapped in")
-            checkpoint["ema"] = self.ema.state_dict()
-        checkpoint[CHECKPOINT_KEY] = self.checkpoint_payload()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-            self.ema.to(self.device)
-            self._ema_from_checkpoint = True
-        payload = checkpoint.get(CHECKPOINT_KEY, {})
-        self.skipped_steps = int(payload.get("skipped_steps", 0))
-        self.consecutive_skipped = int(payload.get("consecutive_skipped", 0))
-        self.skipped_samples = int(payload.get("skipped_samples", 0))
-
 
 def log_grid(loggers, grid, step: int, caption: str = "", key: str = "val/grid") -> None:
     """Log a PIL image to whatever loggers are attached (wandb, tensorboard; CSV has no images)."""

@@ -57,3 +57,13 @@ def weight_at(step: int, weight: float, start: int = 0, ramp_steps: int = 0, kin
     if step < start:
         return 0.0
     return float(weight) * _ramp(_progress(step - start, ramp_steps), kind)
+
+
+def warmup_cosine_at(step: int, peak: float, warmup: int, total: int, floor_frac: float = 0.0) -> float:
+    """A learning rate at optimizer step ``step`` (0-based): linear warm-up to ``peak`` over ``warmup`` steps (the
+    first step already at ``peak / warmup``), then a half cosine down to ``floor_frac * peak`` at step ``total``,
+    held there after it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    prog = (step - warmup) / max(1, total - warmup)
+    return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))

@@ -10,6 +10,11 @@ Directory layout (written by ``ddstrans.export``)::
     text_encoder*/ tokenizer*/ text-conditioned translators: to encode new prompt pairs (SDXL, SD3, Flux: all of
                            the family's text encoders, and its model_index.json)
 
+A LoRA translator exported with ``merge_adapters=False`` (format version 2) holds ``generator/config.json`` and
+``generator/adapters.safetensors`` instead of the generator's weights, and references its base teacher by directory,
+hub id and weight hash (``ddstrans.lora_export``); loading finds the base (or takes ``base``), checks the hash and
+folds the adapters in.
+
 Only JSON, text and safetensors are read, and only files listed in ``translator.json``: the directory must hold
 exactly the listed files, every listed path must stay inside it, and every file's sha256 is checked before use.
 Weights are loaded by path (``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``), never through a
@@ -18,7 +23,6 @@ library's file discovery.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,135 +32,21 @@ from PIL import Image
 
 from ddstrans.embeddings import expand_batch
 from ddstrans.teacher.latents import encode_text, vae_decode, vae_encode
-
-FORMAT = "ddstrans.translator"
-FORMAT_VERSION = 1
-REQUIRED_FILES = ("generator/config.json", "generator/diffusion_pytorch_model.safetensors", "tasks.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class TranslatorLoadError(RuntimeError):
-    """A translator directory that is missing, malformed, or fails its integrity check."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_tree(root: Path, exclude: Sequence[str] = ("translator.json",)) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative POSIX paths), except ``exclude``."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in exclude:
-            out[rel] = sha256_file(p)
-    return out
-
-
-def check_entries(root: Path, files: dict[str, str]) -> None:
-    """Refuse, before reading any file, entries that could leave ``root``: absolute paths, ``..`` components,
-    backslashes or drive letters, and paths through a symlink (a listed file or one of its parent directories)."""
-    base = root.resolve()
-    for rel in files:
-        bad = (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ":" in rel
-               or any(part in ("", ".", "..") for part in rel.split("/")))
-        if bad:
-            raise TranslatorLoadError(f"{root}: translator.json lists {rel!r}, not a plain relative path inside the "
-                                      "directory; refusing to load")
-        p = root
-        for part in rel.split("/"):
-            p = p / part
-            if p.is_symlink():
-                raise TranslatorLoadError(f"{root}: {rel} goes through a symbolic link ({p.relative_to(root)}); "
-                                          "refusing to load")
-        if not (root / rel).resolve().is_relative_to(base):
-            raise TranslatorLoadError(f"{root}: {rel} resolves outside the directory; refusing to load")
-
-
-def verify_tree(root: Path, files: dict[str, str], ignore: Sequence[str] = (), *, unlisted_ok: bool = False) -> None:
-    """Raise ``TranslatorLoadError`` unless the directory holds exactly the listed files (plus translator.json),
-    each with its hash. Entry paths are checked first (``check_entries``), unlisted files next (a loader must
-    never find an unverified file, e.g. a ``*.safetensors.index.json`` pointing at other weights), hashes last.
-    ``ignore``: folders (relative paths) no loader reads, skipped by the unlisted-file check (a hub download's
-    metadata folder, ``ddstrans.hub.HUB_METADATA_DIR``); a listed entry inside one is refused. ``unlisted_ok``:
-    only for a reader of the listed files alone (``push_to_hub`` uploads nothing else), never for a loader."""
-    if not isinstance(files, dict) or not files:
-        raise TranslatorLoadError(f"{root}: translator.json lists no file hashes; refusing to load unverified files "
-                                  "(re-export it with `ddstrans export`)")
-    check_entries(root, files)
-    ignored = tuple(d.rstrip("/") + "/" for d in ignore)
-    inside = [r for r in files if r.startswith(ignored)] if ignored else []
-    if inside:
-        raise TranslatorLoadError(f"{root}: translator.json lists {inside[0]}, inside the download metadata folder; "
-                                  "refusing to load")
-    unlisted = [r for r in REQUIRED_FILES if r not in files]
-    if unlisted:
-        raise TranslatorLoadError(f"{root}: translator.json does not list {', '.join(unlisted)}; refusing to load")
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if ignored and (rel + "/").startswith(ignored) and not p.is_symlink():
-            continue
-        if p.is_symlink():
-            raise TranslatorLoadError(f"{root}: {rel} is a symbolic link; refusing to load")
-        if p.is_file() and rel not in files and rel != "translator.json" and not unlisted_ok:
-            raise TranslatorLoadError(f"{root}: unexpected file {rel} (not in translator.json); refusing to load")
-    for rel, digest in files.items():
-        p = root / rel
-        if not p.is_file():
-            raise TranslatorLoadError(f"{root}: file {rel} listed in translator.json is missing")
-        if sha256_file(p) != digest:
-            raise TranslatorLoadError(
-                f"{root}: {rel} does not match its sha256 in translator.json (tampered, truncated or corrupted); refusing to load")
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TranslatorLoadError(f"{path}: cannot read ({e})") from None
-
-
-def load_component(model_cls, directory: Path, files: dict[str, str] | None, root: Path):
-    """A diffusers/transformers model built from ``directory/config.json`` with the weights of the listed
-    ``*.safetensors`` files of that directory, loaded by path (``safetensors.torch.load_file``) and with
-    ``strict=True``: no library discovery (index files, other formats) decides what is read.
-
-    ``files`` (the manifest) None: a referenced teacher directory outside the translator (the user's own teacher,
-    not part of the translator's hashes): its canonical safetensors file is read."""
-    from safetensors.torch import load_file
-
-    cfg = _read_config(directory / "config.json")
-    if files is None:  # the canonical single file of a diffusers/transformers save (not e.g. an fp16 variant)
-        weights = [p for p in (directory / "diffusion_pytorch_model.safetensors", directory / "model.safetensors")
-                   if p.is_file()][:1]
-        if not weights:  # a sharded save of the user's own teacher: the library's loader, safetensors only
-            return model_cls.from_pretrained(directory, use_safetensors=True).eval()
-    else:
-        prefix = directory.relative_to(root).as_posix() + "/"
-        weights = [root / r for r in sorted(files) if r.startswith(prefix) and "/" not in r[len(prefix):]
-                   and r.endswith(".safetensors")]
-    if not weights:
-        raise TranslatorLoadError(f"{directory}: no .safetensors weights")
-    state: dict = {}
-    try:
-        for w in weights:
-            state.update(load_file(str(w)))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for bad headers
-        raise TranslatorLoadError(f"{directory}: cannot read weights ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    if hasattr(model_cls, "from_config"):
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        model = model_cls.from_config(cfg)
-    else:  # transformers: config class of the model
-        model = model_cls(model_cls.config_class.from_dict(cfg))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TranslatorLoadError(f"{directory}: weights do not fit the config ({str(e).splitlines()[0]})") from None
-    return model.eval()
+from ddstrans.translator_files import (  # noqa: F401  (re-exported: the public names of the format)
+    ADAPTER_REQUIRED_FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    PICKLE_SUFFIXES,
+    REQUIRED_FILES,
+    TranslatorLoadError,
+    _read_config,
+    check_entries,
+    hash_tree,
+    load_component,
+    required_files,
+    sha256_file,
+    verify_tree,
+)
 
 
 class Translator:
@@ -178,10 +68,13 @@ class Translator:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                        verify: bool = True, backend: str = "torch", revision: str | None = None) -> Translator:
+                        verify: bool = True, backend: str = "torch", revision: str | None = None,
+                        base: str | Path | None = None) -> Translator:
         """Load a translator directory, or a hub repository id ``"org/name"`` (downloaded with
         ``huggingface_hub``, then verified like a local directory). ``backend="onnx"`` runs the generator (and VAE)
-        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``)."""
+        with onnxruntime from the directory's ``onnx/`` files (``ddstrans export --onnx``). ``base``: the teacher
+        directory of a translator that keeps its LoRA adapters separate (default: the one it records); its UNet
+        must hash as recorded."""
         from diffusers import AutoencoderKL
 
         from ddstrans.generator import TranslationUNet
@@ -205,12 +98,20 @@ class Translator:
         if info.get("format") != FORMAT or int(info.get("format_version", -1)) > FORMAT_VERSION:
             raise TranslatorLoadError(f"{meta_path}: unsupported format {info.get('format')!r} "
                                       f"version {info.get('format_version')!r} (this ddstrans reads {FORMAT_VERSION})")
+        adapters = bool(info.get("adapters"))
+        if adapters and backend == "onnx":
+            raise ValueError("backend='onnx' needs a merged translator (this one keeps its LoRA adapters separate)")
         if verify:
-            verify_tree(root, info.get("files", {}), ignore)
+            verify_tree(root, info.get("files", {}), ignore, required=required_files(info))
         elif info.get("files"):
             check_entries(root, info["files"])  # unverified, yet never outside the directory
         listed = info.get("files") or None  # the files to read, by name (verified above unless verify=False)
-        gen = load_component(TranslationUNet, root / "generator", listed, root)
+        if adapters:
+            from ddstrans.lora_export import load_adapter_generator
+
+            gen = load_adapter_generator(root, info, base)
+        else:
+            gen = load_component(TranslationUNet, root / "generator", listed, root)
         table = TaskTable.load(root / "tasks.safetensors", {"tasks": info["tasks"], "meta": {}})
         ref = info.get("teacher_reference")  # components referenced instead of copied
         vae = None
@@ -260,7 +161,8 @@ class Translator:
         if not meta.is_file():
             raise TranslatorLoadError(f"{self.path}: no translator.json (not an exported translator)")
         files = json.loads(meta.read_text()).get("files", {})
-        verify_tree(self.path, files, self._ignore, unlisted_ok=True)  # unlisted files are not uploaded
+        verify_tree(self.path, files, self._ignore, unlisted_ok=True,  # unlisted files are not uploaded
+                    required=required_files(self.info))
         return upload_translator(self.path, repo_id, list(files), **kwargs)
 
     def to(self, device=None, dtype=None) -> Translator:

@@ -9,6 +9,7 @@ checkpoint and the translator.
 
     scripts/bench_fullsize.py --generators lora             # full size (one fp32 SD-1.5 UNet: ~5 GB RSS)
     scripts/bench_fullsize.py --generators full             # two UNets + grads + AdamW + EMA: ~25 GB RSS
+    scripts/bench_fullsize.py --generators full --train-override optim.ema.enabled=false   # no EMA copy: ~21 GB
     scripts/bench_fullsize.py --width-divisor 10 --resolution 64   # the narrow variant (seconds)
 """
 
@@ -77,13 +78,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="training steps")
     ap.add_argument("--generators", default="lora,full", help="comma-separated: lora, full")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--reuse-shards", action="store_true",
+                    help="keep the shards of an earlier run in --workdir (skips the make-shards stage when present)")
+    ap.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra override of the training stage (repeatable), e.g. optim.ema.enabled=false")
     args = ap.parse_args(argv)
     kinds = [g.strip() for g in args.generators.split(",") if g.strip()]
     bad = [g for g in kinds if g not in GENERATORS]
     if bad:
         ap.error(f"--generators: unknown {bad}; choose from {', '.join(GENERATORS)}")
 
-    sys.path.insert(0, str(ROOT))
     from ddstrans.arch import make_random_sd15
 
     work = args.workdir.resolve()
@@ -99,8 +103,11 @@ def main(argv=None) -> int:
         os.replace(teacher.with_suffix(".partial"), teacher)
         rows.append({"stage": "build teacher", "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": None})
     shards = work / f"shards-w{args.width_divisor}-{args.resolution}"
-    shutil.rmtree(shards, ignore_errors=True)
-    rows.append(run_stage("make-shards from-teacher", [
+    reuse = args.reuse_shards and (shards / "manifest.json").is_file()
+    if not reuse:
+        shutil.rmtree(shards, ignore_errors=True)
+    rows.append({"stage": "make-shards from-teacher (reused)", "wall_s": None, "peak_rss_gib": None} if reuse else
+                run_stage("make-shards from-teacher", [
         str(bin_dir / "ddstrans"), "make-shards", "from-teacher", str(shards), "--teacher", str(teacher),
         "--prompt", "a photo of a cat", "--count", "2", "--steps", "2", "--batch-size", "2",
         "--resolution", str(args.resolution), "--device", "cpu", "--no-progress"], env, work / "make_shards.log"))
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
             "data.batch_size=1", "data.num_workers=0", "data.val_samples=1", "data.persistent_workers=false",
             "trainer=cpu", f"trainer.max_steps={args.steps}", "trainer.val_check_interval=1000",
             "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "logger=csv",
-            "model.validation.num_images=0", f"hydra.run.dir={run}"], env, work / f"train_{kind}.log"))
+            "model.validation.num_images=0", f"hydra.run.dir={run}", *args.train_override], env, work / f"train_{kind}.log"))
         ckpt = run / "checkpoints" / "last.ckpt"
         out = work / f"translator-{kind}-w{args.width_divisor}"
         rows.append(run_stage(f"export ({kind})", [
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
     print(f"SD-1.5 architecture / width_divisor={args.width_divisor}, {args.resolution} px, {args.steps} train steps")
     print("| stage | wall s | peak RSS GiB |\n|---|---:|---:|")
     for r in rows:
-        print(f"| {r['stage']} | {r['wall_s']} | {r['peak_rss_gib'] if r['peak_rss_gib'] is not None else '-'} |")
+        print(f"| {r['stage']} | {r['wall_s'] if r['wall_s'] is not None else '-'} | "
+              f"{r['peak_rss_gib'] if r['peak_rss_gib'] is not None else '-'} |")
     print("| generator | checkpoint params | checkpoint MB | translator generator params | translator MB |")
     print("|---|---:|---:|---:|---:|")
     for kind, c in counts.items():

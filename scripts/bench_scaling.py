@@ -89,7 +89,6 @@ def main(argv=None) -> int:
     ap.add_argument("--generator", default="tiny")
     ap.add_argument("--workdir", type=Path, default=Path("outputs/bench_scaling"))
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import statistics
@@ -43,18 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _sibling(name: str):
-    """A benchmark script beside this one, imported by its path (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses of the module look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bts = _sibling("bench_train_step")
+from train_step.setups import build_setup, make_loader, make_module, make_sync, quiet
 
 
 def build_translator(setup, module, workdir: Path, device, dtype, export: bool):
@@ -68,7 +56,7 @@ def build_translator(setup, module, workdir: Path, device, dtype, export: bool):
         return tr.to(device, dtype if device.type == "cuda" else None), "assembled in memory (not exported)"
     import lightning as L
 
-    loader = bts.make_loader(setup, 2, 1, "latents")
+    loader = make_loader(setup, 2, 1, "latents")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
                         default_root_dir=str(workdir))
@@ -104,19 +92,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.backends:
         return bench_backends(args)
-    bts.quiet()
+    quiet()
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "float32")]
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     rounds = args.rounds or (3 if args.quick else 5)
     n_meas = args.measure_steps or (min(10, args.edit_steps) if args.quick else args.edit_steps)
-    sync = bts.make_sync(device)
+    sync = make_sync(device)
 
     with tempfile.TemporaryDirectory(prefix="ddstrans-bench-tr-") as td:
         workdir = Path(td)
         os.environ.setdefault("DDSTRANS_CACHE", str(workdir / "cache"))
-        setup = bts.build_setup(args.arch, device, dtype, workdir, "off", args.sd15_base)
+        setup = build_setup(args.arch, device, dtype, workdir, "off", args.sd15_base)
         teacher = setup.teacher
         if args.translator:
             from ddstrans.translator import Translator
@@ -124,7 +112,7 @@ def main(argv=None) -> int:
             tr = Translator.from_pretrained(args.translator, device=device, dtype=dtype if device.type == "cuda" else None)
             how = f"loaded from {args.translator}"
         else:
-            module = bts.make_module(setup, device=device)
+            module = make_module(setup, device=device)
             tr, how = build_translator(setup, module, workdir, device, dtype, export=setup.arch != "sd15")
         teacher.to(device, dtype if device.type == "cuda" else torch.float32)
         task = tr.tasks[0]
@@ -218,7 +206,7 @@ def bench_backends(args) -> int:
     """Eager vs torch.compile vs ONNX Runtime on one translator (see the module docstring)."""
     from ddstrans.translator import Translator
 
-    bts.quiet()
+    quiet()
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -227,7 +215,7 @@ def bench_backends(args) -> int:
     if unknown:
         raise SystemExit(f"error: unknown backend(s) {sorted(unknown)}; choose from eager, compile, onnx")
     rounds = args.rounds or 5
-    sync = bts.make_sync(device)
+    sync = make_sync(device)
     with tempfile.TemporaryDirectory(prefix="ddstrans-bench-backends-") as td:
         path = args.translator
         how = f"loaded from {path}"

@@ -36,7 +36,6 @@ def one(args) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from ddstrans.generator import build_generator
     from ddstrans.lora import build_lora_generator
     from ddstrans.module import DDSTranslationModule
@@ -104,7 +103,6 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(one(args)))
         return 0
-    sys.path.insert(0, str(ROOT))
     from ddstrans.arch import make_random_sd15
     from ddstrans.memory import Setting, predict
 

@@ -40,6 +40,14 @@ def test_bench_translate_last_line(tmp_path):
     assert any("EXTRAPOLATED from 2 measured steps to 200" in line for line in lines)
 
 
+def test_bench_keep_adapters_table(tmp_path):
+    lines = _run("bench_keep_adapters.py", "--width-divisor", "10", tmp_path=tmp_path)
+    assert re.fullmatch(r"unet_sha256=[0-9a-f]{16}", lines[-1]), lines[-1]
+    row = lines[-2].split("|")
+    base, trained, adapters_mib = (int(row[3].replace(",", "")), int(row[5].replace(",", "")), float(row[6]))
+    assert 0 < trained < 0.2 * base and 0 < adapters_mib < 0.2 * base * 4 / 2**20
+
+
 def test_gpu_check_script_syntax():
     proc = subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

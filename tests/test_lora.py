@@ -163,3 +163,59 @@ def test_bad_lora_settings_one_line(tiny_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="conv_out"):
         build_lora_generator(teacher=teacher, target_modules=["conv_out"])
     assert not any(".lora_" in n for n, _ in teacher.unet.named_parameters())  # nothing injected on failure
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from ddstrans.testing import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("lora_sdxl") / "sdxl")
+
+
+def test_sdxl_generator_passes_added_conditioning_and_teacher_stays_plain(sdxl_dir, tmp_path):
+    from ddstrans.generator import added_conditioning
+
+    plain = _teacher(sdxl_dir, tmp_path)
+    teacher = _teacher(sdxl_dir, tmp_path)
+    m = _module(teacher)
+    gen = m.generator
+    assert gen.unet is teacher.unet and gen.config.added_conditioning == "text_time"
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([0, 1])
+    assert torch.equal(_gen(m, z, ids), z)  # identity at init
+    added = added_conditioning(gen, z, ids)
+    torch.testing.assert_close(added["time_ids"], teacher.time_ids(8, 8).expand(2, -1))  # the teacher's time ids
+    torch.testing.assert_close(added["text_embeds"], m.task_table.target[:, 0].pooled)  # initialised from the target
+    _perturb(gen, seed=7)
+    assert not torch.allclose(_gen(m, z, ids), z, atol=1e-4)
+    t = torch.tensor([100, 700])
+    emb = teacher.encode_prompts(["a photo of a lion", "a photo of a dog"])
+    torch.testing.assert_close(teacher.predict_noise(z, t, emb), plain.predict_noise(z, t, emb), atol=1e-6, rtol=0)
+    with gen.adapters_enabled():
+        assert not torch.allclose(teacher.predict_noise(z, t, emb), plain.predict_noise(z, t, emb), atol=1e-4)
+    assert any(k.startswith("generator.task_pooled.") for k in m.state_dict())  # trained and checkpointed
+
+
+@pytest.mark.parametrize("conditioning", ["task_id", "text"])
+def test_sdxl_train_export_translate(sdxl_dir, tmp_path, conditioning):
+    teacher = _teacher(sdxl_dir, tmp_path)
+    m = _module(teacher, conditioning)
+    trainer = _trainer(tmp_path / "a", 1, enable_checkpointing=False)
+    trainer.fit(m, datamodule=_dm())
+    ckpt_path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    ids = torch.zeros(2, dtype=torch.long)
+    m.swap_in_ema()
+    with torch.no_grad():
+        ref = _gen(m, z, ids)
+    m.swap_out_ema()
+    assert not torch.allclose(ref, z, atol=1e-5)  # one step moved it
+    merged = Translator.from_pretrained(export_checkpoint(ckpt_path, tmp_path / "merged", examples=[]))
+    separate = Translator.from_pretrained(export_checkpoint(ckpt_path, tmp_path / "separate", examples=[],
+                                                            merge_adapters=False))
+    for tr in (merged, separate):
+        torch.testing.assert_close(tr.translate_latents(z, "cat2lion"), ref, atol=1e-5, rtol=1e-5)
+    if conditioning == "text":  # a new prompt pair through the exported SDXL text encoders (pooled included)
+        out = merged.translate_latents(z, source="a photo of a dog", target="a photo of a cat")
+        assert out.shape == z.shape and torch.isfinite(out).all()

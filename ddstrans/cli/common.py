@@ -19,6 +19,10 @@ PARAMETER_FLAGS = {
     "give teacher_path,": "pass --teacher PATH,",
     "teacher (latents) needs resolution": "--latents needs --resolution",
     "prompts must hold at least one prompt": "give at least one --prompt",
+    "merge_adapters=False": "--keep-adapters",
+    "onnx=True": "--onnx",
+    "give base,": "pass --base DIR,",
+    "base='": "--base '",
 }
 
 

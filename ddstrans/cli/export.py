@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="also write the generator (and VAE) as ONNX with dynamic batch under onnx/ (hashed like the "
                    "other files; run with Translator.from_pretrained(dir, backend='onnx'))")
+    p.add_argument("--keep-adapters", action="store_true",
+                   help="LoRA checkpoints: write only the adapters and conditioning tensors and reference the "
+                   "teacher's UNet by directory, hub id and weight hash (loading needs that teacher; `ddstrans "
+                   "translate --base` when it moved) instead of merging them into a self-contained copy")
     p.add_argument("--license", default=None,
                    help="license of the model card's front matter (default: the teacher card's, else 'other')")
     p.add_argument("--examples", type=Path, nargs="+", default=None, metavar="IMAGE",
@@ -63,7 +67,8 @@ def run(args) -> int:
         path = export_checkpoint(args.checkpoint, out, use_ema=not args.no_ema,
                                  copy_teacher=not args.reference_teacher, teacher_path=args.teacher,
                                  overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
-                                 onnx=args.onnx, license=args.license, examples=examples)
+                                 onnx=args.onnx, license=args.license, examples=examples,
+                                 merge_adapters=not args.keep_adapters)
     except ExportError as e:
         raise CLIError(str(e)) from None
     print(f"exported translator to {path}")

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default=None, help="task name (see translator.json); or --source/--target")
     p.add_argument("--source", default=None, help="source prompt (text-conditioned translators)")
     p.add_argument("--target", default=None, help="target prompt (text-conditioned translators)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="teacher directory of a translator exported with --keep-adapters (default: the one it records)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="run in float16 (GPU only)")
@@ -91,7 +93,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     try:
         tr = Translator.from_pretrained(args.translator, device=device,
-                                        dtype=torch.float16 if args.fp16 else None)
+                                        dtype=torch.float16 if args.fp16 else None, base=args.base)
     except TranslatorLoadError as e:
         raise CLIError(str(e)) from None
     if args.task is not None and args.task not in tr.tasks:

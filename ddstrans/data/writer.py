@@ -12,206 +12,39 @@ is closed, so it only ever lists complete shards. Teacher generation is resumabl
 has seed ``seed + i`` and prompt ``prompts[i % len(prompts)]``; a re-run reads the indices already done
 from the manifest, deletes shards the manifest does not list (left by an interrupted run), and writes only
 the missing samples into new shards numbered after the existing ones.
+
+The shard directory and its manifest are ``ddstrans.data.shard_set``, teacher generation is
+``ddstrans.data.from_teacher``; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import json
-import logging
-import os
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ddstrans.data.from_teacher import sample_plan, write_from_teacher
+from ddstrans.data.shard_set import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PATTERN,
+    PIL_FORMATS,
+    SHARD_RE,
+    ShardSet,
+    encode_image,
+    npy_bytes,
+    teacher_id,
+)
 from ddstrans.images import IMAGE_SUFFIXES, pil_to_tensor, resize_center_crop, resize_max_side, to_rgb
-from ddstrans.teacher_settings import TeacherSettings
 
-log = logging.getLogger("ddstrans.data")
-
-MANIFEST = "manifest.json"
-PATTERN = "shards-%06d.tar"
-SHARD_RE = re.compile(r"^shards-(\d{6,})\.tar$")
-FORMAT_VERSION = "ddstrans-shards/1"
-PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+__all__ = ["FORMAT_VERSION", "MANIFEST", "PATTERN", "PIL_FORMATS", "SHARD_RE", "ShardSet", "encode_image",
+           "find_images", "npy_bytes", "open_image", "read_caption", "sample_plan", "teacher_id",
+           "write_from_folder", "write_from_teacher"]
 
 
-def teacher_id(teacher) -> str | None:
-    """The teacher's source as recorded in manifests: absolute path for local directories, else the hub id."""
-    src = getattr(teacher, "source", None)
-    if src is None:
-        return None
-    return os.path.abspath(os.path.expanduser(src)) if os.path.isdir(os.path.expanduser(src)) else str(src)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def encode_image(im: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    kw = {"quality": quality} if fmt in ("jpg", "webp") else {}
-    if fmt == "jpg":
-        kw["subsampling"] = 0 if quality >= 90 else 2
-    im.save(buf, format=PIL_FORMATS[fmt], **kw)
-    return buf.getvalue()
-
-
-def npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _ranges(indices: Iterable[int]) -> list[list[int]]:
-    """Sorted ints -> [[start, end_exclusive], ...]."""
-    out: list[list[int]] = []
-    for i in sorted(indices):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
-def _from_ranges(ranges: Iterable[Iterable[int]]) -> set[int]:
-    done: set[int] = set()
-    for a, b in ranges:
-        done.update(range(int(a), int(b)))
-    return done
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-class ShardSet:
-    """An output directory of shards plus its manifest; wraps ``webdataset.ShardWriter``.
-
-    ``write(sample, index=None)`` adds a sample; each closed shard is recorded in the manifest
-    (count, bytes, and the sample indices it holds) before the next one is opened.
-    """
-
-    def __init__(self, out: str | Path, *, maxcount: int = 1000, maxsize: float = 1e9, resume: bool = False,
-                 overwrite: bool = False, info: dict | None = None, command: str | None = None):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.maxcount, self.maxsize = int(maxcount), float(maxsize)
-        path = self.out / MANIFEST
-        existing = sorted(p for p in self.out.iterdir() if SHARD_RE.match(p.name))
-        if path.exists() or existing:
-            if overwrite:
-                for p in existing:
-                    p.unlink()
-                path.unlink(missing_ok=True)
-            elif not resume:
-                raise FileExistsError(f"{self.out} already holds shards; overwrite=True replaces them")
-        self.manifest: dict = self._load(path) if path.exists() else {}
-        if not self.manifest:
-            self.manifest = {"format": FORMAT_VERSION, "created": _now(), "commands": [], "count": 0,
-                             "shards": {}, "skipped": {}, "converted": {}}
-        self.manifest.update(info or {})
-        if command:
-            self.manifest.setdefault("commands", []).append(command)
-        # shards on disk that the manifest does not list come from an interrupted run: incomplete, remove
-        listed = set(self.manifest["shards"])
-        for p in existing:
-            if p.exists() and p.name not in listed:
-                log.warning("removing %s: not listed in the manifest (left by an interrupted run)", p)
-                p.unlink()
-        nums = [int(SHARD_RE.match(n).group(1)) for n in listed if SHARD_RE.match(n)]
-        self.next_shard = max(nums) + 1 if nums else 0
-        self.skipped: Counter[str] = Counter(self.manifest.get("skipped") or {})
-        self.converted: Counter[str] = Counter(self.manifest.get("converted") or {})
-        self._writer = None
-        self._current: list[int] = []
-        self.written = 0
-
-    @staticmethod
-    def _load(path: Path) -> dict:
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise RuntimeError(f"cannot read {path}: {e}; move it away to start over") from None
-
-    # ---------------------------------------------------------------- bookkeeping
-    def done_indices(self) -> set[int]:
-        done: set[int] = set()
-        for info in self.manifest["shards"].values():
-            done |= _from_ranges(info.get("indices", []))
-        return done
-
-    def skip(self, reason: str, where: str = "") -> None:
-        self.skipped[reason] += 1
-        n = sum(self.skipped.values())
-        if n <= 20 or n % 100 == 0:
-            log.warning("skipped %s: %s (%d skipped so far)", where or "sample", reason, n)
-
-    def save(self) -> None:
-        m = self.manifest
-        m["skipped"] = dict(self.skipped)
-        m["converted"] = dict(self.converted)
-        m["count"] = sum(int(s["count"]) for s in m["shards"].values())
-        m["num_shards"] = len(m["shards"])
-        m["updated"] = _now()
-        tmp = self.out / f".{MANIFEST}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(m, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, self.out / MANIFEST)
-
-    def _closed(self, fname: str) -> None:
-        name = os.path.basename(fname)
-        if not self._current:
-            Path(fname).unlink(missing_ok=True)
-            return
-        self.manifest["shards"][name] = {
-            "count": len(self._current), "bytes": os.path.getsize(fname), "indices": _ranges(self._current),
-        }
-        self._current = []
-        self.save()
-
-    # ---------------------------------------------------------------- writing
-    def write(self, sample: dict, index: int) -> None:
-        import webdataset as wds
-
-        if self._writer is None:
-            self._writer = wds.ShardWriter(
-                str(self.out / PATTERN), maxcount=self.maxcount, maxsize=self.maxsize, post=self._closed,
-                start_shard=self.next_shard, verbose=0,
-            )
-        self._writer.write(sample)  # may close the previous shard first (-> _closed records it)
-        self._current.append(index)
-        self.written += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.save()
-
-    def __enter__(self) -> ShardSet:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # on error the open shard is incomplete: close it (so the file is valid) but do not list it
-        if exc_type is not None and self._writer is not None:
-            self._current_backup, self._current = self._current, []
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._writer = None
-            self.save()
-            return
-        self.close()
-
-
-# ---------------------------------------------------------------------------------------------- from a folder
 def find_images(src: str | Path) -> tuple[list[Path], list[Path]]:
     """Images (by suffix, recursive, sorted) and other files (excluding .txt captions) under ``src``."""
     src = Path(src)
@@ -339,136 +172,4 @@ def write_from_folder(
         flush()
         shards.manifest["missing_captions"] = shards.manifest.get("missing_captions", 0) + missing_caps
         shards.manifest["found_images"] = len(images)
-    return shards.manifest
-
-
-# ---------------------------------------------------------------------------------------------- from the teacher
-def sample_plan(count: int, prompts: list[str], seed: int) -> Iterator[tuple[int, str, int]]:
-    """(index, prompt, seed) of every sample: deterministic, so a re-run regenerates the same ones."""
-    for i in range(count):
-        yield i, prompts[i % len(prompts)], seed + i
-
-
-def write_from_teacher(
-    out: str | Path,
-    teacher,
-    prompts: list[str],
-    count: int,
-    *,
-    seed: int = 0,
-    batch_size: int = 8,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    eta: float | None = None,
-    timestep_spacing: str | None = None,
-    resolution: int | None = None,
-    latents: bool = False,
-    image_format: str = "png",
-    quality: int = 95,
-    maxcount: int = 1000,
-    maxsize: float = 1e9,
-    command: str | None = None,
-    progress: bool = True,
-    check: Callable[[torch.Tensor, list[str]], list[bool]] | None = None,
-    drop_rejected: bool = False,
-) -> dict:
-    """Generate ``count`` images with the teacher (prompt ``i % len(prompts)``, seed ``seed + i``) into
-    shards; resumable. Returns the manifest.
-
-    Sampling settings left None are the teacher's (``teacher.settings.sampling``: its ``ddstrans_settings.json``
-    or its family's pipeline defaults). Sample ``i``'s initial noise and its eta noise come from its own generator
-    (seed ``seed + i``), so a sample is the same whatever the batch it falls in.
-
-    ``check(images, prompts) -> [bool]`` tells which samples show what their prompt asks for (a caption reader);
-    the manifest's ``caption_check`` counts checked and accepted samples, and the rejected ones are
-    not written with ``drop_rejected`` (their indices are kept in the manifest, so a resumed run does not draw them again).
-    """
-    from tqdm.auto import tqdm
-
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt")
-    if drop_rejected and check is None:
-        raise ValueError("drop_rejected needs check (a function telling which samples match their prompt)")
-    f = teacher.downsample_factor
-    resolution = int(resolution or teacher.image_size)
-    if resolution % teacher.image_multiple:
-        raise ValueError(f"resolution {resolution} must be a multiple of {teacher.image_multiple} for this teacher "
-                         "(its VAE factor; x2 for Flux's 2x2 packing)")
-    sampling = getattr(teacher, "settings", TeacherSettings()).sampling.replace(
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-        timestep_spacing=timestep_spacing)
-    generation = {
-        "teacher": teacher_id(teacher), "prompts": list(prompts), "seed": seed,
-        "num_inference_steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale,
-        "eta": sampling.eta, "timestep_spacing": sampling.timestep_spacing, "resolution": resolution,
-        "image_format": image_format, "latents": bool(latents), "drop_rejected": bool(drop_rejected),
-    }
-    path = Path(out) / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text()).get("generation")
-        if old is not None:
-            # keys a manifest of an earlier format lacks were at what is now the default
-            diff = {k: (old.get(k), v) for k, v in generation.items() if k in old and old[k] != v}
-            if diff:
-                raise ValueError(
-                    f"{out} was generated with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
-                    "use the same settings to resume, or a new directory"
-                )
-    info = {
-        "kind": "teacher", "generation": generation, "teacher": generation["teacher"], "resolution": resolution,
-        "image_format": image_format, "pixels": True, "latents": bool(latents),
-        "latent_channels": teacher.latent_channels, "latent_scale": teacher.latent_scale,
-        "latent_shift": teacher.latent_shift,
-        "downsample_factor": f, "latent_dtype": "float16" if latents else None, "requested": count,
-    }
-    with ShardSet(out, maxcount=maxcount, maxsize=maxsize, resume=True, info=info, command=command) as shards:
-        gate = None if check is None else shards.manifest.setdefault(
-            "caption_check", {"checked": 0, "accepted": 0, "rejected_indices": []})
-        rejected = _from_ranges(gate["rejected_indices"]) if drop_rejected else set()
-        done = shards.done_indices() | rejected
-        todo = [p for p in sample_plan(count, list(prompts), seed) if p[0] not in done]
-        if done:
-            log.info("%s: %d samples already done, %d to generate", out, len(done), len(todo))
-        shape = (teacher.latent_channels, resolution // f, resolution // f)
-        bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress)
-        meta = {"steps": sampling.num_inference_steps, "guidance_scale": sampling.guidance_scale, "eta": sampling.eta}
-        for b in range(0, len(todo), batch_size):
-            chunk = todo[b : b + batch_size]
-            gens = [torch.Generator().manual_seed(s) for _, _, s in chunk]
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-            x = teacher.sample([p for _, p, _ in chunk], num_inference_steps=sampling.num_inference_steps,
-                               guidance_scale=sampling.guidance_scale, eta=sampling.eta,
-                               timestep_spacing=sampling.timestep_spacing, size=resolution, latents=noise,
-                               generator=gens)
-            ok = [True] * len(chunk)
-            if check is not None:
-                ok = [bool(v) for v in check(x, [p for _, p, _ in chunk])]
-                if len(ok) != len(chunk):
-                    raise ValueError(f"check returned {len(ok)} verdicts for {len(chunk)} samples")
-                gate["checked"] += len(ok)
-                gate["accepted"] += sum(ok)
-                if drop_rejected:
-                    rejected |= {i for (i, _, _), v in zip(chunk, ok) if not v}
-                    gate["rejected_indices"] = _ranges(rejected)
-                    for (i, prompt, _), v in zip(chunk, ok):
-                        if not v:
-                            shards.skip("does not match its prompt (caption check)", f"sample {i} ({prompt!r})")
-            keep = [k for k, v in enumerate(ok) if v or not drop_rejected]
-            chunk, x = [chunk[k] for k in keep], x[keep]
-            arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            datas = [encode_image(Image.fromarray(a), image_format, quality) for a in arr]
-            z = None
-            if latents and datas:  # encode what the loader will decode, so cached and on-the-fly latents agree
-                xs = torch.cat([pil_to_tensor(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas])
-                z = teacher.encode_images(xs).cpu().to(torch.float16).numpy()
-            for k, ((i, prompt, s), data) in enumerate(zip(chunk, datas)):
-                sample = {
-                    "__key__": f"{i:08d}", image_format: data, "txt": prompt,
-                    "json": json.dumps({"index": i, "seed": s, "prompt": prompt, **meta}).encode(),
-                }
-                if z is not None:
-                    sample["latents.npy"] = npy_bytes(z[k])
-                shards.write(sample, i)
-            bar.update(len(ok))
-        bar.close()
     return shards.manifest

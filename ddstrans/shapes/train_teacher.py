@@ -10,7 +10,13 @@ Writes a diffusers-format folder (``unet/``, ``scheduler/``, ``text_encoder/``, 
   error does not blow up at high noise), DDPM linear schedule, 1000 steps, timesteps uniform.
 - CFG: the caption is replaced by "" (the unconditional prompt) with probability ``--cond-drop``.
 - The text encoder (a tiny ``CLIPTextModel``) is trained jointly; the exported weights are an
-  exponential moving average of the trained ones.
+  exponential moving average of the trained ones: ``decay = min(--ema, (1 + k) / (10 + k))`` at step ``k``, one
+  ``lerp`` over all tensors. Not ``diffusers.training_utils.EMAModel`` (which the translator's EMA uses): its first
+  update uses decay 0 and another update formula, so the shipped teacher's recorded command would no longer
+  reproduce it.
+- Learning rate: ``ddstrans.schedules.warmup_cosine_at`` (linear warm-up, cosine to ``--min-lr-frac``).
+- The model (building, probing, the diffusers export) is ``ddstrans.shapes.teacher_model``; this module holds the
+  command line and the training loop.
 - Seeded and exactly resumable: every batch is derived from ``(seed, step)``; the state (weights,
   EMA, optimizer, step, elapsed time) is saved every ``--save-every-min`` minutes to
   ``<out>/_train_state/state.pt`` atomically (write temp, ``os.replace``), and rerunning the same
@@ -25,13 +31,9 @@ Example (the shipped teacher's command is recorded in its README.md)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import json
-import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,12 +44,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddstrans.callbacks import atomic_torch_save
-from ddstrans.scores import add_noise, velocity
+from ddstrans.noising import add_noise, velocity
+from ddstrans.schedules import warmup_cosine_at
 from ddstrans.shapes.card import write_card
 from ddstrans.shapes.seeds import TEACHER_TRAIN
-from ddstrans.shapes.world import VOCAB, from_model, render_batch, to_model
-from ddstrans.teacher import ddim_cfg_loop, ddim_scheduler
-from ddstrans.word_tokenizer import make_word_tokenizer
+from ddstrans.shapes.teacher_model import build_models, encode, export, init_from, probe, swapped_in
+from ddstrans.shapes.world import render_batch, to_model
 
 
 def parse_args(argv=None):
@@ -108,85 +110,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------- model
-
-
-def build_models(args):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = make_word_tokenizer(VOCAB, model_max_length=16)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.text_dim,
-        intermediate_size=args.text_dim * 2,
-        num_hidden_layers=args.text_layers,
-        num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=args.text_dim,
-    )
-    torch.manual_seed(args.seed)
-    text_encoder = CLIPTextModel(text_config)
-    ch = tuple(int(c) for c in args.channels.split(","))
-    assert args.attn_from >= 1, "no attention at 32x32 (too slow on CPU)"
-    down = tuple("CrossAttnDownBlock2D" if i >= args.attn_from else "DownBlock2D" for i in range(len(ch)))
-    up = tuple(b.replace("Down", "Up") for b in reversed(down))
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=ch,
-        layers_per_block=args.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=args.text_dim,
-        attention_head_dim=args.head_dim,
-        norm_num_groups=8,
-        **(dict(addition_embed_type="text", addition_embed_type_num_heads=2) if args.text_time_embed else {}),
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        prediction_type=args.prediction_type, clip_sample=True,
-    )
-    return tokenizer, text_encoder, unet, scheduler
-
-
-def init_from(src: Path, unet, text_encoder) -> None:
-    """Fine-tuning start: copy matching weights from a teacher folder; zero a new text-time embedding's output."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    old_unet = UNet2DConditionModel.from_pretrained(src / "unet")
-    missing, unexpected = unet.load_state_dict(old_unet.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("add_embedding.") for k in missing):
-        raise SystemExit(f"--init-from {src}: architectures differ beyond the text-time embedding "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if missing:  # new text-time embedding: output exactly 0 at the start (its LayerNorm scaled to 0)
-        torch.nn.init.zeros_(unet.add_embedding.norm2.weight)
-        torch.nn.init.zeros_(unet.add_embedding.norm2.bias)
-    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(src / "text_encoder").state_dict())
-    print(f"initialised from {src} ({len(missing)} new tensors)", flush=True)
-
-
-def encode(tokenizer, text_encoder, prompts):
-    """Prompt embeddings *with* gradients: the text encoder trains here (``ddstrans.teacher.encode_text`` runs
-    under ``no_grad`` for the frozen teacher)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
-
-
 # -------------------------------------------------------------------------------------- training
-
-
-def lr_at(step, args):
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    prog = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
 def scene_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -214,83 +138,6 @@ def make_batch(step, args, alphas_cumprod):
     xt = add_noise(x0, noise, t, alphas_cumprod)
     target = noise if args.prediction_type == "epsilon" else velocity(x0, noise, t, alphas_cumprod)
     return xt, t, target, caps
-
-
-@torch.no_grad()
-def probe(tokenizer, text_encoder, unet, scheduler, args) -> float:
-    """Fraction of samples with the right color *and* shape, ``--probe-n`` per caption (all 24).
-
-    Fixed noise (seeded by ``--seed``) so that probes at different steps compare like with like.
-    """
-    from ddstrans.shapes import all_captions, parse_caption
-    from ddstrans.shapes import metrics as M
-
-    was_training = unet.training
-    unet.eval()
-    text_encoder.eval()
-    caps = [c for c in all_captions() for _ in range(args.probe_n)]
-    g = torch.Generator().manual_seed(args.seed + 1)
-    z = torch.randn(len(caps), 3, 32, 32, generator=g)
-    emb = encode(tokenizer, text_encoder, caps)
-    unc = encode(tokenizer, text_encoder, [""]).expand_as(emb)
-    x = from_model(ddim_cfg_loop(unet, ddim_scheduler(scheduler, args.probe_steps), z, emb, unc, args.probe_guidance))
-    colors, shapes = M.classify_color(x), M.classify_shape(x)
-    right = [parse_caption(c)["color"] == col and parse_caption(c)["shape"] == shp for c, col, shp in zip(caps, colors, shapes)]
-    if was_training:
-        unet.train()
-        text_encoder.train()
-    return float(np.mean(right))
-
-
-@contextlib.contextmanager
-def swapped_in(params, ema_params):
-    """The EMA weights in ``params`` for the duration (probe, export)."""
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema_params):
-            p.copy_(e)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
-
-
-def export(out: Path, tokenizer, text_encoder, unet, scheduler, ema_params, params):
-    """Write the diffusers folder with the EMA weights; each subfolder is swapped in atomically."""
-    with swapped_in(params, ema_params):
-        stage = out / "_train_state" / "export"
-        if stage.exists():
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
-        unet.save_pretrained(stage / "unet")
-        text_encoder.save_pretrained(stage / "text_encoder")
-        tokenizer.save_pretrained(stage / "tokenizer")
-        scheduler.save_pretrained(stage / "scheduler")
-        import diffusers
-        import transformers
-
-        index = {
-            "_class_name": "ShapesTeacher",
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "_transformers_version": transformers.__version__,
-        }
-        (stage / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for name in ("unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
-            dst = out / name
-            old = out / "_train_state" / (name + ".old")
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            if dst.exists():
-                os.replace(dst, old)
-            os.replace(stage / name, dst)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def drop_rows_after(path: Path, step: int, header: bool) -> None:
@@ -426,7 +273,7 @@ def main(argv=None):
     pbar = tqdm(total=args.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=5)
     while step < args.steps:
         xt, t, target, caps = make_batch(step, args, alphas_cumprod)
-        lr = lr_at(step, args)
+        lr = warmup_cosine_at(step, args.lr, args.warmup, args.steps, args.min_lr_frac)
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         emb = encode(tokenizer, text_encoder, caps)
