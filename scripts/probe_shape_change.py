@@ -147,7 +147,8 @@ def cmd_field(args) -> None:
     print("| output pixel | input pixels that reach it (gradient non-zero) | share of the gradient's mass within 2 px "
           "| within 4 px | within 8 px |\n|---|---|---|---|---|")
     yy, xx = np.mgrid[0:x.shape[-2], 0:x.shape[-1]]
-    ids, src, tgt = tr._condition(1, "to_square", None, None)
+    ids = torch.tensor([tr.task_table.index("to_square")])
+    src, tgt = tr.task_table.first(ids)
     for (py, px) in ((16, 16), (2, 2), (16, 2)):
         y = tr.generator(x, task_ids=ids, src_emb=src, tgt_emb=tgt)  # pixel space: latents are the image
         (g,) = torch.autograd.grad(y[0, :, py, px].sum(), x)

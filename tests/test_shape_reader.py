@@ -88,3 +88,27 @@ def test_strict_reader_tolerates_pixel_noise():
 def test_accuracy_uses_the_strict_reader():
     imgs = np.stack([on_image(pincushion(2.0)), on_image(pincushion(0.0))])
     assert M.target_accuracy(imgs, "shape", "square") == 0.5
+
+
+def test_shape_readers_script_scores_both_readers(tmp_path):
+    """scripts/shape_readers.py on a cache: rendered squares count for both readers, pincushions only for the
+    lenient one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    seeds_ = seeds.take(seeds.HELD_OUT, 0, 4)
+    inputs, src, _ = render_batch(seeds_, shape="circle")
+    answers, tgt, _ = render_batch(seeds_, shape="square")
+    pins = np.stack([on_image(pincushion(2.0, h=8.0)) for _ in seeds_])
+    cache = tmp_path / "c.npz"
+    np.savez(cache, inputs=inputs, src_masks=src, tgt_masks=tgt, targets=np.array(["square"] * 4),
+             out_answer=answers, out_pins=pins)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shape_readers.py"
+    proc = subprocess.run([sys.executable, str(script), "--cache", str(cache), "--methods", "answer,pins"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| answer") or line.startswith("| pins")}
+    assert rows["answer"][:4] == ["4", "1.000", "1.000", "1.000"]
+    assert rows["pins"][1:3] == ["1.000", "0.000"]
