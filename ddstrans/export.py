@@ -29,7 +29,8 @@ def load_training_checkpoint(path: str | Path, *, trust: bool = False) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
+        # mmap: tensors stay on disk until read, so the optimizer state of a large checkpoint never enters memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except pickle.UnpicklingError as e:
         if trust:
             raise ExportError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None

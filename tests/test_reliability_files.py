@@ -303,3 +303,21 @@ def test_lock_file_is_exclusive_and_released(tmp_path):
         with pytest.raises(Exception, match=f"in use by pid {os.getpid()}"):
             LockFile(p, "x").acquire()
     assert not p.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_save_streams_to_disk_instead_of_memory(tmp_path):
+    # a checkpoint serialised into a memory buffer first doubles a large run's peak memory while it saves
+    import tracemalloc
+
+    from ddstrans.callbacks import atomic_torch_save
+
+    state = {"w": torch.zeros(16 * 2**20 // 4)}  # 16 MiB of tensor data (allocated before tracing starts)
+    tracemalloc.start()
+    try:
+        atomic_torch_save(state, tmp_path / "last.ckpt")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"saving allocated {peak / 2**20:.1f} MiB of Python memory"
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["w"], state["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
