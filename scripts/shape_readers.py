@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ddstrans.shapes import metrics as M
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
             np.savez_compressed(tmp, inputs=inputs, src_masks=src, tgt_masks=tgt, targets=np.array(targets),
                                 **{f"out_{m}": o for m, o in outs.items()})
             tmp.replace(args.cache)
-    print(f"| method | n | accuracy (lenient reader) | accuracy (strict reader) | mask IoU with target | kept PSNR (dB) |")
+    print("| method | n | accuracy (lenient reader) | accuracy (strict reader) | mask IoU with target | kept PSNR (dB) |")
     print("|---|---|---|---|---|---|")
     for m, y in outs.items():
         lenient = np.mean([p == t for p, t in zip(M.classify_shape(y, strict=False), targets)])
