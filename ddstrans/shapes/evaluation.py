@@ -2,8 +2,9 @@
 
 Inputs are rendered from held-out seeds (never used in training); an input whose caption the task would
 not change (already at the target) is skipped, so identity scores 0 target accuracy. Metrics come from
-the renderer's ground truth (``ddstrans.shapes.metrics``): target accuracy, mask IoU against the target's
-ground-truth mask, "kept PSNR" of what the task must leave alone (the background outside the source and
+the renderer's ground truth (``ddstrans.shapes.metrics``): target accuracy (shapes read by the strict reader, so
+a pincushion or blob is no square), mask IoU against the target's ground-truth mask (the target square's for
+``to_square``), "kept PSNR" of what the task must leave alone (the background outside the source and
 target masks; the shape itself for background tasks), diversity, and time per image.
 """
 

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Where does a translator's pincushion-shaped ``to_square`` come from? Cheap probes of the teacher, the DDS score
+and the generator, each a few CPU minutes on held-out inputs (docs/experiments/shape-change-cause.md).
+
+- ``samples``: does the teacher draw squares? Its own DDIM samples of "a <color> square on a <background>
+  background", read by the strict and the lenient shape reader, per guidance scale.
+- ``edit``: does per-image DDS editing (the translator's training signal, one image at a time) make squares at a
+  guidance scale and timestep schedule? Strict/lenient accuracy, mask IoU with the target square, kept PSNR,
+  and which of the strict reader's checks the outputs fail.
+- ``gradient``: where does the DDS score push a circle or a triangle? The mean descent direction over many noises
+  and timesteps, projected per pixel on "toward the shape's color", in the regions a square needs filled (target
+  minus source), emptied (source minus target), and kept (target and source: its rim, one pixel inside the
+  target's outline, and its inside).
+- ``field``: which input pixels can one output pixel of the exported generator see (gradient non-zero)?
+- ``outputs``: which strict checks a cached set of outputs (``scripts/shape_readers.py --cache``) fails.
+
+    python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddstrans.shapes import metrics as M
+from ddstrans.shapes import shape_checks as C
+
+
+def failing_checks(mask: np.ndarray, shape: str) -> list[str]:
+    """Names of the strict checks of ``shape`` that ``mask`` fails (its cleaned version, as the reader sees it)."""
+    m = C.clean_mask(mask)
+    if m.sum() < M.MIN_PIXELS:
+        return ["empty"]
+    f, scores = C.shape_features(m), M.shape_scores(m)
+    out = []
+    if max(scores, key=scores.get) != shape:
+        out.append("reads as another shape")
+    if f["main_component"] < C.MIN_MAIN_COMPONENT:
+        out.append("pieces")
+    if f["convex_deficiency"] > C.MAX_CONVEX_DEFICIENCY:
+        out.append("concave")
+    if not C.ASPECT_RANGE[0] <= f["aspect"] <= C.ASPECT_RANGE[1]:
+        out.append("aspect")
+    if shape == "square":
+        out += (["fill"] * (f["fill"] < C.SQUARE_MIN_FILL) + ["sides"] * (f["side"] < C.SQUARE_MIN_SIDE)
+                + ["corners"] * (f["corner"] < C.SQUARE_MIN_CORNER))
+    elif not C.looks_like(shape, m, scores[shape]):
+        out.append(f"{shape} checks")
+    return out
+
+
+def readers_row(name, y, inputs, src, tgt, targets) -> str:
+    lenient = np.mean([p == t for p, t in zip(M.classify_shape(y, strict=False), targets)])
+    strict = np.mean([p == t for p, t in zip(M.classify_shape(y), targets)])
+    r = M.evaluate_edit(y, inputs, src, "shape", targets, tgt_masks=tgt)
+    fails = Counter(c for m, t in zip(M.estimate_mask(y), targets) for c in failing_checks(m, t))
+    why = ", ".join(f"{k} {v}" for k, v in fails.most_common()) or "-"
+    return f"| {name} | {len(y)} | {lenient:.3f} | {strict:.3f} | {r['mask_iou']:.3f} | {r['keep_psnr']:.2f} | {why} |"
+
+
+HEAD = ("| setting | n | accuracy (lenient) | accuracy (strict) | mask IoU with target | kept PSNR (dB) | "
+        "strict checks failed (count) |\n|---|---|---|---|---|---|---|")
+
+
+def cmd_samples(args, teacher) -> None:
+    from ddstrans.shapes.world import COLOR_NAMES, caption
+
+    print("| guidance | n | square (lenient) | square (strict) | strict checks failed (count) |\n|---|---|---|---|---|")
+    caps = [caption(c, "square", b) for c in COLOR_NAMES for b in ("striped", "checkered")]
+    for g in args.guidance:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.cat([teacher.sample([c] * args.n, guidance_scale=g, generator=gen)  # the teacher's own sampler
+                       for c in caps])
+        lenient = np.mean([s == "square" for s in M.classify_shape(x, strict=False)])
+        strict = np.mean([s == "square" for s in M.classify_shape(x)])
+        fails = Counter(c for m in M.estimate_mask(x) for c in failing_checks(m, "square"))
+        print(f"| {g} | {len(x)} | {lenient:.3f} | {strict:.3f} | "
+              f"{', '.join(f'{k} {v}' for k, v in fails.most_common()) or '-'} |")
+
+
+def cmd_edit(args, teacher) -> None:
+    from ddstrans.editing import EditConfig
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method
+
+    es = build_eval_set(shapes_task("to_square"), args.n)
+    print(HEAD)
+    for g in args.guidance:
+        for sched in args.schedules:
+            t_range, t_end = {"eval": ((50, 600), None), "train": ((50, 950), (20, 300))}[sched]
+            cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
+            EditConfig(**cfg)  # fail early on a bad setting
+            y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg)
+            print(readers_row(f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}",
+                              M.as_unit(y), M.as_unit(es.inputs), es.src_masks, es.tgt_masks, es.targets), flush=True)
+
+
+def cmd_gradient(args, teacher) -> None:
+    from ddstrans.editing import EditConfig
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.world import COLOR_ARRAY, COLOR_NAMES, render_scene, to_model
+
+    print("| input | guidance | t range | fill (target - source) | empty (source - target) | rim of the kept part "
+          "| inside of the kept part | background |\n|---|---|---|---|---|---|---|---|")
+    for shape in ("circle", "triangle"):
+        scenes = [render_scene(s, shape=shape) for s in S.take(S.HELD_OUT, 0, args.n)]
+        answers = [render_scene(s, shape="square") for s in S.take(S.HELD_OUT, 0, args.n)]
+        x = to_model(np.stack([r["image"] for r in scenes])).to(teacher.device)
+        src_m, tgt_m = np.stack([r["mask"] for r in scenes]), np.stack([a["mask"] for a in answers])
+        # per pixel, the unit direction from the background's gray to the shape's color (in [-1, 1] units)
+        col = np.stack([COLOR_ARRAY[COLOR_NAMES.index(r["color"])] for r in scenes])
+        bg = np.stack([r["image"] for r in scenes])
+        bg = np.where(src_m[..., None], np.asarray([r["scene"].bg_colors[0] for r in scenes])[:, None, None, None], bg)
+        d = col[:, None, None, :] - bg
+        d = d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-6)
+        emb_s = teacher.encode_prompts([r["caption"] for r in scenes])
+        emb_t = teacher.encode_prompts([a["caption"] for a in answers])
+        inner = ~M.dilate(~tgt_m, 1)
+        regions = {"fill": tgt_m & ~src_m, "empty": src_m & ~tgt_m, "rim": tgt_m & src_m & ~inner,
+                   "inside": inner & src_m, "background": ~M.dilate(src_m | tgt_m, 1)}
+        for g in args.guidance:
+            for t_range in args.t_ranges:
+                cfg = EditConfig(method="dds", guidance=g, t_range=t_range)
+                gen = torch.Generator(device=teacher.device).manual_seed(0)
+                total = torch.zeros_like(x)
+                for _ in range(args.draws):
+                    total += cfg.grad(teacher, x, x, emb_s, emb_t, generator=gen)
+                step = (-total / args.draws).permute(0, 2, 3, 1).cpu().numpy()  # descent direction, (B, H, W, 3)
+                toward = (step * d).sum(-1)
+                scale = np.abs(toward).mean()
+                cells = [f"{toward[r].mean() / scale:+.2f}" if r.any() else "-" for r in regions.values()]
+                print(f"| {shape} | {g} | {tuple(t_range)} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cmd_field(args) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.world import render_scene, to_model
+    from ddstrans.translator import Translator
+
+    tr = Translator.from_pretrained(args.translator)
+    x = to_model(render_scene(S.HELD_OUT.start)["image"]).requires_grad_(True)
+    print("| output pixel | input pixels that reach it (gradient non-zero) | share of the gradient's mass within 2 px "
+          "| within 4 px | within 8 px |\n|---|---|---|---|---|")
+    yy, xx = np.mgrid[0:x.shape[-2], 0:x.shape[-1]]
+    ids = torch.tensor([tr.task_table.index("to_square")])
+    src, tgt = tr.task_table.first(ids)
+    for (py, px) in ((16, 16), (2, 2), (16, 2)):
+        y = tr.generator(x, task_ids=ids, src_emb=src, tgt_emb=tgt)  # pixel space: latents are the image
+        (g,) = torch.autograd.grad(y[0, :, py, px].sum(), x)
+        mass = g.abs().sum(1)[0].numpy()
+        dist = np.maximum(np.abs(yy - py), np.abs(xx - px))  # Chebyshev distance to the output pixel
+        share = [mass[dist <= r].sum() / mass.sum() for r in (2, 4, 8)]
+        print(f"| ({py}, {px}) | {int((mass > 0).sum())} of {mass.size} | " + " | ".join(f"{v:.3f}" for v in share) + " |")
+
+
+def cmd_outputs(args) -> None:
+    z = np.load(args.cache, allow_pickle=False)
+    targets = list(z["targets"])
+    print(HEAD)
+    for k in z.files:
+        if k.startswith("out_"):
+            print(readers_row(k[4:], z[k], z["inputs"], z["src_masks"], z["tgt_masks"], targets))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs"))
+    p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
+    p.add_argument("--translator", default=None, help="exported translator (field)")
+    p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
+    p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales")
+    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient) or samples per caption (samples)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)) and/or train "
+                   "([50, 950) -> [20, 300) over the edit, the main job's schedule)")
+    p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
+    p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
+    args = p.parse_args(argv)
+    args.guidance = [float(g) for g in args.guidance.split(",")]
+    args.schedules = [s for s in args.schedules.split(",") if s]
+    args.t_ranges = [tuple(int(v) for v in r.split("-")) for r in args.t_ranges.split(",")]
+    torch.set_grad_enabled(True)
+    if args.probe == "field":
+        cmd_field(args)
+        return 0
+    if args.probe == "outputs":
+        cmd_outputs(args)
+        return 0
+    from ddstrans.shapes.defaults import load_shapes_teacher
+
+    teacher = load_shapes_teacher(args.teacher)
+    {"samples": cmd_samples, "edit": cmd_edit, "gradient": cmd_gradient}[args.probe](args, teacher)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
