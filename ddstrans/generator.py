@@ -92,7 +92,7 @@ def added_conditioning(net, z: torch.Tensor, task_ids=None, tgt_emb=None, dtype:
     to its time embedding; without them it cannot run, and with other values it is a different network than the
     one whose weights the generator adapts."""
     cfg = net.config
-    if cfg.get("added_conditioning") is None:
+    if cfg.get("added_conditioning") != "text_time":  # "text" pools the context tokens inside the UNet
         return None
     if cfg.conditioning == "task_id":
         if task_ids is None:
@@ -145,6 +145,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         added_conditioning: str | None = None,
         pooled_dim: int = 1280,
         addition_time_embed_dim: int = 256,
+        addition_embed_type_num_heads: int | None = None,
         downsample_factor: int = 8,
     ):
         super().__init__()
@@ -156,17 +157,18 @@ class TranslationUNet(ModelMixin, ConfigMixin):
             raise ValueError("task_id conditioning needs num_tasks >= 1")
         if position_frequencies < 0:
             raise ValueError(f"position_frequencies must be >= 0, got {position_frequencies}")
-        if added_conditioning not in (None, "text_time"):
-            raise ValueError(f"added_conditioning must be None or 'text_time', got {added_conditioning!r}")
-        if added_conditioning and conditioning == "text" and text_pooling:
+        if added_conditioning not in (None, "text", "text_time"):
+            raise ValueError(f"added_conditioning must be None, 'text' or 'text_time', got {added_conditioning!r}")
+        if added_conditioning == "text_time" and conditioning == "text" and text_pooling:
             raise ValueError("added_conditioning='text_time' needs text_pooling=False (both feed the time embedding)")
         extra = {}
-        if added_conditioning:
+        if added_conditioning == "text_time":
             extra = dict(addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
                          projection_class_embeddings_input_dim=pooled_dim + 6 * addition_time_embed_dim)
-        elif conditioning == "text" and text_pooling:
-            extra = dict(addition_embed_type="text",
-                         addition_embed_type_num_heads=next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
+        elif added_conditioning == "text" or (conditioning == "text" and text_pooling):
+            # a pooled-text time embedding read from the context tokens themselves: no extra inputs
+            extra = dict(addition_embed_type="text", addition_embed_type_num_heads=addition_embed_type_num_heads
+                         or next(h for h in (8, 4, 2, 1) if cross_attention_dim % h == 0))
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
             in_channels=in_channels + 4 * position_frequencies,
@@ -188,7 +190,7 @@ class TranslationUNet(ModelMixin, ConfigMixin):
         if conditioning == "task_id":
             self.task_tokens = nn.Embedding(num_tasks, num_task_tokens * cross_attention_dim)
             nn.init.normal_(self.task_tokens.weight, std=0.02)
-            if added_conditioning:
+            if added_conditioning == "text_time":
                 self.task_pooled = nn.Embedding(num_tasks, pooled_dim)
                 nn.init.normal_(self.task_pooled.weight, std=0.02)
         else:

@@ -113,9 +113,9 @@ class LoRATeacherGenerator(nn.Module):
         if _tuner_layers(unet) or isinstance(unet.conv_out, GeneratorConvOut):
             raise ValueError("this UNet already carries adapters: one LoRA generator per teacher")
         added = getattr(unet.config, "addition_embed_type", None)
-        if added not in (None, "text_time"):
-            raise ValueError(f"the LoRA generator adapts UNets without added conditioning or with SDXL's text_time; "
-                             f"this UNet has addition_embed_type={added!r}")
+        if added not in (None, "text", "text_time"):
+            raise ValueError(f"the LoRA generator adapts UNets without added conditioning, with a pooled-text "
+                             f"embedding ('text') or with SDXL's text_time; this UNet has addition_embed_type={added!r}")
         pooled_dim = time_dim = 0
         if added == "text_time":
             time_dim = int(unet.config.addition_time_embed_dim)
@@ -130,6 +130,7 @@ class LoRATeacherGenerator(nn.Module):
             alpha=float(alpha if alpha is not None else rank), target_modules=list(targets), timestep=int(timestep),
             num_task_tokens=int(num_task_tokens), cross_attention_dim=dim, dropout=float(dropout),
             added_conditioning=added, pooled_dim=pooled_dim, addition_time_embed_dim=time_dim,
+            addition_embed_type_num_heads=int(unet.config.addition_embed_type_num_heads) if added == "text" else None,
             downsample_factor=int(downsample_factor))
         unet.requires_grad_(False)
         inject_adapter_in_model(LoraConfig(r=int(rank), lora_alpha=self.config.alpha, lora_dropout=float(dropout),
@@ -139,7 +140,7 @@ class LoRATeacherGenerator(nn.Module):
         if conditioning == "task_id":
             self.task_tokens = nn.Embedding(int(num_tasks), int(num_task_tokens) * dim)
             nn.init.normal_(self.task_tokens.weight, std=0.02)
-            if added:
+            if added == "text_time":
                 self.task_pooled = nn.Embedding(int(num_tasks), pooled_dim)
                 nn.init.normal_(self.task_pooled.weight, std=0.02)
         else:
@@ -333,6 +334,7 @@ def merge_to_translation_unet(gen: LoRATeacherGenerator, in_place: bool = False)
         if isinstance(t.transformer_layers_per_block, (list, tuple)) else t.transformer_layers_per_block,
         use_linear_projection=bool(t.use_linear_projection), added_conditioning=c.get("added_conditioning"),
         pooled_dim=c.get("pooled_dim") or 1280, addition_time_embed_dim=c.get("addition_time_embed_dim") or 256,
+        addition_embed_type_num_heads=c.get("addition_embed_type_num_heads"),
         downsample_factor=c.get("downsample_factor") or 8)
     if t.out_channels != t.in_channels:
         raise ValueError(f"cannot merge: the teacher UNet has {t.out_channels} output and {t.in_channels} input "

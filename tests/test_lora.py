@@ -219,3 +219,35 @@ def test_sdxl_train_export_translate(sdxl_dir, tmp_path, conditioning):
     if conditioning == "text":  # a new prompt pair through the exported SDXL text encoders (pooled included)
         out = merged.translate_latents(z, source="a photo of a dog", target="a photo of a cat")
         assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("conditioning", ["task_id", "text"])
+def test_pooled_text_teacher_shapes(conditioning):
+    # the shipped shapes teacher's UNet pools its context tokens into the time embedding (addition_embed_type
+    # "text"): the generator feeds it its own tokens, and the merged network keeps that embedding
+    from ddstrans.shapes.defaults import load_shapes_teacher
+
+    teacher = load_shapes_teacher()
+    assert teacher.model.config.addition_embed_type == "text"
+    tasks = [{"name": "to_blue", "source": "a red circle on a striped background",
+              "target": "a blue circle on a striped background"},
+             {"name": "to_square", "source": "a red circle on a striped background",
+              "target": "a red square on a striped background"}]
+    torch.manual_seed(0)
+    m = DDSTranslationModule(teacher, tasks, functools.partial(build_lora_generator, conditioning=conditioning, rank=4),
+                             optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), validation={"num_images": 0})
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0, 1])
+    src, tgt = m.task_table.first(ids)
+    t = torch.tensor([300, 600])
+    ctx = getattr(tgt, "hidden_states", tgt)
+    with torch.no_grad():
+        plain = teacher.model(z, t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(m.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt), z)  # identity at init
+        _perturb(m.generator, seed=2)
+        again = teacher.model(z, t, encoder_hidden_states=ctx).sample
+        out = m.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt)
+        merged = merge_to_translation_unet(m.generator)(z, task_ids=ids, src_emb=src, tgt_emb=tgt)
+    torch.testing.assert_close(again, plain)  # adapters off between generator calls: the plain teacher
+    assert (out - z).abs().max() > 1e-3
+    torch.testing.assert_close(merged, out, atol=1e-5, rtol=1e-5)
