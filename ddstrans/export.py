@@ -154,12 +154,12 @@ def export_checkpoint(
 
     The directory is built in a temporary sibling folder, verified, and swapped in whole (under a lock file), so
     a crash or a second export never leaves a half-written translator at ``out_dir``."""
-    from ddstrans.locks import LockedError, LockFile
+    from ddstrans.locks import LockedError, directory_lock
 
     out = Path(out_dir)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = LockFile(out.with_name(f".{out.name}.lock"), what=f"export target {out}")
+    lock = directory_lock(out, what=f"export target {out}")
     try:
         lock.acquire()
     except LockedError as e:

@@ -118,3 +118,10 @@ class LockFile:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def directory_lock(directory: str | os.PathLike, what: str) -> LockFile:
+    """The lock of a directory that is rebuilt and swapped in whole (an exported translator): ``.<name>.lock``
+    beside it. One naming rule for every writer of the directory (export, card update), so they exclude each other."""
+    directory = Path(directory)
+    return LockFile(directory.with_name(f".{directory.name}.lock"), what=what)

@@ -223,7 +223,7 @@ def update_card_eval(root: str | Path, eval_rows: Sequence[Mapping]) -> Path:
     import tempfile
 
     from ddstrans.io_safety import swap_in_directory
-    from ddstrans.locks import LockedError, LockFile
+    from ddstrans.locks import LockedError, directory_lock
     from ddstrans.translator import TranslatorLoadError, hash_tree, verify_tree
 
     given = Path(root)
@@ -231,7 +231,7 @@ def update_card_eval(root: str | Path, eval_rows: Sequence[Mapping]) -> Path:
     meta_path, card = root / "translator.json", root / "README.md"
     if not meta_path.is_file() or not card.is_file():
         raise TranslatorLoadError(f"{given}: not an exported translator (translator.json and README.md needed)")
-    lock = LockFile(root.with_name(f".{root.name}.lock"), what=f"translator directory {root}")
+    lock = directory_lock(root, what=f"translator directory {root}")
     try:
         lock.acquire()
     except LockedError as e:
