@@ -89,8 +89,8 @@ def _target_cell(task: Mapping) -> str:
     """Target prompts; a per-image task's rewrite as ``pattern -> replacement``."""
     text = _cell(" / ".join(task["target"]))
     rw = task.get("rewrite")
-    if rw:
-        text += f", rewritten: `{_cell(rw['pattern'])}` → `{_cell(rw['replacement'])}`"
+    for r in [rw] if isinstance(rw, Mapping) else (rw or []):
+        text += f", rewritten: `{_cell(r['pattern'])}` → `{_cell(r['replacement'])}`"
     return text
 
 

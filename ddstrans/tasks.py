@@ -6,7 +6,8 @@ variant per sample. ``TaskTable`` holds the embeddings of every variant as padde
 too). The table saves to ``tasks.safetensors`` (tensors) + a JSON-able dict (names, prompts) for export.
 
 A task may also describe each image by its caption (``source: "{caption}"``) and derive the target with a
-``rewrite`` (a regular expression and its replacement, e.g. every color word -> "blue"): a *per-image* task.
+``rewrite`` (a regular expression and its replacement, e.g. every color word -> "blue"; or a list of them, applied
+in order, for an edit of several attributes at once): a *per-image* task.
 Its prompts are filled per sample from the batch's ``caption`` and encoded through the teacher's cache;
 the table then holds the template's embedding as a placeholder.
 """
@@ -29,7 +30,7 @@ class Task:
     name: str
     source: list[str]
     target: list[str]
-    rewrite: dict | None = None  # {pattern, replacement}: applied to the filled target prompt
+    rewrite: dict | list[dict] | None = None  # {pattern, replacement} or a list of them: applied to the filled target
 
     def __post_init__(self):
         self.source = [self.source] if isinstance(self.source, str) else list(self.source)
@@ -37,10 +38,21 @@ class Task:
         if not self.name or not self.source or not self.target:
             raise ValueError(f"task {self.name!r} needs a name and at least one source and one target prompt")
         if self.rewrite is not None:
-            self.rewrite = dict(self.rewrite)
-            if set(self.rewrite) != {"pattern", "replacement"}:
-                raise ValueError(f"task {self.name!r}: rewrite needs exactly 'pattern' and 'replacement'")
-            Rewrite(**self.rewrite)  # validates the pattern
+            many = not isinstance(self.rewrite, Mapping)
+            self.rewrite = [dict(r) for r in self.rewrite] if many else dict(self.rewrite)
+            for r in self.rewrites:
+                if set(r) != {"pattern", "replacement"}:
+                    raise ValueError(f"task {self.name!r}: rewrite needs exactly 'pattern' and 'replacement'")
+                Rewrite(**r)  # validates the pattern
+            if many and not self.rewrite:
+                raise ValueError(f"task {self.name!r}: rewrite is an empty list (leave it out for no rewrite)")
+
+    @property
+    def rewrites(self) -> list[dict]:
+        """The rewrites in the order they apply (one for a single ``{pattern, replacement}``)."""
+        if self.rewrite is None:
+            return []
+        return [self.rewrite] if isinstance(self.rewrite, dict) else list(self.rewrite)
 
     @property
     def per_image(self) -> bool:
@@ -52,7 +64,9 @@ class Task:
 
     def target_for(self, caption: str | None, variant: int = 0) -> str:
         text = fill(self.target[variant % len(self.target)], caption)
-        return Rewrite(**self.rewrite)(text) if self.rewrite else text
+        for r in self.rewrites:
+            text = Rewrite(**r)(text)
+        return text
 
 
 def as_tasks(items: Iterable) -> list[Task]:

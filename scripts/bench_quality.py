@@ -58,7 +58,9 @@ def _trained_with_ema(train_dir: Path) -> bool:
     return bool(OmegaConf.select(cfg, "optim.ema.enabled", default=False))
 
 
-def train_and_export(name: str, experiment: str, args) -> Path:
+def train_and_export(name: str, experiment: str, args, overrides: tuple[str, ...] = ()) -> Path:
+    """Train ``experiment=<experiment>`` with ``overrides`` (then ``args.overrides``) into ``args.out/name`` and
+    export it; an existing export is reused unless ``args.retrain``."""
     run = args.out / name
     tr = run / "translator"
     if (tr / "translator.json").is_file() and not args.retrain:
@@ -71,7 +73,7 @@ def train_and_export(name: str, experiment: str, args) -> Path:
                  f"callbacks.model_checkpoint.every_n_train_steps={args.steps}"]
     cmd = [sys.executable, "-m", "ddstrans.cli.train", f"experiment={experiment}", f"hydra.run.dir={run / 'train'}",
            "export_after_fit=false", "trainer.max_time=null", *steps,
-           "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *args.overrides]
+           "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides, *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "offline"}
     t0 = time.time()
     with open(run.with_suffix(".log"), "w") as log:

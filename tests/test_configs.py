@@ -163,3 +163,25 @@ def test_unseen_many_trains_eight_pairs_and_none_of_the_held_out_ones(tmp_path):
     for t in cfg.tasks.tasks:  # the rewrite matches the name
         s, d = t.name.split("_to_")
         assert t.rewrite.pattern == rf"\b{s}\b" and t.rewrite.replacement == d
+
+
+def test_zero_shot_experiment_never_trains_a_held_out_pair_or_two_changes_at_once(tmp_path):
+    """No training task turns a held-out pair's source color into its target color, each held-out pair's colors
+    are a trained source and a trained target, and no training task changes two attributes of any scene."""
+    from ddstrans.shapes.evaluation import changed_attributes
+    from ddstrans.shapes.world import all_captions, parse_caption
+    from ddstrans.tasks import as_tasks
+
+    cfg = compose(["experiment=shapes_zero_shot"], tmp_path)
+    assert cfg.generator.conditioning == "text" and cfg.generator.text_mode == "target"
+    tasks = as_tasks(OmegaConf.to_container(cfg.tasks.tasks, resolve=True))
+    trained = set()
+    for t in tasks:
+        for c in all_captions():
+            changed = changed_attributes(t, c)
+            assert len(changed) <= 1, (t.name, c)
+            if changed == ("color",):
+                trained.add((parse_caption(c)["color"], parse_caption(t.target_for(c))["color"]))
+    held_out = {("red", "yellow"), ("green", "blue"), ("blue", "green"), ("yellow", "red")}
+    assert len(trained) == 8 and not trained & held_out
+    assert all(any(s == a for a, _ in trained) and any(d == b for _, b in trained) for s, d in held_out)

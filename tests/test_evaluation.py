@@ -87,3 +87,39 @@ def test_eval_cli_takes_color_pairs_for_per_image_methods(capsys):
     assert main(["eval", "--methods", "identity", "--n", "3", "--tasks", "green_to_blue"]) == 0
     assert "| green_to_blue | identity | 3 |" in capsys.readouterr().out
     assert main(["eval", "--methods", "identity", "--tasks", "purple_to_red"]) == 1
+
+
+def test_a_composition_changes_two_attributes_and_scores_both():
+    """``to_blue+to_square`` applies both rewrites; its inputs are scenes it changes in both (no blue input, no
+    square), its answer renders both changes, and half an edit (only the color) scores no accuracy."""
+    from ddstrans.shapes.defaults import shapes_task
+
+    task = shapes_task("to_blue+to_square")
+    assert task.target_for("a red circle on a striped background") == "a blue square on a striped background"
+    es = build_eval_set(task, 8)
+    assert es.attribute == "color+shape" and es.targets == ["blue+square"] * 8
+    assert all(parse_caption(c)["color"] != "blue" and parse_caption(c)["shape"] != "square" for c in es.src_captions)
+    assert score(es, es.answers)["target_acc"] == 1.0
+    color_only = to_model(np.stack([render_scene(s, color="blue")["image"] for s in es.seeds]))
+    assert score(es, color_only)["target_acc"] == 0.0
+    assert score(es, es.inputs)["keep_psnr"] == 100.0  # the background outside both masks is kept
+
+
+def test_a_color_and_background_composition_has_nothing_to_keep():
+    from ddstrans.shapes.defaults import shapes_task
+
+    rows = evaluate([shapes_task("red_to_blue+to_checkered")], 8, methods=["answer", "identity"])
+    assert [r["target_acc"] for r in rows] == [1.0, 0.0]
+    assert all(r["keep_psnr"] != r["keep_psnr"] for r in rows)  # NaN: every pixel is asked to change
+    assert "| red_to_blue+to_checkered | answer | 8 | 1.000 |" in format_table(rows) and "| — |" in format_table(rows)
+
+
+def test_bad_compositions_are_refused_with_the_task_name():
+    import pytest
+
+    from ddstrans.shapes.defaults import shapes_task
+
+    with pytest.raises(ValueError, match="to_blue\\+"):
+        shapes_task("to_blue+")
+    with pytest.raises(ValueError, match="unknown shapes task 'to_purple'"):
+        shapes_task("to_blue+to_purple")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from ddstrans.prompts import Rewrite, fill
 from ddstrans.shapes.defaults import shapes_tasks
-from ddstrans.tasks import Task, TaskTable
+from ddstrans.tasks import Task, TaskTable, as_tasks
 
 COLOR = r"\b(red|green|blue|yellow)\b"
 
@@ -69,3 +71,17 @@ def test_per_image_tasks_roundtrip_through_the_table_json(tiny_teacher, tmp_path
     table.save(tmp_path / "t.safetensors", tmp_path / "t.json")
     back = TaskTable.load(tmp_path / "t.safetensors", tmp_path / "t.json")
     assert back.tasks[0].rewrite == tasks[0].rewrite and back.per_image
+
+
+def test_a_list_of_rewrites_applies_in_order_and_survives_the_table_json():
+    from ddstrans.model_card import _target_cell
+
+    t = Task("two", "{caption}", "{caption}", rewrite=[{"pattern": r"\bred\b", "replacement": "blue"},
+                                                      {"pattern": r"\bblue\b", "replacement": "green"}])
+    assert t.target_for("a red circle") == "a green circle" and len(t.rewrites) == 2
+    assert as_tasks([asdict(t)])[0].target_for("a red circle") == "a green circle"
+    assert _target_cell(asdict(t)).count("rewritten") == 2
+    with pytest.raises(ValueError, match="empty list"):
+        Task("none", "{caption}", "{caption}", rewrite=[])
+    with pytest.raises(ValueError, match="'pattern' and 'replacement'"):
+        Task("bad", "{caption}", "{caption}", rewrite=[{"pattern": "x"}])

@@ -54,11 +54,21 @@ def color_pair_task(source_color: str, target_color: str):
 
 
 def shapes_task(name: str):
-    """A shapes-world task by name: one of ``configs/tasks/shapes.yaml`` or a color pair ``<color>_to_<color>``."""
+    """A shapes-world task by name: one of ``configs/tasks/shapes.yaml``, a color pair ``<color>_to_<color>``, or
+    a composition of such tasks joined by ``+`` (``to_blue+to_square``: both rewrites at once, an edit of two
+    attributes)."""
+    from ddstrans.tasks import Task
+
+    if "+" in name:
+        parts = [shapes_task(p.strip()) for p in name.split("+")]
+        if len(parts) < 2 or any(p.source != ["{caption}"] or not p.rewrites for p in parts):
+            raise ValueError(f"task {name!r}: a composition joins two or more caption-rewrite tasks with '+'")
+        return Task(name, "{caption}", "{caption}", rewrite=[r for p in parts for r in p.rewrites])
     known = {t.name: t for t in shapes_tasks()}
     if name in known:
         return known[name]
     parts = name.split("_to_")
     if len(parts) == 2:
         return color_pair_task(*parts)
-    raise ValueError(f"unknown shapes task {name!r}: use one of {', '.join(known)} or a color pair like red_to_yellow")
+    raise ValueError(f"unknown shapes task {name!r}: use one of {', '.join(known)}, a color pair like red_to_yellow, "
+                     "or tasks joined by '+' (to_blue+to_square)")

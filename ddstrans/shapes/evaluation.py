@@ -19,7 +19,7 @@ import torch
 
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import seeds as S
-from ddstrans.shapes.world import parse_caption, render_scene, to_model
+from ddstrans.shapes.world import all_captions, parse_caption, render_scene, to_model
 
 METHODS = ("identity", "answer", "network", "dds", "sds")
 DEFAULT_METHODS = ("identity", "network", "dds", "sds")  # "answer" (the renderer's ground truth) on request
@@ -42,9 +42,33 @@ class EvalSet:
     answers: torch.Tensor  # (N, 3, H, W) in [-1, 1]: the same scenes rendered with the target attribute
 
 
+def changed_attributes(task, caption: str) -> tuple[str, ...]:
+    """The attributes ``task`` changes in a scene with ``caption``, in caption order (color, shape, background)."""
+    a, b = parse_caption(task.source_for(caption)), parse_caption(task.target_for(caption))
+    return tuple(k for k in a if a[k] != b[k])
+
+
+def task_attributes(task) -> tuple[str, ...]:
+    """Every attribute ``task`` changes where it changes the most (``("color", "shape")`` for ``to_blue+to_square``).
+
+    An evaluation input must change all of them: a blue circle is no input of ``to_blue+to_square``, whose
+    accuracy is that of both changes at once. ValueError when the task changes unrelated attribute sets on
+    different scenes (there is then no one thing to score)."""
+    sets = {changed_attributes(task, c) for c in all_captions()} - {()}
+    if not sets:
+        raise ValueError(f"task {task.name!r} changes no scene of the shapes world")
+    full = max(sets, key=len)
+    if any(not set(s) <= set(full) for s in sets):
+        raise ValueError(f"task {task.name!r} changes different attributes on different scenes: {sorted(sets)}")
+    return full
+
+
 def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: int = 100_000) -> EvalSet:
-    """``n`` held-out scenes that ``task`` changes in exactly one attribute (color, shape or background)."""
-    seeds, images, src_m, tgt_m, answers, targets, srcs, tgts, attrs = [], [], [], [], [], [], [], [], set()
+    """``n`` held-out scenes that ``task`` changes in all of :func:`task_attributes` (one attribute for the
+    world's single edits; ``attribute`` is then e.g. ``"color"``, for a composition ``"color+shape"`` with targets
+    like ``"blue+square"``)."""
+    attrs = task_attributes(task)
+    seeds, images, src_m, tgt_m, answers, targets, srcs, tgts = [], [], [], [], [], [], [], []
     seed = start_seed
     while len(seeds) < n:
         if seed not in S.HELD_OUT:
@@ -53,26 +77,19 @@ def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: 
             raise ValueError(f"task {task.name!r}: found only {len(seeds)} of {n} scenes it changes")
         scene = render_scene(seed)
         src_caption, tgt_caption = task.source_for(scene["caption"]), task.target_for(scene["caption"])
-        a, b = parse_caption(src_caption), parse_caption(tgt_caption)
-        changed = [k for k in a if a[k] != b[k]]
-        if len(changed) > 1:
-            raise ValueError(f"task {task.name!r} changes several attributes ({changed}); evaluation needs one")
-        if changed:
-            attr = changed[0]
-            attrs.add(attr)
+        if changed_attributes(task, scene["caption"]) == attrs:
+            b = parse_caption(tgt_caption)
             seeds.append(seed)
             images.append(scene["image"])
             src_m.append(scene["mask"])
-            answer = render_scene(seed, **{attr: b[attr]})
+            answer = render_scene(seed, **{a: b[a] for a in attrs})
             tgt_m.append(answer["mask"])
             answers.append(answer["image"])
-            targets.append(b[attr])
+            targets.append("+".join(b[a] for a in attrs))
             srcs.append(src_caption)
             tgts.append(tgt_caption)
         seed += 1
-    if len(attrs) != 1:
-        raise ValueError(f"task {task.name!r} changes different attributes on different scenes: {sorted(attrs)}")
-    return EvalSet(task.name, attrs.pop(), seeds, to_model(np.stack(images)), np.stack(src_m), np.stack(tgt_m),
+    return EvalSet(task.name, "+".join(attrs), seeds, to_model(np.stack(images)), np.stack(src_m), np.stack(tgt_m),
                    targets, srcs, tgts, to_model(np.stack(answers)))
 
 
@@ -166,6 +183,11 @@ def format_table(rows: Sequence[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['method']} | {r['n']} | {r['target_acc']:.3f} | {r['mask_iou']:.3f} | "
-            f"{r['keep_psnr']:.2f} | {r['diversity']:.3f} | {r['ms_per_image']:.2f} |"
+            f"{_db(r['keep_psnr'])} | {r['diversity']:.3f} | {r['ms_per_image']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _db(value: float) -> str:
+    """A PSNR cell; NaN (nothing the task leaves alone, e.g. color and background at once) as a dash."""
+    return "—" if value != value else f"{value:.2f}"

@@ -266,7 +266,11 @@ def classify_background(images, masks=None) -> list[str | None]:
 
 
 def classify(images, attribute: str) -> list[str | None]:
-    """Read ``attribute`` ("color" / "shape" / "background") from each image."""
+    """Read ``attribute`` ("color" / "shape" / "background") from each image; several joined by ``+``
+    (``"color+shape"``) read as ``"blue+square"``, None when any of them reads as nothing."""
+    if "+" in attribute:
+        parts = [classify(images, a) for a in attribute.split("+")]
+        return [None if None in vals else "+".join(vals) for vals in zip(*parts)]
     if attribute == "color":
         return classify_color(images)
     if attribute == "shape":
@@ -354,14 +358,21 @@ def diversity(outputs, inputs) -> float:
 
 
 def evaluate_edit(outputs, inputs, src_masks, attribute: str, targets, tgt_masks=None) -> dict[str, float]:
-    """All metrics of one task: target accuracy, mask IoU (vs the target's ground-truth mask, i.e. the
-    source mask unless the shape changes), ``keep_psnr`` — PSNR of what the task must leave alone: the
-    background outside the union of source and target masks for color and shape edits, the shape (mask
-    eroded by 1 px) for background edits — and diversity."""
+    """All metrics of one task: target accuracy (every attribute of a ``+``-joined one at its target), mask IoU (vs
+    the target's ground-truth mask, i.e. the source mask unless the shape changes), ``keep_psnr`` — PSNR of what the
+    task must leave alone: the background outside the union of source and target masks for color and shape edits,
+    the shape (mask eroded by 1 px) for background edits, NaN when the background and the shape's look both
+    change (nothing is left alone) — and diversity."""
     x, _ = _batch(outputs)
     src = _masks(src_masks, len(x))
     tgt = src if tgt_masks is None else _masks(tgt_masks, len(x))
-    keep = object_psnr(x, inputs, src & tgt) if attribute == "background" else background_psnr(x, inputs, src | tgt)
+    attrs = set(attribute.split("+"))
+    if "background" not in attrs:
+        keep = background_psnr(x, inputs, src | tgt)
+    elif attrs == {"background"}:
+        keep = object_psnr(x, inputs, src & tgt)
+    else:
+        keep = float("nan")
     return {
         "target_acc": target_accuracy(x, attribute, targets),
         "mask_iou": structure_iou(x, tgt),

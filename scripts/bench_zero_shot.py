@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Prompt pairs never trained: does a text-conditioned translator edit what no training step asked for?
+
+Each design (a set of Hydra overrides of ``experiment=shapes_zero_shot``: how the prompts condition the network) is
+trained on the single-attribute edits of ``configs/tasks/shapes_zero_shot.yaml``, exported, and scored on 64
+held-out inputs (seeds of ``ddstrans.shapes.seeds.HELD_OUT``) per task in three groups:
+
+- trained: the 8 trained color pairs, the square, the checkers;
+- new pairs: the 4 color pairs held out of training (a source and a target seen, never together);
+- compositions: two attributes at once (a trained color pair with the square, or with the checkers), where
+  training changed one at a time. Accuracy needs both changes.
+
+Prints one markdown table (mean per group; per-task rows in ``OUT/zero_shot.json``) and writes ``OUT/zero_shot.md``.
+
+    python scripts/bench_zero_shot.py                          # designs target,concat: about 70 min on 2 cores
+    python scripts/bench_zero_shot.py --designs target --steps 400 --n 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from statistics import mean
+
+from bench_quality import ROOT, train_and_export
+
+DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=shapes_zero_shot
+    "target": (),  # the target prompt alone (tokens + their attention-pooled summary); the source is in the image
+    "target_tokens": ("generator.text_pooling=false",),  # the same through cross-attention only
+    "concat": ("generator.text_mode=concat",),  # source and target tokens
+    "delta": ("generator.text_mode=delta",),  # target tokens and their difference from the source's
+}
+TRAINED_PAIRS = ("red_to_blue", "yellow_to_blue", "red_to_green", "yellow_to_green",
+                 "green_to_red", "blue_to_red", "green_to_yellow", "blue_to_yellow")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "trained": (*TRAINED_PAIRS, "to_square", "to_checkered"),
+    "new pairs": ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red"),
+    "compositions": ("red_to_blue+to_square", "green_to_yellow+to_square",
+                     "red_to_blue+to_checkered", "blue_to_red+to_checkered"),
+}
+
+
+def group_row(design: str, group: str, rows: list[dict]) -> dict:
+    def avg(key):
+        vals = [r[key] for r in rows if r[key] == r[key]]  # NaN: nothing kept (color and background at once)
+        return mean(vals) if vals else float("nan")
+
+    return {"design": design, "group": group, "worst": min(rows, key=lambda r: r["target_acc"])["task"],
+            "min_acc": min(r["target_acc"] for r in rows), **{k: avg(k) for k in ("target_acc", "mask_iou", "keep_psnr")}}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| design | group | mean acc | lowest acc (task) | mask IoU | kept PSNR (dB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        psnr = "—" if r["keep_psnr"] != r["keep_psnr"] else f"{r['keep_psnr']:.2f}"
+        lines.append(f"| {r['design']} | {r['group']} | {r['target_acc']:.3f} | {r['min_acc']:.3f} ({r['worst']}) | "
+                     f"{r['mask_iou']:.3f} | {psnr} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--designs", default="target,concat", help=f"comma-separated, from {', '.join(DESIGNS)} (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment config's)")
+    p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
+    p.add_argument("--override", dest="overrides", action="append", default=[],
+                   help="extra Hydra override for every design's training run (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=2, help="designs trained in parallel")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "zero_shot")
+    p.add_argument("--retrain", action="store_true", help="train again even if a design's translator exists")
+    args = p.parse_args()
+    names = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DESIGNS]
+    if unknown:
+        sys.exit(f"unknown design(s) {', '.join(unknown)}; choose from {', '.join(DESIGNS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import evaluate
+    from ddstrans.translator import Translator
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # training runs are subprocesses
+        dirs = dict(zip(names, pool.map(
+            lambda d: train_and_export(d, "shapes_zero_shot", args, DESIGNS[d]), names)))
+    summary, raw = [], {}
+    for design in names:
+        tr = Translator.from_pretrained(dirs[design])
+        raw[design] = {}
+        for group, tasks in GROUPS.items():
+            rows = evaluate([shapes_task(t) for t in tasks], args.n, ["network"], translator=tr)
+            raw[design][group] = rows
+            summary.append(group_row(design, group, rows))
+        print(table(summary[-len(GROUPS):]), flush=True)
+    text = table(summary)
+    (args.out / "zero_shot.md").write_text(text + "\n")
+    (args.out / "zero_shot.json").write_text(json.dumps({"summary": summary, "rows": raw, "args": vars(args)},
+                                                        indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
