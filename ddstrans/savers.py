@@ -73,9 +73,9 @@ def check_with_teacher(cfg, teacher, error=ValueError) -> None:
     """LoRA target modules against the loaded teacher's UNet (before the adapters are injected)."""
     if not is_lora(cfg):
         return
-    from ddstrans.lora import DEFAULT_TARGET_MODULES, check_target_modules
-
     from diffusers import UNet2DConditionModel
+
+    from ddstrans.lora import DEFAULT_TARGET_MODULES, check_target_modules
 
     if not isinstance(teacher.model, UNet2DConditionModel):
         raise error(f"generator=lora_from_teacher puts adapters on a UNet teacher's denoiser; this "

@@ -87,6 +87,16 @@ def train_and_export(name: str, experiment: str, args, overrides: tuple[str, ...
     return tr
 
 
+def add_training_args(p: argparse.ArgumentParser, unit: str, out: Path) -> None:
+    """The options of :func:`train_and_export` (``unit``: what one training run is called in the help)."""
+    p.add_argument("--override", dest="overrides", action="append", default=[],
+                   help=f"extra Hydra override for every {unit}'s training run (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=2, help=f"{unit}s trained in parallel")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--retrain", action="store_true", help=f"train again even if a {unit}'s translator exists")
+
+
 def family_rows(rows: list[dict], label: str) -> list[dict]:
     """Average rows over the tasks of each family (color / shape / background)."""
     out = []
@@ -123,12 +133,7 @@ def main() -> None:
     p.add_argument("--edit-t-max", type=int, default=600, help="per-image editing samples t in [50, t_max)")
     p.add_argument("--edit-guidance", type=float, default=SHAPES_EDIT_GUIDANCE,
                    help="classifier-free guidance of per-image DDS/SDS editing (default: the teacher card's)")
-    p.add_argument("--override", dest="overrides", action="append", default=[],
-                   help="extra Hydra override for every variant's training run (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
-    p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "quality")
-    p.add_argument("--retrain", action="store_true", help="train again even if a variant's translator exists")
+    add_training_args(p, "variant", ROOT / "outputs" / "quality")
     p.add_argument("--skip-editing", action="store_true")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

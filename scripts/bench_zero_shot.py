@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from statistics import mean
 
-from bench_quality import ROOT, train_and_export
+from bench_quality import ROOT, add_training_args, train_and_export
 
 DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=shapes_zero_shot
     "target": (),  # the target prompt alone (tokens + their attention-pooled summary); the source is in the image
@@ -65,12 +64,7 @@ def main() -> None:
     p.add_argument("--designs", default="target,concat", help=f"comma-separated, from {', '.join(DESIGNS)} (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment config's)")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
-    p.add_argument("--override", dest="overrides", action="append", default=[],
-                   help="extra Hydra override for every design's training run (repeatable)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
-    p.add_argument("--jobs", type=int, default=2, help="designs trained in parallel")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "zero_shot")
-    p.add_argument("--retrain", action="store_true", help="train again even if a design's translator exists")
+    add_training_args(p, "design", ROOT / "outputs" / "zero_shot")
     args = p.parse_args()
     names = [d.strip() for d in args.designs.split(",") if d.strip()]
     unknown = [d for d in names if d not in DESIGNS]

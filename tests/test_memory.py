@@ -8,7 +8,6 @@ import pytest
 
 from ddstrans.memory import Setting, activation_profile, parameter_counts, predict
 
-
 pytestmark = pytest.mark.slow  # meta-device SD-1.5 models: ~1-2 min on 2 shared cores
 
 

@@ -52,9 +52,9 @@ def _error_lines(err: str) -> list[str]:
 # ---------------------------------------------------------------------- 3/4/12. run directory lock, no early writes
 def _hydra_main(monkeypatch, args: list[str]) -> int:
     """``ddstrans-train ARGS`` in this process (Hydra's own start-up included); returns the exit status."""
-    from ddstrans.cli.train import main
-
     import logging
+
+    from ddstrans.cli.train import main
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -125,9 +125,8 @@ def build_module(cfg: DictConfig, teacher=None):
     """The LightningModule from a composed config (teacher loaded unless given; checked against the config)."""
     from ddstrans.module import DDSTranslationModule
     from ddstrans.savers import apply_teacher_savers
-    from ddstrans.validation import validate_with_teacher
-
     from ddstrans.user_errors import instantiate_teacher
+    from ddstrans.validation import validate_with_teacher
 
     teacher = teacher if teacher is not None else instantiate_teacher(cfg.teacher)
     validate_with_teacher(cfg, teacher)
