@@ -43,19 +43,25 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 def group_row(design: str, group: str, rows: list[dict]) -> dict:
     def avg(key):
-        vals = [r[key] for r in rows if r[key] == r[key]]  # NaN: nothing kept (color and background at once)
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]  # NaN: nothing kept (color and background)
         return mean(vals) if vals else float("nan")
 
     return {"design": design, "group": group, "worst": min(rows, key=lambda r: r["target_acc"])["task"],
-            "min_acc": min(r["target_acc"] for r in rows), **{k: avg(k) for k in ("target_acc", "mask_iou", "keep_psnr")}}
+            "min_acc": min(r["target_acc"] for r in rows),
+            **{k: avg(k) for k in ("target_acc", "color_acc", "shape_acc", "background_acc", "mask_iou", "keep_psnr")}}
+
+
+def _cell(value: float, digits: int = 3) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| design | group | mean acc | lowest acc (task) | mask IoU | kept PSNR (dB) |", "|---|---|---|---|---|---|"]
+    lines = ["| design | group | mean acc | lowest acc (task) | color / shape / background acc (compositions) | "
+             "mask IoU | kept PSNR (dB) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        psnr = "—" if r["keep_psnr"] != r["keep_psnr"] else f"{r['keep_psnr']:.2f}"
+        each = " / ".join(_cell(r[k]) for k in ("color_acc", "shape_acc", "background_acc"))
         lines.append(f"| {r['design']} | {r['group']} | {r['target_acc']:.3f} | {r['min_acc']:.3f} ({r['worst']}) | "
-                     f"{r['mask_iou']:.3f} | {psnr} |")
+                     f"{each} | {r['mask_iou']:.3f} | {_cell(r['keep_psnr'], 2)} |")
     return "\n".join(lines)
 
 

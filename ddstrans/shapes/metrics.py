@@ -362,7 +362,8 @@ def evaluate_edit(outputs, inputs, src_masks, attribute: str, targets, tgt_masks
     the target's ground-truth mask, i.e. the source mask unless the shape changes), ``keep_psnr`` — PSNR of what the
     task must leave alone: the background outside the union of source and target masks for color and shape edits,
     the shape (mask eroded by 1 px) for background edits, NaN when the background and the shape's look both
-    change (nothing is left alone) — and diversity."""
+    change (nothing is left alone) — and diversity; for a ``+``-joined attribute also each one's accuracy
+    (``color_acc``, ``shape_acc``, ...)."""
     x, _ = _batch(outputs)
     src = _masks(src_masks, len(x))
     tgt = src if tgt_masks is None else _masks(tgt_masks, len(x))
@@ -373,9 +374,14 @@ def evaluate_edit(outputs, inputs, src_masks, attribute: str, targets, tgt_masks
         keep = object_psnr(x, inputs, src & tgt)
     else:
         keep = float("nan")
-    return {
+    out = {
         "target_acc": target_accuracy(x, attribute, targets),
         "mask_iou": structure_iou(x, tgt),
         "keep_psnr": keep,
         "diversity": diversity(x, inputs),
     }
+    if len(attrs) > 1:  # each change on its own (``color_acc``, ...): half an edit from none
+        names = attribute.split("+")
+        for i, a in enumerate(names):
+            out[f"{a}_acc"] = target_accuracy(x, a, [t.split("+")[i] for t in targets])
+    return out
