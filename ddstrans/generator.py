@@ -14,7 +14,10 @@ Conditioning (``conditioning`` in the config):
   task ids modulate it through the class embedding (``text_pooling=False``: cross-attention only). The exported
   model can then be asked for prompt pairs it never saw in training.
   ``text_mode="delta"`` feeds ``[tgt, tgt - src]``, ``text_mode="target"`` the target tokens alone (the merged
-  LoRA generator's mode: the teacher's own input).
+  LoRA generator's mode: the teacher's own input), ``text_mode="changed"`` ``[tgt, w * tgt]`` with ``w`` per token
+  how much it differs from the source's (:func:`change_weights`): what to change, in the target's words, and
+  nothing of the source's, which is in the image. A network keyed on the source's words (concat, delta) meets a
+  new pair as a new input; one given only the target has to guess from the image whether a change is asked.
 
 ``timestep``: the fixed timestep the backbone runs at (0; a merged LoRA generator keeps the one it was trained at).
 
@@ -42,7 +45,7 @@ from torch import nn
 from ddstrans.embeddings import PromptEmbeddings, hidden_states
 
 CONDITIONINGS = ("task_id", "text")
-TEXT_MODES = ("concat", "delta", "target")
+TEXT_MODES = ("concat", "delta", "target", "changed")
 
 
 def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Tensor:
@@ -60,10 +63,21 @@ def grid_fourier_features(height: int, width: int, frequencies: int) -> torch.Te
     return torch.cat([fx, fy]).float()
 
 
+def change_weights(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """``(B, L, 1)`` in [0, 1]: per token, ``|tgt - src|`` over the sequence's largest; 0 where the prompts agree.
+
+    A contextual (causal) text encoder also changes tokens after an edited word, so the weights mark a pattern per
+    edited attribute rather than one word: with the shapes teacher, a color edit marks the color word, the
+    shape word after it, "on" and the background word; a background edit marks the end of the prompt."""
+    diff = (tgt - src).float().norm(dim=-1, keepdim=True)
+    return (diff / diff.amax(dim=1, keepdim=True).clamp_min(1e-6)).to(tgt.dtype)
+
+
 def conditioning_tokens(net, batch_size: int, dtype: torch.dtype | None, task_ids=None, src_emb=None, tgt_emb=None):
     """The cross-attention tokens of a generator with ``config`` (conditioning, text_mode, num_task_tokens,
     cross_attention_dim), ``task_tokens`` and ``segment``: learned tokens per task, or the teacher's prompt
-    embeddings (target only, source then target, or target and the target-source difference) marked by a learned
+    embeddings (target only, source then target, target and the target-source difference, or target and its changed
+    tokens) marked by a learned
     segment embedding, in ``dtype`` (None: the segment embedding's). Shared by every generator kind so that one
     conditioning means one thing."""
     cfg = net.config
@@ -78,7 +92,8 @@ def conditioning_tokens(net, batch_size: int, dtype: torch.dtype | None, task_id
     if cfg.text_mode == "target":
         return hidden_states(tgt_emb).to(dtype) + seg[0]
     src, tgt = hidden_states(src_emb).to(dtype), hidden_states(tgt_emb).to(dtype)
-    first, second = (tgt, tgt - src) if cfg.text_mode == "delta" else (src, tgt)
+    first, second = {"delta": (tgt, tgt - src), "changed": (tgt, change_weights(src, tgt) * tgt)}.get(
+        cfg.text_mode, (src, tgt))
     return torch.cat([first + seg[0], second + seg[1]], dim=1)
 
 

@@ -13,7 +13,8 @@ trainable twin that is zero-initialised and used only in generator mode (:class:
 Conditioning: ``task_id`` learns one token sequence per task, initialised from the task's target-prompt embedding
 (:meth:`LoRATeacherGenerator.init_from_tasks_`), so the teacher sees at step 0 the prompt it was trained on;
 ``text`` feeds the prompt embeddings (``text_mode``: ``target`` = the target prompt, ``concat`` = source then
-target tokens, ``delta`` = target and target - source; a learned, zero-initialised segment embedding per half).
+target tokens, ``delta`` = target and target - source, ``changed`` = target and its tokens weighted by how much they differ
+from the source's (``ddstrans.generator.change_weights``); a learned, zero-initialised segment embedding per half).
 SDXL's UNet also takes a pooled text embedding and micro-conditioning time ids in every call; the generator passes
 them too (``ddstrans.generator.added_conditioning``): the target prompt's pooled embedding, or for task ids a learned
 one per task initialised from it, and the pipeline's time ids for the image size (those of the teacher's calls).
@@ -39,7 +40,7 @@ DEFAULT_RANK = 8
 DEFAULT_ALPHA = 8
 DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_shortcut",
                           "proj_in", "proj_out", "ff.net.2", "ff.net.0.proj")
-TEXT_MODES = ("target", "concat", "delta")
+TEXT_MODES = ("target", "concat", "delta", "changed")
 
 
 class GeneratorConvOut(nn.Module):

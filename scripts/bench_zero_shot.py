@@ -30,6 +30,7 @@ DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=sha
     "target_tokens": ("generator.text_pooling=false",),  # the same through cross-attention only
     "concat": ("generator.text_mode=concat",),  # source and target tokens
     "delta": ("generator.text_mode=delta",),  # target tokens and their difference from the source's
+    "changed": ("generator.text_mode=changed",),  # target tokens, then those weighted by how much they changed
 }
 TRAINED_PAIRS = ("red_to_blue", "yellow_to_blue", "red_to_green", "yellow_to_green",
                  "green_to_red", "blue_to_red", "green_to_yellow", "blue_to_yellow")

@@ -173,3 +173,25 @@ def test_position_features_are_extra_input_channels_of_the_unet(tmp_path):
     again = TranslationUNet.from_pretrained(tmp_path / "g")
     assert again.config.position_frequencies == 2
     torch.testing.assert_close(again(z, task_ids=ids), pos(z, task_ids=ids))
+
+
+def test_changed_mode_marks_what_differs_and_carries_nothing_of_the_source():
+    """``text_mode="changed"``: tokens ``[tgt, w * tgt]``; the same target asked from two different sources that
+    differ from it at the same positions gives the same tokens, and a prompt pair that agrees gives ``w = 0``."""
+    from ddstrans.generator import change_weights, conditioning_tokens
+
+    torch.manual_seed(0)
+    g = TranslationUNet(conditioning="text", text_mode="changed", **TINY)
+    L, D = 5, g.config.cross_attention_dim
+    tgt = torch.randn(1, L, D)
+    src_a, src_b = tgt.clone(), tgt.clone()
+    src_a[:, 2] += torch.randn(D)
+    src_b[:, 2] += 2 * torch.randn(D)
+    w = change_weights(src_a, tgt)
+    assert w.shape == (1, L, 1) and w[0, 2, 0] == 1 and w[0, [0, 1, 3, 4], 0].abs().max() == 0
+    tok_a = conditioning_tokens(g, 1, None, src_emb=src_a, tgt_emb=tgt)
+    tok_b = conditioning_tokens(g, 1, None, src_emb=src_b, tgt_emb=tgt)
+    torch.testing.assert_close(tok_a, tok_b)
+    assert tok_a.shape == (1, 2 * L, D)
+    same = conditioning_tokens(g, 1, None, src_emb=tgt, tgt_emb=tgt)
+    torch.testing.assert_close(same[:, L:], g.segment[1].expand(1, L, D))  # nothing asked to change
