@@ -12,7 +12,7 @@ held-out inputs (seeds of ``ddstrans.shapes.seeds.HELD_OUT``) per task in three 
 
 Prints one markdown table (mean per group; per-task rows in ``OUT/zero_shot.json``) and writes ``OUT/zero_shot.md``.
 
-    python scripts/bench_zero_shot.py                          # designs target,concat: about 70 min on 2 cores
+    python scripts/bench_zero_shot.py                          # designs changed,target: about 65 min on 2 cores
     python scripts/bench_zero_shot.py --designs target --steps 400 --n 16
 """
 
@@ -26,11 +26,11 @@ from statistics import mean
 from bench_quality import ROOT, add_training_args, train_and_export
 
 DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=shapes_zero_shot
-    "target": (),  # the target prompt alone (tokens + their attention-pooled summary); the source is in the image
-    "target_tokens": ("generator.text_pooling=false",),  # the same through cross-attention only
+    "changed": (),  # the config's: target tokens, then those weighted by how much they differ from the source's
+    "target": ("generator.text_mode=target",),  # the target prompt alone; the source is in the image
+    "target_tokens": ("generator.text_mode=target", "generator.text_pooling=false"),  # ... cross-attention only
     "concat": ("generator.text_mode=concat",),  # source and target tokens
     "delta": ("generator.text_mode=delta",),  # target tokens and their difference from the source's
-    "changed": ("generator.text_mode=changed",),  # target tokens, then those weighted by how much they changed
 }
 TRAINED_PAIRS = ("red_to_blue", "yellow_to_blue", "red_to_green", "yellow_to_green",
                  "green_to_red", "blue_to_red", "green_to_yellow", "blue_to_yellow")
@@ -68,7 +68,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--designs", default="target,concat", help=f"comma-separated, from {', '.join(DESIGNS)} (default: %(default)s)")
+    p.add_argument("--designs", default="changed,target", help=f"comma-separated, from {', '.join(DESIGNS)} (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment config's)")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
     add_training_args(p, "design", ROOT / "outputs" / "zero_shot")

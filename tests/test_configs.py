@@ -173,7 +173,7 @@ def test_zero_shot_experiment_never_trains_a_held_out_pair_or_two_changes_at_onc
     from ddstrans.tasks import as_tasks
 
     cfg = compose(["experiment=shapes_zero_shot"], tmp_path)
-    assert cfg.generator.conditioning == "text" and cfg.generator.text_mode == "target"
+    assert cfg.generator.conditioning == "text" and cfg.generator.text_mode == "changed"
     tasks = as_tasks(OmegaConf.to_container(cfg.tasks.tasks, resolve=True))
     trained = set()
     for t in tasks:
