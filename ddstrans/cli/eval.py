@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
                         "--sweep translators")
     p.add_argument("--teacher", default=None, help="teacher for DDS/SDS editing; unset: the shipped shapes teacher")
     p.add_argument("--tasks", default=None, help="comma-separated task names; unset: all of the translator's. A text-conditioned translator (and "
-                   "per-image editing) also takes shapes-world tasks it was not trained on, e.g. to_yellow or a color "
-                   "pair like red_to_yellow: that is the generalisation test")
+                   "per-image editing) also takes shapes-world tasks it was not trained on, e.g. to_yellow, a color "
+                   "pair like red_to_yellow, or two edits at once joined by '+' like to_blue+to_square: the "
+                   "generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
     p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,dds,sds (answer: the renderer's "
                    "ground-truth edit, the scores of a perfect translation; shapes only). Unset: identity,network,dds,sds "
