@@ -92,8 +92,12 @@ def conditioning_tokens(net, batch_size: int, dtype: torch.dtype | None, task_id
     if cfg.text_mode == "target":
         return hidden_states(tgt_emb).to(dtype) + seg[0]
     src, tgt = hidden_states(src_emb).to(dtype), hidden_states(tgt_emb).to(dtype)
-    first, second = {"delta": (tgt, tgt - src), "changed": (tgt, change_weights(src, tgt) * tgt)}.get(
-        cfg.text_mode, (src, tgt))
+    if cfg.text_mode == "delta":
+        first, second = tgt, tgt - src
+    elif cfg.text_mode == "changed":
+        first, second = tgt, change_weights(src, tgt) * tgt
+    else:
+        first, second = src, tgt
     return torch.cat([first + seg[0], second + seg[1]], dim=1)
 
 

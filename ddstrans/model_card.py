@@ -88,8 +88,9 @@ def _cell(text: str) -> str:
 def _target_cell(task: Mapping) -> str:
     """Target prompts; a per-image task's rewrite as ``pattern -> replacement``."""
     text = _cell(" / ".join(task["target"]))
-    rw = task.get("rewrite")
-    for r in [rw] if isinstance(rw, Mapping) else (rw or []):
+    from ddstrans.tasks import as_tasks
+
+    for r in as_tasks([task])[0].rewrites:
         text += f", rewritten: `{_cell(r['pattern'])}` → `{_cell(r['replacement'])}`"
     return text
 

@@ -42,10 +42,15 @@ class EvalSet:
     answers: torch.Tensor  # (N, 3, H, W) in [-1, 1]: the same scenes rendered with the target attribute
 
 
+def differing_attributes(src_caption: str, tgt_caption: str) -> tuple[str, ...]:
+    """The attributes two captions name differently, in caption order (color, shape, background)."""
+    a, b = parse_caption(src_caption), parse_caption(tgt_caption)
+    return tuple(k for k in a if a[k] != b[k])
+
+
 def changed_attributes(task, caption: str) -> tuple[str, ...]:
     """The attributes ``task`` changes in a scene with ``caption``, in caption order (color, shape, background)."""
-    a, b = parse_caption(task.source_for(caption)), parse_caption(task.target_for(caption))
-    return tuple(k for k in a if a[k] != b[k])
+    return differing_attributes(task.source_for(caption), task.target_for(caption))
 
 
 def task_attributes(task) -> tuple[str, ...]:
@@ -77,7 +82,7 @@ def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: 
             raise ValueError(f"task {task.name!r}: found only {len(seeds)} of {n} scenes it changes")
         scene = render_scene(seed)
         src_caption, tgt_caption = task.source_for(scene["caption"]), task.target_for(scene["caption"])
-        if changed_attributes(task, scene["caption"]) == attrs:
+        if differing_attributes(src_caption, tgt_caption) == attrs:
             b = parse_caption(tgt_caption)
             seeds.append(seed)
             images.append(scene["image"])
