@@ -117,6 +117,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets_table(rows: list[dict], network: str = "network: main") -> str:
+    """The quality targets, per family: the network against per-image DDS editing of the same run.
+
+    A translator is as faithful as per-image editing when its accuracy is within 5 points of DDS's, its kept PSNR at
+    least DDS's minus 1 dB and, for the shape change, its mask IoU with the target at least DDS's. Each cell gives
+    both figures and whether the target holds, so a reader sees by how much it is missed."""
+    net = {r["family"]: r for r in rows if r["variant"] == network}
+    dds = {r["family"]: r for r in rows if r["variant"].startswith("per-image DDS")}
+    lines = [f"| family | target acc ({network} / DDS) | kept PSNR dB ({network} / DDS) | mask IoU ({network} / DDS) |",
+             "|---|---|---|---|"]
+
+    def cell(a: float, b: float, ok: bool, fmt: str) -> str:
+        return f"{a:{fmt}} / {b:{fmt}} {'yes' if ok else 'NO'}"
+
+    for fam in (f for f in ("color", "shape", "background") if f in net and f in dds):
+        n, d = net[fam], dds[fam]
+        iou = cell(n["mask_iou"], d["mask_iou"], n["mask_iou"] >= d["mask_iou"], ".3f") if fam == "shape" else \
+            f"{n['mask_iou']:.3f} / {d['mask_iou']:.3f}"
+        lines.append(f"| {fam} | {cell(n['target_acc'], d['target_acc'], n['target_acc'] >= d['target_acc'] - 0.05, '.3f')} | "
+                     f"{cell(n['keep_psnr'], d['keep_psnr'], n['keep_psnr'] >= d['keep_psnr'] - 1.0, '.2f')} | {iou} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
 
@@ -187,6 +210,8 @@ def main() -> None:
     if net and dds:
         ratio = mean(r["ms_per_image"] for r in dds) / mean(r["ms_per_image"] for r in net)
         text += f"\n\nPer-image DDS editing takes {ratio:.0f}x the time per image of the network (same run, same machine)."
+        text += "\n\nTargets (accuracy within 5 points of DDS, kept PSNR >= DDS - 1 dB, shape IoU >= DDS):\n\n"
+        text += targets_table(results)
     (args.out / "quality.md").write_text(text + "\n")
     (args.out / "quality.json").write_text(json.dumps({"summary": results, "rows": raw, "args": vars(args)}, indent=2, default=str))
     print(text)

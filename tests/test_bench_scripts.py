@@ -70,3 +70,26 @@ def test_teacher_channels_last_gives_the_same_scores(tiny_teacher):
     tiny_teacher.to("cpu", torch.float32)  # to() keeps the format
     assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(dds_grad(tiny_teacher, z, zt, src, tgt, t=t, noise=noise, guidance_scale=7.5), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_bench_quality_targets_table_says_which_target_holds():
+    """Each family's cell compares the network with per-image DDS of the same run and says whether the target holds:
+    accuracy within 5 points, kept PSNR within 1 dB, shape IoU at least DDS's."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from bench_quality import targets_table
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+    def row(variant, family, acc, iou, psnr):
+        return {"variant": variant, "family": family, "target_acc": acc, "mask_iou": iou, "keep_psnr": psnr}
+
+    rows = [row("network: main", "color", 0.96, 0.97, 36.5), row("network: main", "shape", 0.94, 0.70, 41.0),
+            row("per-image DDS (100 steps)", "color", 1.0, 0.95, 37.3),
+            row("per-image DDS (100 steps)", "shape", 1.0, 0.85, 38.2)]
+    lines = targets_table(rows).splitlines()
+    color = next(line for line in lines if line.startswith("| color"))
+    shape = next(line for line in lines if line.startswith("| shape"))
+    assert "0.960 / 1.000 yes" in color and "36.50 / 37.30 yes" in color  # 4 points, 0.8 dB: both hold
+    assert "0.940 / 1.000 NO" in shape and "41.00 / 38.20 yes" in shape and "0.700 / 0.850 NO" in shape
+    assert not any(line.startswith("| background") for line in lines)  # no DDS row, no verdict
