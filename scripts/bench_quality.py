@@ -71,6 +71,8 @@ def train_and_export(name: str, experiment: str, args, overrides: tuple[str, ...
     if args.steps is not None:
         steps = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps}",
                  f"callbacks.model_checkpoint.every_n_train_steps={args.steps}"]
+        given = {o.split("=", 1)[0] for o in (*overrides, *args.overrides)}
+        steps = [s for s in steps if s.split("=", 1)[0] not in given]  # an explicit override of the same key wins
     cmd = [sys.executable, "-m", "ddstrans.cli.train", f"experiment={experiment}", f"hydra.run.dir={run / 'train'}",
            "export_after_fit=false", "trainer.max_time=null", *steps,
            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides, *args.overrides]
@@ -78,13 +80,22 @@ def train_and_export(name: str, experiment: str, args, overrides: tuple[str, ...
     t0 = time.time()
     with open(run.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        no_ema = ["--no-ema"] if not _trained_with_ema(run / "train") else []
-        subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(run / "train/checkpoints/last.ckpt"),
-                        str(tr), "--overwrite", *no_ema], check=True, cwd=ROOT, env=env, stdout=log,
-                       stderr=subprocess.STDOUT)
+    export(run / "train/checkpoints/last.ckpt", tr, args)
     done = OmegaConf.load(run / "train" / "config_resolved.yaml").trainer.max_steps
     print(f"[{name}] trained {done} steps in {time.time() - t0:.0f} s", flush=True)
     return tr
+
+
+def export(ckpt: Path, dest: Path, args) -> Path:
+    """Export a checkpoint of a run trained by :func:`train_and_export` into ``dest`` (its EMA weights when it kept
+    them); output goes to the run's log."""
+    train_dir = ckpt.parents[1]
+    no_ema = ["--no-ema"] if not _trained_with_ema(train_dir) else []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with open(train_dir.parent.with_suffix(".log"), "a") as log:
+        subprocess.run([sys.executable, "-m", "ddstrans.cli.main", "export", str(ckpt), str(dest), "--overwrite",
+                        *no_ema], check=True, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return dest
 
 
 def add_training_args(p: argparse.ArgumentParser, unit: str, out: Path) -> None:

@@ -14,16 +14,23 @@ Prints one markdown table (mean per group; per-task rows in ``OUT/zero_shot.json
 
     python scripts/bench_zero_shot.py                          # designs changed,target: about 65 min on 2 cores
     python scripts/bench_zero_shot.py --designs target --steps 400 --n 16
+    python scripts/bench_zero_shot.py --designs changed --every 200   # also each checkpoint kept every 200 steps
+
+With ``--every N`` the training run keeps a checkpoint every N steps and each is exported and scored too (rows
+"<design>, step S"): how what generalises changes while training goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 from statistics import mean
 
-from bench_quality import ROOT, add_training_args, train_and_export
+from bench_quality import ROOT, add_training_args, export, train_and_export
+from omegaconf import OmegaConf
 
 DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=shapes_zero_shot
     "changed": (),  # the config's: target tokens, then those weighted by how much they differ from the source's
@@ -52,6 +59,12 @@ def group_row(design: str, group: str, rows: list[dict]) -> dict:
             **{k: avg(k) for k in ("target_acc", "color_acc", "shape_acc", "background_acc", "mask_iou", "keep_psnr")}}
 
 
+def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """The run's ``step_<step>.ckpt`` files, by step (``last.ckpt`` is not among them)."""
+    found = [(int(m.group(1)), f) for f in ckpt_dir.glob("step_*.ckpt") if (m := re.fullmatch(r"step_(\d+)\.ckpt", f.name))]
+    return sorted(found)
+
+
 def _cell(value: float, digits: int = 3) -> str:
     return "—" if value != value else f"{value:.{digits}f}"
 
@@ -71,6 +84,8 @@ def main() -> None:
     p.add_argument("--designs", default="changed,target", help=f"comma-separated, from {', '.join(DESIGNS)} (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the experiment config's)")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
+    p.add_argument("--every", type=int, default=None,
+                   help="keep a checkpoint every N training steps and score each one too (default: the last only)")
     add_training_args(p, "design", ROOT / "outputs" / "zero_shot")
     args = p.parse_args()
     names = [d.strip() for d in args.designs.split(",") if d.strip()]
@@ -88,17 +103,29 @@ def main() -> None:
     from ddstrans.shapes.evaluation import evaluate
     from ddstrans.translator import Translator
 
+    keep = () if args.every is None else (f"callbacks.model_checkpoint.every_n_train_steps={args.every}",
+                                          "callbacks.model_checkpoint.save_top_k=-1")
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # training runs are subprocesses
         dirs = dict(zip(names, pool.map(
-            lambda d: train_and_export(d, "shapes_zero_shot", args, DESIGNS[d]), names)))
-    summary, raw = [], {}
+            lambda d: train_and_export(d, "shapes_zero_shot", args, (*DESIGNS[d], *keep)), names)))
+    translators = []  # (label, export directory)
     for design in names:
-        tr = Translator.from_pretrained(dirs[design])
-        raw[design] = {}
+        if args.every is not None:
+            train_dir = dirs[design].parent / "train"
+            last_step = OmegaConf.load(train_dir / "config_resolved.yaml").trainer.max_steps
+            for step, ckpt in step_checkpoints(train_dir / "checkpoints"):
+                if step == last_step:  # the last checkpoint's row is the design's own
+                    continue
+                translators.append((f"{design}, step {step}", export(ckpt, dirs[design].parent / f"step_{step}", args)))
+        translators.append((design, dirs[design]))
+    summary, raw = [], {}
+    for label, path in translators:
+        tr = Translator.from_pretrained(path)
+        raw[label] = {}
         for group, tasks in GROUPS.items():
             rows = evaluate([shapes_task(t) for t in tasks], args.n, ["network"], translator=tr)
-            raw[design][group] = rows
-            summary.append(group_row(design, group, rows))
+            raw[label][group] = rows
+            summary.append(group_row(label, group, rows))
         print(table(summary[-len(GROUPS):]), flush=True)
     text = table(summary)
     (args.out / "zero_shot.md").write_text(text + "\n")

@@ -93,3 +93,15 @@ def test_bench_quality_targets_table_says_which_target_holds():
     assert "0.960 / 1.000 yes" in color and "36.50 / 37.30 yes" in color  # 4 points, 0.8 dB: both hold
     assert "0.940 / 1.000 NO" in shape and "41.00 / 38.20 yes" in shape and "0.700 / 0.850 NO" in shape
     assert not any(line.startswith("| background") for line in lines)  # no DDS row, no verdict
+
+
+@pytest.mark.slow
+def test_bench_zero_shot_scores_each_kept_checkpoint(tmp_path):
+    """With --every, each checkpoint kept along the way is exported and scored beside the last one (whose row is the
+    design's own, not repeated as a step)."""
+    out = tmp_path / "out"
+    _run("bench_zero_shot.py", "--designs", "target", "--steps", "4", "--every", "2", "--n", "2", "--jobs", "1",
+         "--out", str(out), tmp_path=tmp_path)
+    labels = [line.split("|")[1].strip() for line in (out / "zero_shot.md").read_text().splitlines()[2:]]
+    assert labels == ["target, step 2"] * 3 + ["target"] * 3  # three groups each
+    assert (out / "target" / "step_2" / "translator.json").is_file()
