@@ -6,7 +6,7 @@ scores it on held-out inputs; per-image DDS and SDS editing of the same inputs r
 aggregated per task family (color / shape / background) into one markdown table, written to
 ``OUT/quality.md`` and ``OUT/quality.json``, and printed. Times are measured in this run, on the machine it runs on.
 
-    python scripts/bench_quality.py --edit-n 8            # the README's variants, each as its config (about 1 h on 2 cores)
+    python scripts/bench_quality.py                       # the README's table: 2 h 2 min on 2 cores
     python scripts/bench_quality.py --variants main,no_warmup --steps 300 --n 32 --edit-n 8
 
 Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA, and beyond the paper
