@@ -283,13 +283,17 @@ def classify(images, attribute: str) -> list[str | None]:
 # ------------------------------------------------------------------------------------- metrics
 
 
-def target_accuracy(images, attribute: str, targets) -> float:
-    """Fraction of images whose ``attribute`` reads as the target value (a str or one per image)."""
+def target_hits(images, attribute: str, targets) -> list[bool]:
+    """Per image, whether its ``attribute`` reads as the target value (a str or one per image)."""
     x, _ = _batch(images)
     if isinstance(targets, str):
         targets = [targets] * len(x)
-    pred = classify(x, attribute)
-    return float(np.mean([p == t for p, t in zip(pred, targets)]))
+    return [p == t for p, t in zip(classify(x, attribute), targets)]
+
+
+def target_accuracy(images, attribute: str, targets) -> float:
+    """Fraction of images whose ``attribute`` reads as the target value (a str or one per image)."""
+    return float(np.mean(target_hits(images, attribute, targets)))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -367,18 +371,18 @@ def evaluate_edit(outputs, inputs, src_masks, attribute: str, targets, tgt_masks
     x, _ = _batch(outputs)
     src = _masks(src_masks, len(x))
     tgt = src if tgt_masks is None else _masks(tgt_masks, len(x))
-    attrs = set(attribute.split("+"))
+    names = attribute.split("+")
+    attrs = set(names)
     if "background" not in attrs:
         keep = background_psnr(x, inputs, src | tgt)
     elif attrs == {"background"}:
         keep = object_psnr(x, inputs, src & tgt)
     else:
         keep = float("nan")
-    names = attribute.split("+")
     if isinstance(targets, str):
         targets = [targets] * len(x)
     # each attribute read once: per image, whether it shows its target (``targets`` joined like ``attribute``)
-    hits = {a: [p == t.split("+")[i] for p, t in zip(classify(x, a), targets)] for i, a in enumerate(names)}
+    hits = {a: target_hits(x, a, [t.split("+")[i] for t in targets]) for i, a in enumerate(names)}
     out = {
         "target_acc": float(np.mean([all(h) for h in zip(*hits.values())])),
         "mask_iou": structure_iou(x, tgt),
