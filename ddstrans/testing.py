@@ -85,22 +85,24 @@ SHAPES_TASKS = ("to_blue", "to_red", "to_yellow", "to_square", "to_checkered")
 
 
 def make_shapes_checkpoint(path: str | Path, *, seed: int = 0, conditioning: str = "task_id",
-                           teacher_root: str | Path | None = None) -> Path:
+                           teacher_root: str | Path | None = None, tasks: list[dict] | None = None) -> Path:
     """Write a training checkpoint (the layout ``ddstrans-train`` saves) of a *random, non-identity* generator of
     the shapes translator's architecture (32x32 pixels, ``configs/generator/shapes.yaml``) with the five shapes
     tasks: what ``ddstrans export`` reads, without a training run. Returns ``path``.
     ``conditioning="text"`` needs ``teacher_root`` (a teacher with ``text_encoder/`` and ``tokenizer/`` of width
-    64 and 16 tokens, as ``checkpoints/shapes-teacher``), whose text encoder the export copies."""
+    64 and 16 tokens, as ``checkpoints/shapes-teacher``), whose text encoder the export copies. ``tasks``: task
+    dicts (name, source, target, rewrite) instead of the five shapes task names with caption prompts."""
     from ddstrans.generator import build_generator
 
     torch.manual_seed(seed)
+    if tasks is None:
+        tasks = [{"name": n, "source": ["{caption}"], "target": ["{caption}"], "rewrite": None} for n in SHAPES_TASKS]
     gen = build_generator(
-        conditioning=conditioning, num_tasks=len(SHAPES_TASKS), in_channels=3, sample_size=32, cross_attention_dim=64,
+        conditioning=conditioning, num_tasks=len(tasks), in_channels=3, sample_size=32, cross_attention_dim=64,
         block_out_channels=(32, 64, 64), layers_per_block=1, num_task_tokens=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
     torch.nn.init.normal_(gen.unet.conv_out.weight, std=0.05)  # not the identity
-    tasks = [{"name": n, "source": ["{caption}"], "target": ["{caption}"], "rewrite": None} for n in SHAPES_TASKS]
     emb = torch.randn(len(tasks), 1, 16, 64)
     ckpt = {
         "global_step": 0,

@@ -216,18 +216,38 @@ class Translator:
             emb = encode_text(self.tokenizer, self.text_encoder, [source, target]).float().to(self.device)
         return None, expand_batch(emb[:1], b), expand_batch(emb[1:], b)
 
+    def route(self, source: str, target: str) -> list:
+        """The passes ``route=True`` makes for a prompt pair: the shortest chain of this translator's caption-rewrite
+        tasks from ``source`` to ``target`` (``ddstrans.routes.plan_route``), or the pair itself as one pass when no
+        chain reaches it. A list of ``ddstrans.routes.Step``."""
+        from ddstrans.routes import Step, plan_route
+
+        steps = plan_route(source, target, self.task_table.tasks)
+        return [Step("", source, target)] if steps is None else steps
+
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, task: str | None = None, *, source: str | None = None,
-                          target: str | None = None) -> torch.Tensor:
-        """One generator forward pass on latents (B, C, h, w)."""
+                          target: str | None = None, route: bool = False) -> torch.Tensor:
+        """One generator forward pass on latents (B, C, h, w). ``route=True`` (text translators, a prompt pair):
+        one pass per step of :meth:`route`, each conditioned on that step's prompts: a pair training never
+        asked for (two attributes at once, a source and target never together) reached by trained edits."""
         z = z.to(self.device).float()
+        if route:
+            if source is None or target is None or task is not None:
+                raise ValueError("route=True needs source= and target= (not task=)")
+            if self.conditioning != "text":
+                raise ValueError("route=True needs a text-conditioned translator (this one is task-id conditioned)")
+            for step in self.route(source, target):
+                z = self.translate_latents(z, source=step.source, target=step.target)
+            return z
         ids, src, tgt = self._condition(z.shape[0], task, source, target)
         return self.generator(z, task_ids=ids, src_emb=src, tgt_emb=tgt).float()
 
     @torch.no_grad()
-    def translate_tensor(self, x: torch.Tensor, task: str | None = None, *, source=None, target=None) -> torch.Tensor:
+    def translate_tensor(self, x: torch.Tensor, task: str | None = None, *, source=None, target=None,
+                         route: bool = False) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] at the translator's resolution -> translated images in [-1, 1]."""
-        return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target))
+        return self.decode(self.translate_latents(self.encode(x), task, source=source, target=target, route=route))
 
     @property
     def size_multiple(self) -> int:
@@ -237,9 +257,11 @@ class Translator:
         return int(self.info.get("downsample_factor", 1)) * 2 ** (levels - 1)
 
     def __call__(self, images: Image.Image | Sequence[Image.Image], task: str | None = None, *,
-                 source: str | None = None, target: str | None = None, keep_size: bool = True, fit: str = "pad"):
+                 source: str | None = None, target: str | None = None, keep_size: bool = True, fit: str = "pad",
+                 route: bool = False):
         """Translate PIL image(s), keeping the aspect ratio by default (``fit``: ``pad``, ``crop``, ``resize``,
-        ``native``; see ``ddstrans.fitting``). One forward pass per batch (per distinct size at ``native``).
+        ``native``; see ``ddstrans.fitting``). One forward pass per batch (per distinct size at ``native``; per
+        step of the route with ``route=True``, see :meth:`translate_latents`).
         ``keep_size``: put outputs back at each input's size (else the network's outputs as they are).
         Returns a list (or one image for one input)."""
         from ddstrans.fitting import fit_image, restore_image
@@ -259,6 +281,7 @@ class Translator:
             groups.setdefault(x.size, []).append(i)
         for idx in groups.values():
             x = pil_to_tensor([fitted[i][0] for i in idx])
-            for i, o in zip(idx, tensor_to_pil(self.translate_tensor(x, task, source=source, target=target))):
+            for i, o in zip(idx, tensor_to_pil(self.translate_tensor(x, task, source=source, target=target,
+                                                                   route=route))):
                 out[i] = restore_image(o, fitted[i][1]) if keep_size else o
         return out[0] if single else out

@@ -103,5 +103,6 @@ def test_bench_zero_shot_scores_each_kept_checkpoint(tmp_path):
     _run("bench_zero_shot.py", "--designs", "target", "--steps", "4", "--every", "2", "--n", "2", "--jobs", "1",
          "--out", str(out), tmp_path=tmp_path)
     labels = [line.split("|")[1].strip() for line in (out / "zero_shot.md").read_text().splitlines()[2:]]
-    assert labels == ["target, step 2"] * 3 + ["target"] * 3  # three groups each
+    # three groups each, then the routed new pairs and compositions
+    assert labels == ["target, step 2"] * 3 + ["target, step 2, routed"] * 2 + ["target"] * 3 + ["target, routed"] * 2
     assert (out / "target" / "step_2" / "translator.json").is_file()

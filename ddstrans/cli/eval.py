@@ -35,8 +35,9 @@ def add_parser(sub) -> None:
                    "pair like red_to_yellow, or two edits at once joined by '+' like to_blue+to_square: the "
                    "generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
-    p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,dds,sds (answer: the renderer's "
-                   "ground-truth edit, the scores of a perfect translation; shapes only). Unset: identity,network,dds,sds "
+    p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,routed,dds,sds (answer: the renderer's "
+                   "ground-truth edit, the scores of a perfect translation; routed: the network reaching each pair "
+                   "through its trained caption rewrites, one pass each, text translators; both shapes only). Unset: identity,network,dds,sds "
                    "on the shapes world, identity,network on real images")
     p.add_argument("--edit-steps", type=int, default=None,
                    help="steps of per-image editing (unset: 100 on the shapes world, EditConfig's 200 on real images)")
@@ -101,8 +102,10 @@ def run_shapes(args) -> int:
 
         translator = Translator.from_pretrained(args.translator, device=device)
         tasks = translator.task_table.tasks
-    elif "network" in methods:
-        raise CLIError("method 'network' needs a translator directory")
+        if "routed" in methods and translator.conditioning != "text":
+            raise CLIError("method 'routed' needs a text-conditioned translator")
+    elif "network" in methods or "routed" in methods:
+        raise CLIError("methods network and routed need a translator directory")
     if any(m in methods for m in ("dds", "sds")):
         from ddstrans.shapes.defaults import load_shapes_teacher
 

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--task", default=None, help="task name (see translator.json); or --source/--target")
     p.add_argument("--source", default=None, help="source prompt (text-conditioned translators)")
     p.add_argument("--target", default=None, help="target prompt (text-conditioned translators)")
+    p.add_argument("--route", action="store_true",
+                   help="reach --source/--target through the translator's trained caption rewrites, one forward pass "
+                   "each (a pair training never asked for: two attributes at once, a source and target never "
+                   "together); a pair no chain of them reaches takes one pass")
     p.add_argument("--base", type=Path, default=None,
                    help="teacher directory of a translator exported with --keep-adapters (default: the one it records)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -81,6 +85,8 @@ def run(args) -> int:
         raise CLIError("--batch-size must be >= 1")
     if args.task is None and (args.source is None or args.target is None):
         raise CLIError("give --task NAME, or --source and --target for a text-conditioned translator")
+    if args.route and args.task is not None:
+        raise CLIError("--route takes --source and --target, not --task")
     from ddstrans.inputs import expand_inputs
 
     files = list({f.resolve(): f for f in expand_inputs(args.inputs)}.values())  # a file given twice: translated once
@@ -98,6 +104,12 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     if args.task is not None and args.task not in tr.tasks:
         raise CLIError(f"unknown task {args.task!r}; this translator has: {', '.join(tr.tasks)}")
+    if args.route:
+        if tr.conditioning != "text":
+            raise CLIError("--route needs a text-conditioned translator (this one takes --task)")
+        steps = tr.route(args.source, args.target)
+        print(f"route: {len(steps)} pass(es): " + " | ".join(f"{s.task or 'the pair itself'}: {s.source!r} -> "
+                                                              f"{s.target!r}" for s in steps), file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)
     failed, written = [], 0
     bar = tqdm(total=len(files), unit="img", disable=args.no_progress, file=sys.stderr)
@@ -112,7 +124,8 @@ def run(args) -> int:
                 failed.append(f)
                 tqdm.write(f"skipped {e}", file=sys.stderr)
         if images:
-            results = tr(images, task=args.task, source=args.source, target=args.target, fit=args.fit)
+            results = tr(images, task=args.task, source=args.source, target=args.target, fit=args.fit,
+                         route=args.route)
             for im, o in zip(results, targets):
                 try:
                     save_png(im, o)

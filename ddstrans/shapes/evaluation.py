@@ -1,5 +1,8 @@
 """Shapes-world evaluation: identity, the exported network, per-image DDS and SDS editing, per task.
 
+``routed`` is the network reaching each input's prompt pair through its trained caption rewrites, one forward pass
+per step (``Translator.route``; text-conditioned translators).
+
 Inputs are rendered from held-out seeds (never used in training); an input whose caption the task would
 not change (already at the target) is skipped, so identity scores 0 target accuracy. Metrics come from
 the renderer's ground truth (``ddstrans.shapes.metrics``): target accuracy (shapes read by the strict reader, so
@@ -21,7 +24,7 @@ from ddstrans.shapes import metrics as M
 from ddstrans.shapes import seeds as S
 from ddstrans.shapes.world import all_captions, parse_caption, render_scene, to_model
 
-METHODS = ("identity", "answer", "network", "dds", "sds")
+METHODS = ("identity", "answer", "network", "routed", "dds", "sds")
 DEFAULT_METHODS = ("identity", "network", "dds", "sds")  # "answer" (the renderer's ground truth) on request
 METRIC_KEYS = ("target_acc", "mask_iou", "keep_psnr", "diversity", "ms_per_image")
 
@@ -118,12 +121,14 @@ def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_
             outs.append(x.clone())
         elif method == "answer":  # what a perfect translation scores (e.g. the diversity it keeps)
             outs.append(es.answers[sl].clone())
-        elif method == "network":
+        elif method in ("network", "routed"):
             if translator is None:
-                raise ValueError("method 'network' needs an exported translator")
+                raise ValueError(f"method {method!r} needs an exported translator")
+            if method == "routed" and translator.conditioning != "text":
+                raise ValueError("method 'routed' needs a text-conditioned translator")
             if translator.conditioning == "text":
                 outs.append(torch.cat([
-                    translator.translate_tensor(x[i : i + 1], source=s, target=t)
+                    translator.translate_tensor(x[i : i + 1], source=s, target=t, route=method == "routed")
                     for i, (s, t) in enumerate(zip(es.src_captions[sl], es.tgt_captions[sl]))
                 ]).cpu())
             else:
