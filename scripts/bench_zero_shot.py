@@ -127,16 +127,17 @@ def main() -> None:
     summary, raw = [], {}
     for label, path in translators:
         tr = Translator.from_pretrained(path)
-        raw[label], raw[f"{label}, routed"], first = {}, {}, len(summary)
+        routed = f"{label}, routed"
+        raw[label], raw[routed], rows_of = {}, {}, {label: [], routed: []}  # the routed rows after the network's
         for group, tasks in GROUPS.items():
-            rows = evaluate([shapes_task(t) for t in tasks], args.n, ["network"], translator=tr)
-            raw[label][group] = rows
-            summary.append(group_row(label, group, rows))
-        for group in ROUTED_GROUPS:
-            rows = evaluate([shapes_task(t) for t in GROUPS[group]], args.n, ["routed"], translator=tr)
-            raw[f"{label}, routed"][group] = rows
-            summary.append(group_row(f"{label}, routed", group, rows))
-        print(table(summary[first:]), flush=True)
+            methods = ["network", "routed"] if group in ROUTED_GROUPS else ["network"]
+            rows = evaluate([shapes_task(t) for t in tasks], args.n, methods, translator=tr)  # one eval set per task
+            for method, name in (("network", label), ("routed", routed)):
+                if mine := [r for r in rows if r["method"] == method]:
+                    raw[name][group] = mine
+                    rows_of[name].append(group_row(name, group, mine))
+        summary += rows_of[label] + rows_of[routed]
+        print(table(rows_of[label] + rows_of[routed]), flush=True)
     text = table(summary)
     (args.out / "zero_shot.md").write_text(text + "\n")
     (args.out / "zero_shot.json").write_text(json.dumps({"summary": summary, "rows": raw, "args": vars(args)},

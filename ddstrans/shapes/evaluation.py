@@ -124,9 +124,7 @@ def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_
         elif method in ("network", "routed"):
             if translator is None:
                 raise ValueError(f"method {method!r} needs an exported translator")
-            if method == "routed" and translator.conditioning != "text":
-                raise ValueError("method 'routed' needs a text-conditioned translator")
-            if translator.conditioning == "text":
+            if translator.conditioning == "text" or method == "routed":  # a task-id translator refuses route=True
                 outs.append(torch.cat([
                     translator.translate_tensor(x[i : i + 1], source=s, target=t, route=method == "routed")
                     for i, (s, t) in enumerate(zip(es.src_captions[sl], es.tgt_captions[sl]))
