@@ -57,8 +57,9 @@ def device_label(translator) -> str:
     return f"{translator.device} ({backend})"
 
 
-def _condition(translator, task: str | None, source: str | None, target: str | None) -> dict:
-    """The keyword arguments of ``Translator.__call__`` for the page's choice, or a ``DemoInputError``."""
+def _condition(translator, task: str | None, source: str | None, target: str | None, route: bool = False) -> dict:
+    """The keyword arguments of ``Translator.__call__`` for the page's choice, or a ``DemoInputError``.
+    ``route`` applies to a prompt pair only (a task is one trained pass already)."""
     if task and task != CUSTOM:
         if task not in translator.tasks:
             raise DemoInputError(f"Unknown task {task!r}; this translator has: {', '.join(translator.tasks)}.")
@@ -69,7 +70,20 @@ def _condition(translator, task: str | None, source: str | None, target: str | N
     if not source or not target:
         raise DemoInputError("Type both a source prompt (what the image shows) and a target prompt (what it "
                              "should show).")
-    return {"source": source, "target": target}
+    return {"source": source, "target": target, "route": bool(route)}
+
+
+def _label(translator, kw: dict) -> str:
+    """What the status line says was asked; a routed pair names its passes, so the person sees which trained edits
+    ran."""
+    if "task" in kw:
+        return kw["task"]
+    label = f"{kw['source']} → {kw['target']}"
+    if kw.get("route"):
+        steps = translator.route(kw["source"], kw["target"])
+        passes = " → ".join(s.task or "the pair itself" for s in steps) or "none (source and target are the same)"
+        label += f" · routed, {len(steps)} pass{'es' if len(steps) != 1 else ''}: {passes}"
+    return label
 
 
 def _check_image(im, max_pixels: int, name: str = "The image") -> Image.Image:
@@ -89,20 +103,22 @@ def _check_image(im, max_pixels: int, name: str = "The image") -> Image.Image:
 
 
 def translate_one(translator, image, task=None, source=None, target=None, fit: str = "pad",
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, route: bool = False) -> Result:
     """One image through the translator, with the page's checks."""
-    return translate_many(translator, [image], task, source, target, fit, max_pixels)
+    return translate_many(translator, [image], task, source, target, fit, max_pixels, route=route)
 
 
 def translate_many(translator, images: Sequence, task=None, source=None, target=None, fit: str = "pad",
-                   max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8) -> Result:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, route: bool = False) -> Result:
+    """Images through the translator, with the page's checks. ``route``: a prompt pair runs as the chain of trained
+    edits ``Translator.route`` plans (``Translator.__call__(route=True)``)."""
     if fit not in FIT_CHOICES:
         raise DemoInputError(f"Fit must be one of {', '.join(FIT_CHOICES)}.")
-    kw = _condition(translator, task, source, target)
+    kw = _condition(translator, task, source, target, route)
     ims = [_check_image(im, max_pixels) for im in images]
     if not ims:
         raise DemoInputError("Upload at least one image.")
-    label = kw.get("task") or f"{kw['source']} → {kw['target']}"
+    label = _label(translator, kw)
     t0 = time.perf_counter()
     out = []
     for i in range(0, len(ims), batch_size):
@@ -183,12 +199,12 @@ def build_demo(translator, *, max_pixels: int = DEFAULT_MAX_PIXELS, title: str |
                                title="Error") from None
         return run
 
-    def on_translate(image, task, source, target, fit):
-        res = translate_one(translator, image, task, source, target, fit, max_pixels)
+    def on_translate(image, task, source, target, fit, route=False):
+        res = translate_one(translator, image, task, source, target, fit, max_pixels, route=route)
         src = _check_image(image, max_pixels)
         return (src, res.images[0]), res.images[0], res.status(device)
 
-    def on_batch(files, task, source, target, fit):
+    def on_batch(files, task, source, target, fit, route=False):
         paths = [getattr(f, "name", f) for f in (files or [])]
         if not paths:
             raise DemoInputError("Upload one or more image files.")
@@ -197,7 +213,7 @@ def build_demo(translator, *, max_pixels: int = DEFAULT_MAX_PIXELS, title: str |
             gr.Warning(f"Skipped {msg}")
         if not images:
             raise DemoInputError("None of the uploaded files is an image this page can read.")
-        res = translate_many(translator, images, task, source, target, fit, max_pixels)
+        res = translate_many(translator, images, task, source, target, fit, max_pixels, route=route)
         zpath = write_zip(names, res.images, tempfile.mkdtemp(prefix="ddstrans-demo-"))
         status = res.status(device) + (f" · skipped {len(skipped)}" if skipped else "")
         return str(zpath), res.images, status
@@ -213,6 +229,9 @@ def build_demo(translator, *, max_pixels: int = DEFAULT_MAX_PIXELS, title: str |
         with gr.Row(visible=text):
             source = gr.Textbox(label="Source prompt (what the image shows)", elem_id="source")
             target = gr.Textbox(label="Target prompt (what it should show)", elem_id="target")
+            route = gr.Checkbox(value=False, label="Route through trained edits", elem_id="route",
+                                info="for a pair training never saw: one pass per trained edit on the way "
+                                "(e.g. red → blue, then blue → yellow); the status line names them")
         with gr.Tab("Image"):
             with gr.Row():
                 inp = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], label="Input",
@@ -233,8 +252,8 @@ def build_demo(translator, *, max_pixels: int = DEFAULT_MAX_PIXELS, title: str |
             zip_out = gr.File(label="Translated images (zip)", elem_id="batch-zip", interactive=False)
             gallery = gr.Gallery(label="Outputs", elem_id="batch-gallery", format="png", columns=6, height=260,
                                  object_fit="contain")
-        go.click(guarded(on_translate), [inp, task, source, target, fit], [slider, out, status], api_name="translate")
-        go_many.click(guarded(on_batch), [files, task, source, target, fit], [zip_out, gallery, batch_status],
+        go.click(guarded(on_translate), [inp, task, source, target, fit, route], [slider, out, status], api_name="translate")
+        go_many.click(guarded(on_batch), [files, task, source, target, fit, route], [zip_out, gallery, batch_status],
                       api_name="translate_batch")
     return demo
 

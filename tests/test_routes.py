@@ -126,3 +126,25 @@ def test_shapes_evaluation_scores_the_routed_translation(text_translator, shapes
     assert [r["method"] for r in rows] == ["network", "routed"] and rows[0]["keep_psnr"] != rows[1]["keep_psnr"]
     with pytest.raises(ValueError, match="text-conditioned"):
         run_method("routed", es, translator=Translator.from_pretrained(shapes_translator_dir))
+
+
+def test_demo_page_routes_a_pair_and_names_its_passes(text_translator):
+    """The page's route switch runs the same passes as ``route=True`` and its status line names them."""
+    import numpy as np
+    from PIL import Image
+
+    from ddstrans.demo import CUSTOM, translate_one
+
+    im = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    yellow = RED.replace("red", "yellow")
+    routed = translate_one(text_translator, im, CUSTOM, RED, yellow, route=True)
+    direct = translate_one(text_translator, im, CUSTOM, RED, yellow)
+    assert np.array_equal(np.asarray(routed.images[0]),
+                          np.asarray(text_translator(im, source=RED, target=yellow, route=True)))
+    assert not np.array_equal(np.asarray(routed.images[0]), np.asarray(direct.images[0]))
+    status = routed.status("cpu (PyTorch)")
+    assert "routed, 2 passes: to_blue_from_red_yellow → " in status and "routed" not in direct.status("cpu")
+    # a task is one trained pass: the switch leaves it alone
+    task = text_translator.tasks[0]
+    assert np.array_equal(np.asarray(translate_one(text_translator, im, task, route=True).images[0]),
+                          np.asarray(text_translator(im, task=task)))
