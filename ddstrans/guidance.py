@@ -56,6 +56,9 @@ class Guidance:
     source_guidance: scale of the DDS source branch (None: the same as the target's, as the reference).
     guidance_low_t, guidance_low: samples with t below ``guidance_low_t`` use ``guidance_low`` in both branches
         (0: off). At low noise guidance amplifies a teacher's errors more than it edits.
+    guidance_low_from_step: ``guidance_low`` applies from this training step on (0: from the start). A change the
+        teacher makes only at high guidance (the shapes world's square) must be learned there first; a lower guidance
+        then sharpens it, as per-image editing draws its cleanest result at a lower guidance than it needs to start.
     t_range: timesteps are drawn uniformly in ``[t_min, t_max)``.
     t_range_end, t_range_steps: the range moves linearly to ``t_range_end`` over ``t_range_steps`` steps (<= 0:
         it stays at ``t_range``).
@@ -78,6 +81,7 @@ class Guidance:
     source_guidance: float | None = None
     guidance_low_t: int = 0
     guidance_low: float = 1.0
+    guidance_low_from_step: int = 0
     t_range: tuple[int, int] = (50, 950)
     t_range_end: tuple[int, int] | None = None
     t_range_steps: int = 0
@@ -95,6 +99,7 @@ class Guidance:
         set_("t_range_end", _pair(self.t_range_end))
         set_("shared_noise_tasks", _names(self.shared_noise_tasks))
         set_("guidance_low_t", int(self.guidance_low_t or 0))
+        set_("guidance_low_from_step", int(self.guidance_low_from_step or 0))
         self.validate()
 
     def validate(self) -> None:
@@ -111,6 +116,8 @@ class Guidance:
                 raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
         if not 0 <= self.guidance_low_t <= 1000:
             raise ValueError(f"guidance_low_t must be in [0, 1000] (0: off), got {self.guidance_low_t}")
+        if self.guidance_low_from_step < 0:
+            raise ValueError(f"guidance_low_from_step must be >= 0, got {self.guidance_low_from_step}")
         if self.sigma_sampling not in (None, *SIGMA_SAMPLINGS):
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} or None, got {self.sigma_sampling!r}")
         if self.score_space not in SCORE_SPACES:
@@ -149,6 +156,11 @@ class Guidance:
         """The timestep range at ``step`` (the anneal)."""
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))
 
+    def guidance_low_t_at(self, step: int) -> int:
+        """The low-noise threshold in force at ``step``: ``guidance_low_t`` from ``guidance_low_from_step`` on, else
+        0 (off)."""
+        return self.guidance_low_t if step >= self.guidance_low_from_step else 0
+
     # ------------------------------------------------------------------ noise policy
     def shared(self, z: torch.Tensor) -> torch.Tensor:
         """The shared noise of one sample of ``z``, made once per shape, device and dtype."""
@@ -180,7 +192,8 @@ class Guidance:
         drawn by the score unless given. SDS ignores ``z_src`` and ``emb_src``."""
         kw = dict(t=t, noise=noise, guidance_scale=self.scale_at(step) if guidance is None else guidance,
                   weighting=self.weighting, t_range=self.t_range_at(step), generator=generator,
-                  return_info=return_info, guidance_low_t=self.guidance_low_t, guidance_low=float(self.guidance_low),
+                  return_info=return_info, guidance_low_t=self.guidance_low_t_at(step),
+                  guidance_low=float(self.guidance_low),
                   space=self.score_space, sigma_sampling=self.sigma_sampling)
         dtype = getattr(teacher, "dtype", None) or emb_tgt.dtype
         if self.method == "sds":

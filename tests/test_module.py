@@ -261,3 +261,10 @@ def test_low_t_guidance_reaches_the_score(tiny_teacher):
     assert not torch.allclose(g_low, g_full)
     with pytest.raises(ValueError, match="guidance_low_t"):
         make_module(tiny_teacher, loss={"guidance_low_t": -5})
+    # guidance_low_from_step: the target guidance before that step, guidance_low from it on
+    later = make_module(tiny_teacher, loss={"guidance_low_t": 1000, "guidance_low": 2.0, "guidance_low_from_step": 10})
+    at = lambda step: later.guidance.grad(tiny_teacher, z, z + 0.5, emb_src, emb_tgt, step, t=t, noise=noise)  # noqa: E731
+    torch.testing.assert_close(at(9), g_full)
+    torch.testing.assert_close(at(10), g_two)
+    with pytest.raises(ValueError, match="guidance_low_from_step"):
+        make_module(tiny_teacher, loss={"guidance_low_from_step": -1})
