@@ -12,8 +12,9 @@ aggregated per task family (color / shape / background) into one markdown table,
 Variants, each an experiment config: main (experiment=shapes: DDS, CFG warm-up, task-id, EMA, and beyond the paper
 an identity term on regions the DDS score does not call to change), no_warmup, sds, text (text conditioning),
 no_ema, unseen (text conditioning trained on four color pairs, evaluated on those and on four pairs never trained),
-no_identity (the paper's loss alone); on request long (experiment=shapes_long: 2,000 steps) and long_palette
-(beyond the paper: long, then 1,000 steps with a palette term on the background change); see
+no_identity (the paper's loss alone); on request long (experiment=shapes_long: 2,000 steps), long_palette
+(beyond the paper: long, then 1,000 steps with a palette term on the background change) and long_sharp (long to
+3,500 steps, the last 500 at guidance 1.5: the cleanest squares); see
 configs/experiment/shapes_*.yaml.
 Without ``--steps`` each variant trains its config's own ``trainer.max_steps``.
 """
@@ -44,8 +45,9 @@ VARIANTS: dict[str, str] = {  # variant -> experiment config (configs/experiment
     "no_identity": "shapes_no_identity",
     "long": "shapes_long",
     "long_palette": "shapes_long_palette",
+    "long_sharp": "shapes_long_sharp",
 }
-# the README's table; long and long_palette (2,000 / 3,000 steps, 40 more minutes) on request
+# the README's table; long, long_palette and long_sharp (2,000 / 3,000 / 3,500 steps) on request
 DEFAULT_VARIANTS = ("main", "no_warmup", "sds", "text", "no_ema", "unseen", "no_identity")
 # never trained by the "unseen" variant (tasks=shapes_pairs), each from a trained source and a trained target color
 UNSEEN_PAIRS = ("red_to_yellow", "green_to_blue", "blue_to_green", "yellow_to_red")

@@ -185,3 +185,15 @@ def test_zero_shot_experiment_never_trains_a_held_out_pair_or_two_changes_at_onc
     held_out = {("red", "yellow"), ("green", "blue"), ("blue", "green"), ("yellow", "red")}
     assert len(trained) == 8 and not trained & held_out
     assert all(any(s == a for a, _ in trained) and any(d == b for _, b in trained) for s, d in held_out)
+
+
+def test_long_sharp_is_shapes_long_with_a_late_lower_guidance(tmp_path):
+    """experiment=shapes_long_sharp is shapes_long run on to 3,500 steps: the same anneal, and the low-noise guidance
+    (every sample after the anneal) lowered to 1.5 from step 3,000 only."""
+    base = _flat(OmegaConf.to_container(compose(["experiment=shapes_long"], tmp_path / "a"), resolve=True))
+    sharp = _flat(OmegaConf.to_container(compose(["experiment=shapes_long_sharp"], tmp_path / "a"), resolve=True))
+    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
+    diff = {k: sharp.get(k) for k in set(base) | set(sharp) if base.get(k) != sharp.get(k) and not k.startswith(ignore)}
+    assert diff == {"loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
+    assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
+    assert tuple(sharp["loss.t_range_end"]) == (10, 150) and sharp["loss.guidance_low_t"] == 150
