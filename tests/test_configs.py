@@ -104,6 +104,18 @@ def _flat(cfg, prefix=""):
     return out
 
 
+IGNORED = ("task_name", "tags", "paths.", "hydra.", "logger.")  # what every experiment sets for itself
+
+
+def _flat_experiment(name: str, tmp_path, resolve: bool = False) -> dict:
+    return _flat(OmegaConf.to_container(compose([f"experiment={name}"], tmp_path / "a"), resolve=resolve))
+
+
+def _differences(base: dict, other: dict) -> dict:
+    """``other``'s value of every key where it differs from ``base``, beyond what every experiment sets for itself."""
+    return {k: other.get(k) for k in set(base) | set(other) if base.get(k) != other.get(k) and not k.startswith(IGNORED)}
+
+
 @pytest.mark.parametrize("experiment,expected", [
     ("shapes_no_warmup", {"loss.warmup_steps": 0}),
     ("shapes_sds", {"loss.method": "sds"}),
@@ -113,12 +125,7 @@ def _flat(cfg, prefix=""):
 ])
 def test_ablation_experiments_change_only_their_switch(experiment, expected, tmp_path):
     """Each ablation row of bench_quality differs from experiment=shapes in exactly its one switch."""
-    base = _flat(OmegaConf.to_container(compose(["experiment=shapes"], tmp_path / "a")))
-    abl = _flat(OmegaConf.to_container(compose([f"experiment={experiment}"], tmp_path / "a")))
-    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
-    diff = {k: abl.get(k) for k in set(base) | set(abl)
-            if base.get(k) != abl.get(k) and not k.startswith(ignore)}
-    assert diff == expected
+    assert _differences(_flat_experiment("shapes", tmp_path), _flat_experiment(experiment, tmp_path)) == expected
 
 
 def test_shapes_stops_at_its_step_count_not_at_its_time_limit(tmp_path):
@@ -134,11 +141,9 @@ def test_shapes_stops_at_its_step_count_not_at_its_time_limit(tmp_path):
 def test_long_palette_is_shapes_long_plus_a_late_palette_term(tmp_path):
     """experiment=shapes_long_palette changes shapes_long only in the palette term, the identity term's tasks and the
     step count: its first 2,000 steps differ from shapes_long's only in the identity term's tasks."""
-    base = _flat(OmegaConf.to_container(compose(["experiment=shapes_long"], tmp_path / "a"), resolve=True))
-    pal = _flat(OmegaConf.to_container(compose(["experiment=shapes_long_palette"], tmp_path / "a"), resolve=True))
-    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
-    diff = {k: pal.get(k) for k in set(base) | set(pal) if base.get(k) != pal.get(k) and not k.startswith(ignore)}
-    assert diff == {"loss.identity_tasks": ["to_blue", "to_red", "to_yellow", "to_square"],
+    base = _flat_experiment("shapes_long", tmp_path, resolve=True)
+    pal = _flat_experiment("shapes_long_palette", tmp_path, resolve=True)
+    assert _differences(base, pal) == {"loss.identity_tasks": ["to_blue", "to_red", "to_yellow", "to_square"],
                     "loss.palette_weight": 1.0, "loss.palette_tasks": ["to_checkered"], "loss.palette_start": 2000,
                     "loss.palette_ramp_steps": 1000, "trainer.max_steps": 3000}
     assert pal["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000  # the same anneal in both
@@ -190,11 +195,9 @@ def test_zero_shot_experiment_never_trains_a_held_out_pair_or_two_changes_at_onc
 def test_long_sharp_is_shapes_long_with_a_late_lower_guidance(tmp_path):
     """experiment=shapes_long_sharp is shapes_long run on to 3,500 steps: the same anneal, and the low-noise guidance
     (every sample after the anneal) lowered to 1.5 from step 3,000 only."""
-    base = _flat(OmegaConf.to_container(compose(["experiment=shapes_long"], tmp_path / "a"), resolve=True))
-    sharp = _flat(OmegaConf.to_container(compose(["experiment=shapes_long_sharp"], tmp_path / "a"), resolve=True))
-    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
-    diff = {k: sharp.get(k) for k in set(base) | set(sharp) if base.get(k) != sharp.get(k) and not k.startswith(ignore)}
-    assert diff == {"loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
+    base = _flat_experiment("shapes_long", tmp_path, resolve=True)
+    sharp = _flat_experiment("shapes_long_sharp", tmp_path, resolve=True)
+    assert _differences(base, sharp) == {"loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert tuple(sharp["loss.t_range_end"]) == (10, 150) and sharp["loss.guidance_low_t"] == 150
 
@@ -202,11 +205,9 @@ def test_long_sharp_is_shapes_long_with_a_late_lower_guidance(tmp_path):
 def test_zero_shot_sharp_is_shapes_zero_shot_with_a_late_lower_guidance(tmp_path):
     """experiment=shapes_zero_shot_sharp is shapes_zero_shot run on to 3,500 steps with the same anneal; guidance 1.5
     covers every sample after it (t < 300) from step 3,000 only."""
-    base = _flat(OmegaConf.to_container(compose(["experiment=shapes_zero_shot"], tmp_path / "a"), resolve=True))
-    sharp = _flat(OmegaConf.to_container(compose(["experiment=shapes_zero_shot_sharp"], tmp_path / "a"), resolve=True))
-    ignore = ("task_name", "tags", "paths.", "hydra.", "logger.")
-    diff = {k: sharp.get(k) for k in set(base) | set(sharp) if base.get(k) != sharp.get(k) and not k.startswith(ignore)}
-    assert diff == {"loss.guidance_low_t": 300, "loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000,
+    base = _flat_experiment("shapes_zero_shot", tmp_path, resolve=True)
+    sharp = _flat_experiment("shapes_zero_shot_sharp", tmp_path, resolve=True)
+    assert _differences(base, sharp) == {"loss.guidance_low_t": 300, "loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000,
                     "trainer.max_steps": 3500}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert sharp["loss.t_range_end"][1] <= sharp["loss.guidance_low_t"]  # after the anneal every sample is at 1.5
