@@ -113,7 +113,8 @@ def _flat_experiment(name: str, tmp_path, resolve: bool = False) -> dict:
 
 def _differences(base: dict, other: dict) -> dict:
     """``other``'s value of every key where it differs from ``base``, beyond what every experiment sets for itself."""
-    return {k: other.get(k) for k in set(base) | set(other) if base.get(k) != other.get(k) and not k.startswith(IGNORED)}
+    return {k: other.get(k) for k in set(base) | set(other)
+            if base.get(k) != other.get(k) and not k.startswith(IGNORED)}
 
 
 @pytest.mark.parametrize("experiment,expected", [
@@ -197,7 +198,8 @@ def test_long_sharp_is_shapes_long_with_a_late_lower_guidance(tmp_path):
     (every sample after the anneal) lowered to 1.5 from step 3,000 only."""
     base = _flat_experiment("shapes_long", tmp_path, resolve=True)
     sharp = _flat_experiment("shapes_long_sharp", tmp_path, resolve=True)
-    assert _differences(base, sharp) == {"loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
+    assert _differences(base, sharp) == {"loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000,
+                                         "trainer.max_steps": 3500}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert tuple(sharp["loss.t_range_end"]) == (10, 150) and sharp["loss.guidance_low_t"] == 150
 
@@ -207,7 +209,7 @@ def test_zero_shot_sharp_is_shapes_zero_shot_with_a_late_lower_guidance(tmp_path
     covers every sample after it (t < 300) from step 3,000 only."""
     base = _flat_experiment("shapes_zero_shot", tmp_path, resolve=True)
     sharp = _flat_experiment("shapes_zero_shot_sharp", tmp_path, resolve=True)
-    assert _differences(base, sharp) == {"loss.guidance_low_t": 300, "loss.guidance_low": 1.5, "loss.guidance_low_from_step": 3000,
-                    "trainer.max_steps": 3500}
+    assert _differences(base, sharp) == {"loss.guidance_low_t": 300, "loss.guidance_low": 1.5,
+                                         "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert sharp["loss.t_range_end"][1] <= sharp["loss.guidance_low_t"]  # after the anneal every sample is at 1.5
