@@ -64,6 +64,7 @@ class Translator:
         self.path: Path | None = None  # the directory it was loaded from
         self._ignore: tuple[str, ...] = ()  # folders verify_tree skips there (a hub download's metadata)
         self.backend = "torch"
+        self._routes: dict[tuple[str, str], tuple] = {}  # route() per prompt pair: the task table never changes
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -219,11 +220,14 @@ class Translator:
     def route(self, source: str, target: str) -> list:
         """The passes ``route=True`` makes for a prompt pair: the shortest chain of this translator's caption-rewrite
         tasks from ``source`` to ``target`` (``ddstrans.routes.plan_route``), or the pair itself as one pass when no
-        chain reaches it. A list of ``ddstrans.routes.Step``."""
+        chain reaches it. A list of ``ddstrans.routes.Step``. Planned once per pair: callers that show the route and
+        then translate with ``route=True`` (the CLI, the demo page), or translate image by image, share one search."""
         from ddstrans.routes import Step, plan_route
 
-        steps = plan_route(source, target, self.task_table.tasks)
-        return [Step("", source, target)] if steps is None else steps
+        if (source, target) not in self._routes:
+            steps = plan_route(source, target, self.task_table.tasks)
+            self._routes[source, target] = tuple([Step("", source, target)] if steps is None else steps)
+        return list(self._routes[source, target])
 
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, task: str | None = None, *, source: str | None = None,

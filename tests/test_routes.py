@@ -79,6 +79,22 @@ def test_translator_makes_one_pass_per_step(text_translator):
     assert [s.task for s in tr.route(RED, purple)] == [""]
 
 
+def test_a_pair_is_planned_once(text_translator, monkeypatch):
+    """Showing a route and then translating with it (the CLI, the demo page, evaluation image by image) search once."""
+    import ddstrans.routes
+
+    calls = []
+    monkeypatch.setattr(ddstrans.routes, "plan_route", lambda *a, **k: calls.append(a) or plan_route(*a, **k))
+    blue_square = "a blue square on a striped background"
+    shown = text_translator.route(RED, blue_square)
+    shown.clear()  # the caller's list: the translator's plan is not changed through it
+    x = torch.zeros(2, 3, 32, 32)
+    text_translator.translate_latents(x, source=RED, target=blue_square, route=True)
+    text_translator.translate_latents(x[:1], source=RED, target=blue_square, route=True)
+    assert len(calls) == 1 and [s.task for s in text_translator.route(RED, blue_square)] == [
+        s.task for s in plan_route(RED, blue_square, text_translator.task_table.tasks)]
+
+
 def test_route_needs_prompts_and_text_conditioning(text_translator, shapes_translator_dir):
     from ddstrans.translator import Translator
 
