@@ -6,7 +6,9 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   background", read by the strict and the lenient shape reader, per guidance scale.
 - ``edit``: does per-image DDS editing (the translator's training signal, one image at a time) make squares at a
   guidance scale and timestep schedule? Strict/lenient accuracy, mask IoU with the target square, kept PSNR,
-  and which of the strict reader's checks the outputs fail.
+  and which of the strict reader's checks the outputs fail. With ``--translator``, the edit starts at the
+  translator's outputs instead of the inputs (the source branch still sees the input): is the translator's answer
+  the score's fixed point, or would the score still move it? ``--by-shape`` adds a row per source shape.
 - ``gradient``: where does the DDS score push a circle or a triangle? The mean descent direction over many noises
   and timesteps, projected per pixel on "toward the shape's color", in the regions a square needs filled (target
   minus source), emptied (source minus target), and kept (target and source: its rim, one pixel inside the
@@ -15,6 +17,7 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
 - ``outputs``: which strict checks a cached set of outputs (``scripts/shape_readers.py --cache``) fails.
 
     python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
+    python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules eval --n 64 --by-shape
 """
 
 from __future__ import annotations
@@ -84,20 +87,46 @@ def cmd_samples(args, teacher) -> None:
 
 
 def cmd_edit(args, teacher) -> None:
-    from ddstrans.editing import EditConfig
+    from ddstrans.editing import EditConfig, edit_latents
     from ddstrans.shapes.defaults import shapes_task
     from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.shapes.world import parse_caption
 
     es = build_eval_set(shapes_task("to_square"), args.n)
+    start = None
+    if args.translator:  # the translator's outputs, where the edit starts
+        from ddstrans.translator import Translator
+
+        start, _ = run_method("network", es, translator=Translator.from_pretrained(args.translator))
+    groups = {"": np.arange(len(es.seeds))}
+    if args.by_shape:
+        shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
+        groups.update({f", {s}s": np.flatnonzero(shapes == s) for s in ("circle", "triangle")})
+
+    def rows(name, y):
+        y, x = M.as_unit(y), M.as_unit(es.inputs)
+        for suffix, i in groups.items():
+            print(readers_row(name + suffix, y[i], x[i], es.src_masks[i], es.tgt_masks[i], [es.targets[k] for k in i]),
+                  flush=True)
+
     print(HEAD)
+    if start is not None:
+        rows("translator", start)
     for g in args.guidance:
         for sched in args.schedules:
             t_range, t_end = {"eval": ((50, 600), None), "train": ((50, 950), (20, 300))}[sched]
             cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
             EditConfig(**cfg)  # fail early on a bad setting
-            y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg)
-            print(readers_row(f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}",
-                              M.as_unit(y), M.as_unit(es.inputs), es.src_masks, es.tgt_masks, es.targets), flush=True)
+            name = f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}"
+            if start is None:
+                y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg)
+            else:
+                name += ", from the translator's outputs"
+                z = edit_latents(teacher, teacher.encode_images(es.inputs.to(teacher.device)),
+                                 teacher.encode_prompts(es.src_captions), teacher.encode_prompts(es.tgt_captions),
+                                 EditConfig(**cfg, method="dds"), z_init=teacher.encode_images(start.to(teacher.device)))
+                y = teacher.decode_latents(z).detach().cpu()
+            rows(name, y)
 
 
 def cmd_gradient(args, teacher) -> None:
@@ -171,7 +200,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
-    p.add_argument("--translator", default=None, help="exported translator (field)")
+    p.add_argument("--translator", default=None,
+                   help="exported translator (field; edit: start the edit at its outputs)")
+    p.add_argument("--by-shape", action="store_true", help="edit: a row per source shape too")
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
     p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales")
     p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient) or samples per caption (samples)")
