@@ -205,11 +205,11 @@ def test_long_sharp_is_shapes_long_with_a_late_lower_guidance(tmp_path):
 
 
 def test_zero_shot_sharp_is_shapes_zero_shot_with_a_late_lower_guidance(tmp_path):
-    """experiment=shapes_zero_shot_sharp is shapes_zero_shot run on to 3,500 steps with the same anneal; guidance 1.5
+    """experiment=shapes_zero_shot_sharp is shapes_zero_shot run on to 4,000 steps with the same anneal; guidance 1.5
     covers every sample after it (t < 300) from step 3,000 only."""
     base = _flat_experiment("shapes_zero_shot", tmp_path, resolve=True)
     sharp = _flat_experiment("shapes_zero_shot_sharp", tmp_path, resolve=True)
     assert _differences(base, sharp) == {"loss.guidance_low_t": 300, "loss.guidance_low": 1.5,
-                                         "loss.guidance_low_from_step": 3000, "trainer.max_steps": 3500}
+                                         "loss.guidance_low_from_step": 3000, "trainer.max_steps": 4000}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert sharp["loss.t_range_end"][1] <= sharp["loss.guidance_low_t"]  # after the anneal every sample is at 1.5
