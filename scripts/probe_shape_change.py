@@ -87,7 +87,7 @@ def cmd_samples(args, teacher) -> None:
 
 
 def cmd_edit(args, teacher) -> None:
-    from ddstrans.editing import EditConfig, edit_latents
+    from ddstrans.editing import EditConfig
     from ddstrans.shapes.defaults import shapes_task
     from ddstrans.shapes.evaluation import build_eval_set, run_method
     from ddstrans.shapes.world import parse_caption
@@ -103,8 +103,10 @@ def cmd_edit(args, teacher) -> None:
         shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
         groups.update({f", {s}s": np.flatnonzero(shapes == s) for s in ("circle", "triangle")})
 
+    x = M.as_unit(es.inputs)
+
     def rows(name, y):
-        y, x = M.as_unit(y), M.as_unit(es.inputs)
+        y = M.as_unit(y)
         for suffix, i in groups.items():
             print(readers_row(name + suffix, y[i], x[i], es.src_masks[i], es.tgt_masks[i], [es.targets[k] for k in i]),
                   flush=True)
@@ -118,15 +120,8 @@ def cmd_edit(args, teacher) -> None:
             cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
             EditConfig(**cfg)  # fail early on a bad setting
             name = f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}"
-            if start is None:
-                y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg)
-            else:
-                name += ", from the translator's outputs"
-                z = edit_latents(teacher, teacher.encode_images(es.inputs.to(teacher.device)),
-                                 teacher.encode_prompts(es.src_captions), teacher.encode_prompts(es.tgt_captions),
-                                 EditConfig(**cfg, method="dds"), z_init=teacher.encode_images(start.to(teacher.device)))
-                y = teacher.decode_latents(z).detach().cpu()
-            rows(name, y)
+            y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg, init=start)
+            rows(name if start is None else f"{name}, from the translator's outputs", y)
 
 
 def cmd_gradient(args, teacher) -> None:

@@ -107,8 +107,10 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 
 
 def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_config=None,
-               batch_size: int = 64) -> tuple[torch.Tensor, float]:
-    """Outputs (N, 3, H, W) in [-1, 1] of one method on an eval set, and seconds per image."""
+               batch_size: int = 64, init: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Outputs (N, 3, H, W) in [-1, 1] of one method on an eval set, and seconds per image. ``init`` (images like the
+    inputs): where a per-image edit (dds, sds) starts instead of the input, e.g. a translator's outputs — is its answer
+    the score's fixed point? The source branch still sees the input."""
     from ddstrans.editing import EditConfig, edit_latents
 
     if method == "network" and translator is not None and translator.conditioning != "text":
@@ -136,7 +138,9 @@ def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_
                 raise ValueError(f"method {method!r} needs the teacher")
             cfg = EditConfig(**{**(edit_config or {}), "method": method})
             z = teacher.encode_images(x.to(teacher.device))
-            z = edit_latents(teacher, z, teacher.encode_prompts(es.src_captions[sl]), teacher.encode_prompts(es.tgt_captions[sl]), cfg)
+            z_init = None if init is None else teacher.encode_images(init[sl].to(teacher.device))
+            z = edit_latents(teacher, z, teacher.encode_prompts(es.src_captions[sl]),
+                             teacher.encode_prompts(es.tgt_captions[sl]), cfg, z_init=z_init)
             outs.append(teacher.decode_latents(z).cpu())
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
