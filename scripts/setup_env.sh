@@ -13,6 +13,13 @@ fi
 stamp="$venv/.ddstrans-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  # a fresh environment takes about 2.1 GB (torch 0.75 GB of it): say so up front instead of pip's ENOSPC traceback
+  need_mb=1500; "$venv/bin/python" -c "import torch" 2>/dev/null || need_mb=2500
+  free_mb=$(df -Pm "$venv" | awk 'NR==2 {print $4}')
+  if [ "${free_mb:-0}" -lt "$need_mb" ]; then
+    echo "[setup] error: ${free_mb} MB free where $venv lives, the install needs about ${need_mb} MB" >&2
+    exit 1
+  fi
   echo "[setup] installing ddstrans and dependencies into $venv (about a minute)"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
