@@ -7,7 +7,8 @@ whose ``configs/loss/dds.yaml`` holds only what training changes), per-image edi
 
 Scheduled values use the ramps of ``ddstrans.schedules``: the guidance scale rises from ``guidance_start`` to
 ``guidance`` over ``warmup_steps`` (the DDS paper's warm-up against mode collapse), and the timestep range moves
-from ``t_range`` to ``t_range_end`` over ``t_range_steps``.
+from ``t_range`` to ``t_range_end`` over ``t_range_steps`` (and jumps to ``t_range_late`` from
+``t_range_late_from_step`` on).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Guidance:
     t_range: timesteps are drawn uniformly in ``[t_min, t_max)``.
     t_range_end, t_range_steps: the range moves linearly to ``t_range_end`` over ``t_range_steps`` steps (<= 0:
         it stays at ``t_range``).
+    t_range_late, t_range_late_from_step: from step ``t_range_late_from_step`` on, timesteps come from
+        ``t_range_late`` instead (None: no such phase). A last phase at low noise refines what the anneal learned
+        (a square's corners) without the high-noise samples that would move it again.
     weighting: the per-timestep weight ``w(t)`` (``scores.WEIGHTINGS``).
     shared_noise_prob, shared_noise_seed, shared_noise_tasks: with probability ``shared_noise_prob`` a sample uses
         one fixed noise (``scores.shared_noise`` of ``shared_noise_seed``) instead of fresh noise, only for the
@@ -85,6 +89,8 @@ class Guidance:
     t_range: tuple[int, int] = (50, 950)
     t_range_end: tuple[int, int] | None = None
     t_range_steps: int = 0
+    t_range_late: tuple[int, int] | None = None
+    t_range_late_from_step: int = 0
     weighting: str = "uniform"
     shared_noise_prob: float = 0.0
     shared_noise_seed: int = 0
@@ -97,6 +103,8 @@ class Guidance:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
         set_("t_range", _pair(self.t_range))
         set_("t_range_end", _pair(self.t_range_end))
+        set_("t_range_late", _pair(self.t_range_late))
+        set_("t_range_late_from_step", int(self.t_range_late_from_step or 0))
         set_("shared_noise_tasks", _names(self.shared_noise_tasks))
         set_("guidance_low_t", int(self.guidance_low_t or 0))
         set_("guidance_low_from_step", int(self.guidance_low_from_step or 0))
@@ -110,7 +118,7 @@ class Guidance:
             raise ValueError(f"warmup_kind must be one of {KINDS}, got {self.warmup_kind!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        for name in ("t_range", "t_range_end"):
+        for name in ("t_range", "t_range_end", "t_range_late"):
             r = getattr(self, name)
             if r is not None and not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
                 raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
@@ -118,6 +126,8 @@ class Guidance:
             raise ValueError(f"guidance_low_t must be in [0, 1000] (0: off), got {self.guidance_low_t}")
         if self.guidance_low_from_step < 0:
             raise ValueError(f"guidance_low_from_step must be >= 0, got {self.guidance_low_from_step}")
+        if self.t_range_late_from_step < 0:
+            raise ValueError(f"t_range_late_from_step must be >= 0, got {self.t_range_late_from_step}")
         if self.sigma_sampling not in (None, *SIGMA_SAMPLINGS):
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} or None, got {self.sigma_sampling!r}")
         if self.score_space not in SCORE_SPACES:
@@ -153,7 +163,9 @@ class Guidance:
         return guidance_at(step, self.guidance, self.guidance_start, int(self.warmup_steps), self.warmup_kind)
 
     def t_range_at(self, step: int) -> tuple[int, int]:
-        """The timestep range at ``step`` (the anneal)."""
+        """The timestep range at ``step``: the anneal, then ``t_range_late`` from ``t_range_late_from_step`` on."""
+        if self.t_range_late is not None and step >= self.t_range_late_from_step:
+            return self.t_range_late
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))
 
     def guidance_low_t_at(self, step: int) -> int:

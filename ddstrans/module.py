@@ -305,6 +305,7 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         if self._stepped:
             self._ema_step()
         self._stepped = False
+        self._end_optimizer_window()
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=[p for p in self.generator.parameters() if p.requires_grad])

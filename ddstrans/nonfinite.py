@@ -46,13 +46,21 @@ class NonFiniteGuard:
             flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
         bad_n, dropped_n = flags.tolist()
         self.skipped_samples += int(dropped_n)
-        self._skip_step = bad_n > 0
-        if self._skip_step:
+        # Under gradient accumulation one optimizer step spans several batches: a bad one anywhere in the window
+        # skips the whole step (its NaN gradient is already summed in), and counts once. The flag is cleared after
+        # each optimizer step (``_end_optimizer_window``).
+        window_bad = self._skip_step
+        self._skip_step = window_bad or bad_n > 0
+        if bad_n > 0 and not window_bad:
             self.skipped_steps += 1
             self.consecutive_skipped += 1
             self._check_nonfinite_streak()
-        else:
+        elif not self._skip_step:
             self.consecutive_skipped = 0
+
+    def _end_optimizer_window(self) -> None:
+        """Called after each optimizer step: the next batch starts a new window."""
+        self._skip_step = False
 
     def _check_nonfinite_streak(self) -> None:
         """Raise ``NonFiniteLossError`` after ``loss.max_consecutive_nonfinite`` skipped steps in a row (0: never).

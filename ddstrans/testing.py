@@ -138,8 +138,10 @@ def tiny_random_teacher(cache_dir: str, prediction_type: str = "epsilon", with_v
     if not (root / "unet").is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
-        make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
-                     sample_size=8 if with_vae else 16, seed=seed)
+        # its own RNG: the run that writes the teacher must draw what the runs that load it draw afterwards
+        with torch.random.fork_rng(devices=[]):
+            make_tiny_sd(tmp / "t", prediction_type=prediction_type, with_vae=with_vae,
+                         sample_size=8 if with_vae else 16, seed=seed)
         try:
             os.replace(tmp / "t", root)
         except OSError:  # another process won the race

@@ -213,3 +213,29 @@ def test_zero_shot_sharp_is_shapes_zero_shot_with_a_late_lower_guidance(tmp_path
                                          "loss.guidance_low_from_step": 3000, "trainer.max_steps": 4000}
     assert sharp["loss.t_range_steps"] == base["loss.t_range_steps"] == 2000
     assert sharp["loss.t_range_end"][1] <= sharp["loss.guidance_low_t"]  # after the anneal every sample is at 1.5
+
+
+def test_zero_shot_low_lr_is_zero_shot_sharp_plus_a_last_phase(tmp_path):
+    """experiment=shapes_zero_shot_low_lr is shapes_zero_shot_sharp up to step 4,000 (the same schedule factor
+    before it), then a tenth of the learning rate, 3 batches per optimizer step and t in [10, 150) for 250 steps."""
+    sharp = _flat_experiment("shapes_zero_shot_sharp", tmp_path, resolve=True)
+    low = _flat_experiment("shapes_zero_shot_low_lr", tmp_path, resolve=True)
+    assert _differences(sharp, low) == {
+        "loss.t_range_late": [10, 150], "loss.t_range_late_from_step": 4000,
+        "optim.scheduler._target_": "ddstrans.lr_schedules.with_step_decay", "optim.scheduler.milestones": [4000],
+        "optim.scheduler.gamma": 0.1, "callbacks.step_grad_accumulation._target_":
+            "ddstrans.accumulation.StepGradAccumulation", "callbacks.step_grad_accumulation.scheduling.4000": 3,
+        "trainer.max_steps": 4250}
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from ddstrans.lr_schedules import with_step_decay
+
+    kw = {k.removeprefix("optim.scheduler."): v for k, v in sharp.items()
+          if k.startswith("optim.scheduler.") and not k.endswith("_")}  # name, num_warmup_steps
+    before = get_scheduler(optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **kw)
+    after = with_step_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), milestones=[4000],
+                            gamma=0.1, **kw)
+    assert [after.lr_lambdas[0](s) for s in (0, 10, 3999)] == [before.lr_lambdas[0](s) for s in (0, 10, 3999)]
+    assert after.lr_lambdas[0](4000) == pytest.approx(0.1 * before.lr_lambdas[0](4000))
+

@@ -44,11 +44,16 @@ def test_schedules_follow_the_ramps():
     assert [g.scale_at(s) for s in (0, 50, 100, 10**6)] == [1.0, 4.0, 7.0, 7.0]
     assert [g.t_range_at(s) for s in range(5)] == [(50, 650), (40, 550), (30, 450), (20, 350), (10, 250)]
     assert Guidance().scale_at(0) == Guidance().guidance  # no warm-up by default
+    late = Guidance(t_range=(50, 650), t_range_end=(10, 250), t_range_steps=4, t_range_late=(10, 150),
+                    t_range_late_from_step=3)
+    assert [late.t_range_at(s) for s in (2, 3, 10**6)] == [(30, 450), (10, 150), (10, 150)]
 
 
 @pytest.mark.parametrize("bad,name", [({"method": "ddim"}, "method"), ({"t_range": (5, 1200)}, "t_range"),
                                       ({"weighting": "x"}, "weighting"), ({"shared_noise_prob": 1.5}, "shared_noise_prob"),
-                                      ({"guidance_low_t": 2000}, "guidance_low_t"), ({"warmup_kind": "x"}, "warmup_kind")])
+                                      ({"guidance_low_t": 2000}, "guidance_low_t"), ({"warmup_kind": "x"}, "warmup_kind"),
+                                      ({"t_range_late": (150, 10)}, "t_range_late"),
+                                      ({"t_range_late_from_step": -1}, "t_range_late_from_step")])
 def test_bad_settings_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):
         Guidance(**bad)

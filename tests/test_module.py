@@ -104,6 +104,30 @@ def test_nonfinite_steps_are_skipped(tiny_teacher, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def test_a_nonfinite_batch_skips_its_whole_accumulation_window(tiny_teacher, tmp_path):
+    """With 2 batches per optimizer step the first of each is NaN: its NaN gradient is summed into the step, so
+    the step must be skipped although the window's last batch is finite; each skipped step counts once."""
+    m = make_module(tiny_teacher)
+    before = {k: v.clone() for k, v in m.generator.state_dict().items()}
+
+    from ddstrans.guidance import Guidance
+
+    calls = []
+
+    class FirstOfTwoNaN(Guidance):
+        def grad(self, teacher, z_src, z_tgt, *a, **k):
+            calls.append(1)
+            g, info = super().grad(teacher, z_src, z_tgt, *a, **k)
+            return (g * float("nan") if len(calls) % 2 else g), info
+
+    m.guidance = FirstOfTwoNaN.from_mapping(m.guidance.to_dict())
+    trainer = make_trainer(tmp_path, steps=2, limit_val_batches=0, accumulate_grad_batches=2)
+    trainer.fit(m, datamodule=dm())
+    assert len(calls) == 4 and m.skipped_steps == 2
+    for k, v in m.generator.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_ema_saved_and_restored(tiny_teacher, tmp_path):
     m = make_module(tiny_teacher)
     trainer = make_trainer(tmp_path, steps=3)
