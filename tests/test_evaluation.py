@@ -124,3 +124,18 @@ def test_bad_compositions_are_refused_with_the_task_name():
         shapes_task("to_blue+")
     with pytest.raises(ValueError, match="unknown shapes task 'to_purple'"):
         shapes_task("to_blue+to_purple")
+
+
+def test_a_second_held_out_set_starts_at_the_offset():
+    """``held_out_offset`` (``ddstrans eval --held-out-offset``) scores other held-out scenes: a checkpoint chosen on
+    the usual set can be checked on inputs that played no part in the choice."""
+    task, k = TASKS["to_square"], 1_000_000
+    usual, second = {}, {}
+    evaluate([task], 4, methods=["identity"], examples=usual)
+    evaluate([task], 4, methods=["identity"], examples=second, held_out_offset=k)
+    expected = build_eval_set(task, 4, start_seed=HELD_OUT.start + k)
+    assert min(expected.seeds) >= HELD_OUT.start + k
+    assert np.array_equal(second["to_square"][0].numpy(), expected.inputs[:4].numpy())
+    assert not np.array_equal(second["to_square"][0].numpy(), usual["to_square"][0].numpy())
+    assert main(["eval", "--methods", "identity", "--n", "2", "--tasks", "to_red", "--held-out-offset", "1000"]) == 0
+    assert main(["eval", "--methods", "identity", "--held-out-offset", str(len(HELD_OUT))]) == 1

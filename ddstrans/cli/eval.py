@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    "pair like red_to_yellow, or two edits at once joined by '+' like to_blue+to_square: the "
                    "generalisation test")
     p.add_argument("--n", type=int, default=64, help="held-out inputs per task")
+    p.add_argument("--held-out-offset", type=int, default=0,
+                   help="shapes world: start that many seeds into the held-out range (0: the usual inputs); a "
+                        "second set on which to check a checkpoint chosen on the first")
     p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,routed,dds,sds (answer: the renderer's "
                    "ground-truth edit, the scores of a perfect translation; routed: the network reaching each pair "
                    "through its trained caption rewrites, one pass each, text translators; both shapes only). Unset: identity,network,dds,sds "
@@ -93,6 +96,10 @@ def run_shapes(args) -> int:
         raise CLIError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if args.n <= 0 or args.edit_steps <= 0:
         raise CLIError("--n and --edit-steps must be positive")
+    from ddstrans.shapes.seeds import HELD_OUT
+
+    if not 0 <= args.held_out_offset < len(HELD_OUT):
+        raise CLIError(f"--held-out-offset {args.held_out_offset}: must be in [0, {len(HELD_OUT)})")
     if not 50 < args.edit_t_max <= 1000:
         raise CLIError(f"--edit-t-max {args.edit_t_max}: must be in (50, 1000]")
     device = pick_device(args.device)
@@ -136,7 +143,8 @@ def run_shapes(args) -> int:
             "t_range": (EditConfig.t_range[0], args.edit_t_max)}
     examples = {} if args.grid else None
     rows = evaluate(tasks, args.n, methods, translator=translator, teacher=teacher, edit_config=edit,
-                    batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples)
+                    batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples,
+                    held_out_offset=args.held_out_offset)
     print(format_table(rows))
     if args.grid:
         from ddstrans.shapes.evaluation import examples_grid
