@@ -60,8 +60,9 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
     keys = [
         ("steps", "trainer.max_steps"), ("batch size (per device)", "data.batch_size"), ("data", "data._target_"),
         ("loss", "loss.method"), ("learning rate", "optim.lr"), ("EMA decay", "optim.ema.decay"), ("guidance", "loss.guidance"),
-        ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end", "loss.t_range_end"),
-        ("timestep range of the last phase", "loss.t_range_late"),
+        ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end of its anneal", "loss.t_range_end"),
+        ("timestep range of the last phase", "loss.t_range_late"), ("learning-rate milestones", "optim.scheduler.milestones"),
+        ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),
         ("identity weight", "loss.identity_weight"), ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
