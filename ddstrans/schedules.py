@@ -69,7 +69,6 @@ def warmup_cosine_at(step: int, peak: float, warmup: int, total: int, floor_frac
     return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
-
 def step_decay_factor(step: int, milestones=(), gamma: float = 0.1) -> float:
     """``gamma`` to the number of ``milestones`` reached by ``step`` (torch's ``MultiStepLR`` as a factor)."""
     return float(gamma) ** sum(int(step) >= int(m) for m in milestones)
