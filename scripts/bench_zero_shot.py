@@ -2,7 +2,8 @@
 """Prompt pairs never trained: does a text-conditioned translator edit what no training step asked for?
 
 Each design (a set of Hydra overrides of ``experiment=shapes_zero_shot``: how the prompts condition the network) is
-trained on the single-attribute edits of ``configs/tasks/shapes_zero_shot.yaml``, exported, and scored on 64
+trained on the single-attribute edits of ``configs/tasks/shapes_zero_shot.yaml`` (design ``varied``: those of
+``shapes_zero_shot_varied.yaml``, which adds the other shapes and background), exported, and scored on 64
 held-out inputs (seeds of ``ddstrans.shapes.seeds.HELD_OUT``) per task in three groups:
 
 - trained: the 8 trained color pairs, the square, the checkers;
@@ -43,6 +44,7 @@ DESIGNS: dict[str, tuple[str, ...]] = {  # design -> overrides of experiment=sha
     "target_tokens": ("generator.text_mode=target", "generator.text_pooling=false"),  # ... cross-attention only
     "concat": ("generator.text_mode=concat",),  # source and target tokens
     "delta": ("generator.text_mode=delta",),  # target tokens and their difference from the source's
+    "varied": ("tasks=shapes_zero_shot_varied",),  # the config's design, trained also on to_circle/_triangle/_striped
 }
 TRAINED_PAIRS = ("red_to_blue", "yellow_to_blue", "red_to_green", "yellow_to_green",
                  "green_to_red", "blue_to_red", "green_to_yellow", "blue_to_yellow")
