@@ -15,9 +15,16 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   target's outline, and its inside).
 - ``field``: which input pixels can one output pixel of the exported generator see (gradient non-zero)?
 - ``outputs``: which strict checks a cached set of outputs (``scripts/shape_readers.py --cache``) fails.
+- ``distill``: can a translator be trained toward the refined answer directly? Its ``to_square`` outputs on ``--n``
+  of its training scenes, refined by per-image DDS as in ``edit --translator`` (the pairs), then the translator
+  fine-tuned by regression on them (mean squared error in its latent space; the other tasks replayed toward its
+  own outputs, so only the square is asked to move). Rows: the pairs' refined answer, and the translator before
+  and after, on those training scenes, the 64 usual held-out inputs and ``--other-n`` others
+  (``--held-out-offset``).
 
     python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
     python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules eval --n 64 --by-shape
+    python scripts/probe_shape_change.py distill --translator EXPORT --guidance 1.5 --n 384
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import shape_checks as C
@@ -88,11 +97,12 @@ def cmd_samples(args, teacher) -> None:
 
 def cmd_edit(args, teacher) -> None:
     from ddstrans.editing import EditConfig
+    from ddstrans.shapes import seeds as S
     from ddstrans.shapes.defaults import shapes_task
     from ddstrans.shapes.evaluation import build_eval_set, run_method
     from ddstrans.shapes.world import parse_caption
 
-    es = build_eval_set(shapes_task("to_square"), args.n)
+    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
     start = None
     if args.translator:  # the translator's outputs, where the edit starts
         from ddstrans.translator import Translator
@@ -161,6 +171,95 @@ def cmd_gradient(args, teacher) -> None:
                 print(f"| {shape} | {g} | {tuple(t_range)} | " + " | ".join(cells) + " |", flush=True)
 
 
+def refine(teacher, es, start: torch.Tensor, guidance: float, steps: int, lr: float, batch: int = 32) -> torch.Tensor:
+    """Per-image DDS (t in [50, 600), ``edit``'s eval schedule) started at ``start``, the source branch at the inputs."""
+    from ddstrans.editing import EditConfig, edit_latents
+
+    cfg = EditConfig(method="dds", steps=steps, lr=lr, guidance=guidance, t_range=(50, 600))
+    out = []
+    for i in tqdm(range(0, len(es.seeds), batch), desc="refine"):
+        sl = slice(i, i + batch)
+        z = edit_latents(teacher, teacher.encode_images(es.inputs[sl]), teacher.encode_prompts(es.src_captions[sl]),
+                         teacher.encode_prompts(es.tgt_captions[sl]), cfg, z_init=teacher.encode_images(start[sl]))
+        out.append(teacher.decode_latents(z).cpu().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0) -> None:
+    """Fine-tune ``tr.generator`` in place: mean squared error to ``y`` for ``to_square`` on ``x``, plus, on as many
+    random training scenes, each with one of the other tasks, the error to the untouched generator's outputs."""
+    import copy
+    import random
+
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.world import render_scene, to_model
+
+    g = tr.generator
+    ref = copy.deepcopy(g).eval()
+    others = [tr.task_table.index(t) for t in tr.tasks if t != "to_square"]
+    square = tr.task_table.index("to_square")
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(g.requires_grad_(True).train().parameters(), lr=lr, weight_decay=0.0)
+
+    def forward(net, z, ids):
+        src, tgt = tr.task_table.first(ids)
+        return net(z, task_ids=ids, src_emb=src, tgt_emb=tgt).float()
+
+    bar = tqdm(range(steps), desc="fit")
+    for _ in bar:
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss_sq = F.mse_loss(forward(g, tr.encode(x[idx]), torch.full((batch,), square)), tr.encode(y[idx]))
+        z = tr.encode(to_model(np.stack([render_scene(rng.randrange(S.TRANSLATOR_TRAIN.start, 100_000))["image"]
+                                         for _ in range(batch)])))
+        ids = torch.tensor([rng.choice(others) for _ in range(batch)])
+        with torch.no_grad():
+            kept = forward(ref, z, ids)
+        loss = loss_sq + F.mse_loss(forward(g, z, ids), kept)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(square=f"{loss_sq.item():.5f}")
+    g.requires_grad_(False).eval()
+
+
+def cmd_distill(args, teacher) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method, score
+    from ddstrans.translator import Translator
+
+    if not args.translator:
+        raise SystemExit("distill needs --translator")
+    task = shapes_task("to_square")
+    tr = Translator.from_pretrained(args.translator)
+    sets = {"training scenes": build_eval_set(task, args.n, start_seed=S.TRANSLATOR_TRAIN.start,
+                                              seed_range=S.TRANSLATOR_TRAIN),
+            "64 held-out inputs": build_eval_set(task, 64),
+            f"{args.other_n} other held-out inputs": build_eval_set(
+                task, args.other_n, start_seed=S.HELD_OUT.start + args.held_out_offset)}
+    print("| outputs | " + " | ".join(f"{k}: strict / IoU / kept (dB)" for k in sets) + " |\n|---|---|---|---|")
+
+    def row(name, outs):
+        cells = [(lambda m: f"{m['target_acc']:.3f} / {m['mask_iou']:.3f} / {m['keep_psnr']:.2f}")(score(es, o))
+                 if o is not None else "-" for es, o in zip(sets.values(), outs)]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+    before = [run_method("network", es, translator=tr)[0] for es in sets.values()]
+    pairs = sets["training scenes"]
+    refined = refine(teacher, pairs, before[0], args.guidance[0], args.steps, args.lr)
+    row(f"refined by DDS, guidance {args.guidance[0]} (the pairs' targets)", [refined, None, None])
+    row("translator", before)
+    keep = torch.ones(len(refined), dtype=torch.bool)
+    if args.only_squares:  # targets the strict reader accepts: the reader's choice, not the score's
+        keep = torch.tensor([s == "square" for s in M.classify_shape(refined)])
+        if not keep.any():
+            raise SystemExit(f"distill --only-squares: none of the {len(keep)} refined targets reads as a square; "
+                             "nothing to fit")
+    fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr)
+    label = f"fitted to {int(keep.sum())} pairs, {args.fit_steps} steps, lr {args.fit_lr:g}"
+    row(label, [run_method("network", es, translator=tr)[0] for es in sets.values()])
+
+
 def cmd_field(args) -> None:
     from ddstrans.shapes import seeds as S
     from ddstrans.shapes.world import render_scene, to_model
@@ -193,7 +292,7 @@ def cmd_outputs(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs"))
+    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
     p.add_argument("--translator", default=None,
                    help="exported translator (field; edit: start the edit at its outputs)")
@@ -207,7 +306,17 @@ def main(argv=None) -> int:
                    "([50, 950) -> [20, 300) over the edit, the main job's schedule)")
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
+    p.add_argument("--held-out-offset", type=int, default=None,
+                   help="edit: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
+                        "where its second held-out set starts (default 1000000)")
+    p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
+    p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
+    p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
+    p.add_argument("--only-squares", action="store_true",
+                   help="distill: fit only the pairs whose refined target the strict reader reads as a square")
     args = p.parse_args(argv)
+    if args.held_out_offset is None:
+        args.held_out_offset = 1_000_000 if args.probe == "distill" else 0
     args.guidance = [float(g) for g in args.guidance.split(",")]
     args.schedules = [s for s in args.schedules.split(",") if s]
     args.t_ranges = [tuple(int(v) for v in r.split("-")) for r in args.t_ranges.split(",")]
@@ -221,7 +330,7 @@ def main(argv=None) -> int:
     from ddstrans.shapes.defaults import load_shapes_teacher
 
     teacher = load_shapes_teacher(args.teacher)
-    {"samples": cmd_samples, "edit": cmd_edit, "gradient": cmd_gradient}[args.probe](args, teacher)
+    {"samples": cmd_samples, "edit": cmd_edit, "gradient": cmd_gradient, "distill": cmd_distill}[args.probe](args, teacher)
     return 0
 
 

@@ -139,3 +139,19 @@ def test_a_second_held_out_set_starts_at_the_offset():
     assert not np.array_equal(second["to_square"][0].numpy(), usual["to_square"][0].numpy())
     assert main(["eval", "--methods", "identity", "--n", "2", "--tasks", "to_red", "--held-out-offset", "1000"]) == 0
     assert main(["eval", "--methods", "identity", "--held-out-offset", str(len(HELD_OUT))]) == 1
+
+
+def test_eval_sets_from_the_training_range():
+    """``seed_range=seeds.TRANSLATOR_TRAIN`` builds the same kind of set from a translator's training scenes (probes
+    of what it was trained on); a set that would run out of its range is refused, naming it."""
+    import pytest
+
+    from ddstrans.shapes.seeds import TRANSLATOR_TRAIN
+
+    task = TASKS["to_square"]
+    train = build_eval_set(task, 4, start_seed=TRANSLATOR_TRAIN.start, seed_range=TRANSLATOR_TRAIN)
+    assert all(s in TRANSLATOR_TRAIN for s in train.seeds) and train.targets == ["square"] * 4
+    with pytest.raises(ValueError, match="leaves seed_range"):
+        build_eval_set(task, 4, start_seed=TRANSLATOR_TRAIN.stop - 2, seed_range=TRANSLATOR_TRAIN)
+    with pytest.raises(ValueError, match="leaves seed_range"):  # the default range is the held-out one
+        build_eval_set(task, 4, start_seed=TRANSLATOR_TRAIN.start)

@@ -25,3 +25,44 @@ def test_edit_starts_at_the_translators_outputs(load_script, shapes_translator_d
     # one row per source shape, whose counts add up to the whole set
     n = [int(started[f"translator, {s}"][0]) for s in ("circles", "triangles")]
     assert sum(n) == int(started["translator"][0]) == 4
+
+
+def test_edit_on_a_second_held_out_set(load_script, shapes_translator_dir, capsys):
+    """``--held-out-offset`` scores the inputs ``ddstrans eval --held-out-offset`` scores: the translator's row equals
+    the evaluation's on the same offset, and differs from the usual set's."""
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import evaluate
+    from ddstrans.translator import Translator
+
+    probe = load_script("probe_shape_change")
+    args = ["edit", "--guidance", "1.5", "--schedules", "eval", "--n", "6", "--steps", "1",
+            "--translator", str(shapes_translator_dir)]
+    probe.main([*args, "--held-out-offset", "1000"])
+    second = _rows(capsys.readouterr().out)["translator"]
+    (ref,) = evaluate([shapes_task("to_square")], 6, ["network"],
+                      translator=Translator.from_pretrained(shapes_translator_dir), held_out_offset=1000)
+    assert second[2:4] == [f"{ref['target_acc']:.3f}", f"{ref['mask_iou']:.3f}"]
+    assert second[4] == f"{ref['keep_psnr']:.2f}"
+    probe.main(args)
+    assert _rows(capsys.readouterr().out)["translator"][3:5] != second[3:5]
+
+
+def test_distill_fits_the_translator_in_place(load_script, shapes_translator_dir, capsys):
+    """``distill`` scores the translator on its training scenes and two held-out sets, before and after fitting it
+    to the refined pairs; a vanishing learning rate leaves every score as it was, a large one moves them."""
+    probe = load_script("probe_shape_change")
+    args = ["distill", "--translator", str(shapes_translator_dir), "--guidance", "1.5", "--n", "4", "--other-n", "4",
+            "--steps", "1", "--fit-steps", "2"]
+    probe.main([*args, "--fit-lr", "1e-12"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["fitted to 4 pairs, 2 steps, lr 1e-12"] == rows["translator"]
+    assert rows["refined by DDS, guidance 1.5 (the pairs' targets)"][1:] == ["-", "-"]
+    probe.main([*args, "--fit-lr", "1e-2"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["fitted to 4 pairs, 2 steps, lr 0.01"] != rows["translator"]
+    import pytest
+
+    # the fixture's translator draws no square, so none of its refined targets is one: nothing to fit
+
+    with pytest.raises(SystemExit, match="none of the 4 refined targets reads as a square"):
+        probe.main([*args, "--only-squares"])

@@ -71,16 +71,19 @@ def task_attributes(task) -> tuple[str, ...]:
     return full
 
 
-def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: int = 100_000) -> EvalSet:
+def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: int = 100_000,
+                   seed_range: range = S.HELD_OUT) -> EvalSet:
     """``n`` held-out scenes that ``task`` changes in all of :func:`task_attributes` (one attribute for the
     world's single edits; ``attribute`` is then e.g. ``"color"``, for a composition ``"color+shape"`` with targets
-    like ``"blue+square"``)."""
+    like ``"blue+square"``). ``seed_range``: where the scenes must come from (``seeds.TRANSLATOR_TRAIN`` gives a
+    translator's training scenes, for probes of what it was trained on; ``start_seed`` then in that range)."""
     attrs = task_attributes(task)
     seeds, images, src_m, tgt_m, answers, targets, srcs, tgts = [], [], [], [], [], [], [], []
     seed = start_seed
     while len(seeds) < n:
-        if seed not in S.HELD_OUT:
-            raise ValueError(f"task {task.name!r}: start_seed {start_seed} leaves seeds.HELD_OUT before {n} inputs")
+        if seed not in seed_range:
+            raise ValueError(f"task {task.name!r}: start_seed {start_seed} leaves seed_range {seed_range} before {n} "
+                             "inputs")
         if seed - start_seed > max_tries:
             raise ValueError(f"task {task.name!r}: found only {len(seeds)} of {n} scenes it changes")
         scene = render_scene(seed)
