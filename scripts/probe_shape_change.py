@@ -194,6 +194,7 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     from ddstrans.shapes import seeds as S
     from ddstrans.shapes.world import render_scene, to_model
 
+    train_scenes = S.take(S.TRANSLATOR_TRAIN, 0, 100_000)  # the scenes of the shapes data's default num_train
     g = tr.generator
     ref = copy.deepcopy(g).eval()
     others = [tr.task_table.index(t) for t in tr.tasks if t != "to_square"]
@@ -209,8 +210,8 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     for _ in bar:
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         loss_sq = F.mse_loss(forward(g, tr.encode(x[idx]), torch.full((batch,), square)), tr.encode(y[idx]))
-        z = tr.encode(to_model(np.stack([render_scene(rng.randrange(S.TRANSLATOR_TRAIN.start, 100_000))["image"]
-                                         for _ in range(batch)])))
+        seeds = [rng.choice(train_scenes) for _ in range(batch)]
+        z = tr.encode(to_model(np.stack([render_scene(s)["image"] for s in seeds])))
         ids = torch.tensor([rng.choice(others) for _ in range(batch)])
         with torch.no_grad():
             kept = forward(ref, z, ids)
@@ -239,9 +240,14 @@ def cmd_distill(args, teacher) -> None:
                 task, args.other_n, start_seed=S.HELD_OUT.start + args.held_out_offset)}
     print("| outputs | " + " | ".join(f"{k}: strict / IoU / kept (dB)" for k in sets) + " |\n|---|---|---|---|")
 
+    def cell(es, outs) -> str:
+        if outs is None:
+            return "-"
+        m = score(es, outs)
+        return f"{m['target_acc']:.3f} / {m['mask_iou']:.3f} / {m['keep_psnr']:.2f}"
+
     def row(name, outs):
-        cells = [(lambda m: f"{m['target_acc']:.3f} / {m['mask_iou']:.3f} / {m['keep_psnr']:.2f}")(score(es, o))
-                 if o is not None else "-" for es, o in zip(sets.values(), outs)]
+        cells = [cell(es, o) for es, o in zip(sets.values(), outs)]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
     before = [run_method("network", es, translator=tr)[0] for es in sets.values()]
@@ -295,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
     p.add_argument("--translator", default=None,
-                   help="exported translator (field; edit: start the edit at its outputs)")
+                   help="exported translator (field; edit: start the edit at its outputs; distill: the one to fit)")
     p.add_argument("--by-shape", action="store_true", help="edit: a row per source shape too")
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
     p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales")
