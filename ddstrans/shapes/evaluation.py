@@ -82,8 +82,8 @@ def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: 
     seed = start_seed
     while len(seeds) < n:
         if seed not in seed_range:
-            raise ValueError(f"task {task.name!r}: start_seed {start_seed} leaves seed_range {seed_range} before {n} "
-                             "inputs")
+            name = next((f"seeds.{k.upper()}" for k, r in S.RANGES.items() if r == seed_range), str(seed_range))
+            raise ValueError(f"task {task.name!r}: start_seed {start_seed} leaves seed_range {name} before {n} inputs")
         if seed - start_seed > max_tries:
             raise ValueError(f"task {task.name!r}: found only {len(seeds)} of {n} scenes it changes")
         scene = render_scene(seed)
