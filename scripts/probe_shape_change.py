@@ -171,20 +171,6 @@ def cmd_gradient(args, teacher) -> None:
                 print(f"| {shape} | {g} | {tuple(t_range)} | " + " | ".join(cells) + " |", flush=True)
 
 
-def refine(teacher, es, start: torch.Tensor, guidance: float, steps: int, lr: float, batch: int = 32) -> torch.Tensor:
-    """Per-image DDS (t in [50, 600), ``edit``'s eval schedule) started at ``start``, the source branch at the inputs."""
-    from ddstrans.editing import EditConfig, edit_latents
-
-    cfg = EditConfig(method="dds", steps=steps, lr=lr, guidance=guidance, t_range=(50, 600))
-    out = []
-    for i in tqdm(range(0, len(es.seeds), batch), desc="refine"):
-        sl = slice(i, i + batch)
-        z = edit_latents(teacher, teacher.encode_images(es.inputs[sl]), teacher.encode_prompts(es.src_captions[sl]),
-                         teacher.encode_prompts(es.tgt_captions[sl]), cfg, z_init=teacher.encode_images(start[sl]))
-        out.append(teacher.decode_latents(z).cpu().clamp(-1, 1))
-    return torch.cat(out)
-
-
 def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0) -> None:
     """Fine-tune ``tr.generator`` in place: mean squared error to ``y`` for ``to_square`` on ``x``, plus, on as many
     random training scenes, each with one of the other tasks, the error to the untouched generator's outputs."""
@@ -252,7 +238,9 @@ def cmd_distill(args, teacher) -> None:
 
     before = [run_method("network", es, translator=tr)[0] for es in sets.values()]
     pairs = sets["training scenes"]
-    refined = refine(teacher, pairs, before[0], args.guidance[0], args.steps, args.lr)
+    edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": (50, 600)}  # edit's eval
+    refined = run_method("dds", pairs, teacher=teacher, edit_config=edit, init=before[0], batch_size=32,
+                         progress=True)[0].clamp(-1, 1)
     row(f"refined by DDS, guidance {args.guidance[0]} (the pairs' targets)", [refined, None, None])
     row("translator", before)
     keep = torch.ones(len(refined), dtype=torch.bool)

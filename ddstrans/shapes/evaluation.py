@@ -110,17 +110,21 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 
 
 def run_method(method: str, es: EvalSet, *, translator=None, teacher=None, edit_config=None,
-               batch_size: int = 64, init: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+               batch_size: int = 64, init: torch.Tensor | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, float]:
     """Outputs (N, 3, H, W) in [-1, 1] of one method on an eval set, and seconds per image. ``init`` (images like the
     inputs): where a per-image edit (dds, sds) starts instead of the input, e.g. a translator's outputs — is its answer
-    the score's fixed point? The source branch still sees the input."""
+    the score's fixed point? The source branch still sees the input. ``progress``: a bar over the batches (per-image
+    editing of hundreds of inputs takes many minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     from ddstrans.editing import EditConfig, edit_latents
 
     if method == "network" and translator is not None and translator.conditioning != "text":
         translator.translate_tensor(es.inputs[:1], es.task)  # warm-up: lazy initialisation is not the method's cost
     start = time.perf_counter()
     outs = []
-    for sl in _batches(len(es.seeds), batch_size):
+    for sl in tqdm(list(_batches(len(es.seeds), batch_size)), desc=method, disable=not progress):
         x = es.inputs[sl]
         if method == "identity":
             outs.append(x.clone())
