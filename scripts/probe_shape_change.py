@@ -192,10 +192,11 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
         src, tgt = tr.task_table.first(ids)
         return net(z, task_ids=ids, src_emb=src, tgt_emb=tgt).float()
 
+    zx, zy = tr.encode(x), tr.encode(y)  # the pairs in latent space, once
     bar = tqdm(range(steps), desc="fit")
     for _ in bar:
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss_sq = F.mse_loss(forward(g, tr.encode(x[idx]), torch.full((batch,), square)), tr.encode(y[idx]))
+        loss_sq = F.mse_loss(forward(g, zx[idx], torch.full((batch,), square)), zy[idx])
         seeds = [rng.choice(train_scenes) for _ in range(batch)]
         z = tr.encode(to_model(np.stack([render_scene(s)["image"] for s in seeds])))
         ids = torch.tensor([rng.choice(others) for _ in range(batch)])
