@@ -210,6 +210,43 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     g.requires_grad_(False).eval()
 
 
+def refined_pairs(path: Path | None, pairs, outputs: torch.Tensor, edit: dict, teacher) -> torch.Tensor:
+    """The translator's ``outputs`` on ``pairs`` refined by per-image DDS with ``edit``'s settings. With ``path``,
+    kept there per scene: a scene already refined with the same settings from the same output is reused, the others
+    are refined and added. The refinement of a thousand scenes takes tens of minutes on a CPU; one refinement serves
+    any number of fits, and a larger ``--n`` refines only the new scenes."""
+    import dataclasses
+
+    from ddstrans.shapes.evaluation import run_method
+
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in edit.items()}
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved["edit"] == settings:
+            kept = {int(s): (o, r) for s, o, r in zip(saved["seeds"], saved["outputs"], saved["refined"])}
+        else:
+            print(f"refined pairs: {path} holds other settings ({saved['edit']}); refining anew", flush=True)
+    reuse = [s in kept and torch.equal(kept[s][0], o) for s, o in zip(pairs.seeds, outputs)]
+    todo = [i for i, r in enumerate(reuse) if not r]
+    refined = torch.stack([kept[s][1] if r else torch.zeros_like(o) for s, o, r in zip(pairs.seeds, outputs, reuse)])
+    print(f"refined pairs: {len(reuse) - len(todo)} reused, {len(todo)} to refine", flush=True)
+    if todo:
+        sub = dataclasses.replace(
+            pairs, seeds=[pairs.seeds[i] for i in todo], inputs=pairs.inputs[todo],
+            src_captions=[pairs.src_captions[i] for i in todo], tgt_captions=[pairs.tgt_captions[i] for i in todo])
+        refined[todo] = run_method("dds", sub, teacher=teacher, edit_config=edit, init=outputs[todo], batch_size=32,
+                                   progress=True)[0].clamp(-1, 1)
+    if path is not None and todo:
+        for s, o, r in zip(pairs.seeds, outputs, refined):
+            kept[int(s)] = (o, r)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"edit": settings, "seeds": list(kept), "outputs": torch.stack([o for o, _ in kept.values()]),
+                    "refined": torch.stack([r for _, r in kept.values()])}, tmp)
+        tmp.replace(path)  # a crash mid-write leaves no half file to be reused
+    return refined
+
+
 def cmd_distill(args, teacher) -> None:
     from ddstrans.shapes import seeds as S
     from ddstrans.shapes.defaults import shapes_task
@@ -240,8 +277,7 @@ def cmd_distill(args, teacher) -> None:
     before = [run_method("network", es, translator=tr)[0] for es in sets.values()]
     pairs = sets["training scenes"]
     edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": (50, 600)}  # edit's eval
-    refined = run_method("dds", pairs, teacher=teacher, edit_config=edit, init=before[0], batch_size=32,
-                         progress=True)[0].clamp(-1, 1)
+    refined = refined_pairs(args.pairs, pairs, before[0], edit, teacher)
     row(f"refined by DDS, guidance {args.guidance[0]} (the pairs' targets)", [refined, None, None])
     row("translator", before)
     keep = torch.ones(len(refined), dtype=torch.bool)
@@ -253,6 +289,35 @@ def cmd_distill(args, teacher) -> None:
     fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr)
     label = f"fitted to {int(keep.sum())} pairs, {args.fit_steps} steps, lr {args.fit_lr:g}"
     row(label, [run_method("network", es, translator=tr)[0] for es in sets.values()])
+    if args.save:
+        save_fitted(tr, Path(args.translator), args.save, {
+            "pairs": int(keep.sum()), "refine": edit, "steps": args.fit_steps, "lr": args.fit_lr})
+        print(f"fitted translator: {args.save}", flush=True)
+
+
+def save_fitted(tr, source: Path, out: Path, fit: dict) -> None:
+    """The fitted translator as an export: ``source``'s task table and settings with the fitted generator, hashed
+    and verified as ``ddstrans export`` does. Its model card, examples and ONNX files are left out: they describe
+    the weights before the fit."""
+    import json
+    import shutil
+
+    from ddstrans.translator import Translator
+    from ddstrans.translator_files import hash_tree
+
+    if out.exists():
+        raise SystemExit(f"distill --save: {out} exists; choose a new directory")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(source / "tasks.safetensors", tmp / "tasks.safetensors")
+    tr.generator.save_pretrained(tmp / "generator")
+    info = {k: v for k, v in tr.info.items() if k != "files"}
+    info["fitted"] = {"from": str(source.resolve()), **fit}
+    info["files"] = hash_tree(tmp)
+    (tmp / "translator.json").write_text(json.dumps(info, indent=2))
+    Translator.from_pretrained(tmp)  # verifies as a user would load it
+    tmp.replace(out)  # whole or not at all
 
 
 def cmd_field(args) -> None:
@@ -307,6 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
     p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
+    p.add_argument("--pairs", type=Path, default=None,
+                   help="distill: file keeping the refined pairs; reused when scenes, settings and outputs match")
+    p.add_argument("--save", type=Path, default=None, help="distill: directory for the fitted translator's export")
     p.add_argument("--only-squares", action="store_true",
                    help="distill: fit only the pairs whose refined target the strict reader reads as a square")
     args = p.parse_args(argv)

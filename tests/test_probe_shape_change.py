@@ -66,3 +66,48 @@ def test_distill_fits_the_translator_in_place(load_script, shapes_translator_dir
 
     with pytest.raises(SystemExit, match="none of the 4 refined targets reads as a square"):
         probe.main([*args, "--only-squares"])
+
+
+def test_distill_keeps_and_reuses_its_refined_pairs(load_script, shapes_translator_dir, tmp_path, capsys):
+    """``--pairs FILE`` keeps the refined pairs per scene: the same scenes and settings reuse them (same targets, same
+    table), a larger ``--n`` refines only the new scenes, other settings refine anew."""
+    probe = load_script("probe_shape_change")
+    pairs = tmp_path / "pairs.pt"
+    args = ["distill", "--translator", str(shapes_translator_dir), "--guidance", "1.5", "--other-n", "4",
+            "--steps", "1", "--fit-steps", "1", "--pairs", str(pairs)]
+    probe.main([*args, "--n", "4"])
+    first = capsys.readouterr().out
+    assert "0 reused, 4 to refine" in first
+    saved = pairs.read_bytes()
+    probe.main([*args, "--n", "4"])
+    second = capsys.readouterr().out
+    assert "4 reused, 0 to refine" in second
+    assert _rows(second) == _rows(first)
+    assert pairs.read_bytes() == saved
+    probe.main([*args, "--n", "6"])
+    assert "4 reused, 2 to refine" in capsys.readouterr().out
+    probe.main([*args, "--n", "6", "--lr", "0.5"])
+    assert "refining anew" in capsys.readouterr().out
+
+
+def test_distill_saves_the_fitted_translator(load_script, shapes_translator_dir, tmp_path, capsys):
+    """``--save DIR`` writes the fitted translator as a verified export that scores as the fitted row does."""
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import evaluate
+    from ddstrans.translator import Translator
+
+    probe = load_script("probe_shape_change")
+    out = tmp_path / "fitted"
+    args = ["distill", "--translator", str(shapes_translator_dir), "--guidance", "1.5", "--n", "4", "--other-n", "4",
+            "--steps", "1", "--fit-steps", "2", "--fit-lr", "1e-2", "--save", str(out)]
+    probe.main(args)
+    rows = _rows(capsys.readouterr().out)
+    fitted, before = rows["fitted to 4 pairs, 2 steps, lr 0.01"], rows["translator"]
+    tr = Translator.from_pretrained(out)  # verifies every file's hash
+    assert tr.info["fitted"]["steps"] == 2
+    (m,) = evaluate([shapes_task("to_square")], 64, ["network"], translator=tr)
+    assert fitted[1] == f"{m['target_acc']:.3f} / {m['mask_iou']:.3f} / {m['keep_psnr']:.2f}" != before[1]
+    import pytest
+
+    with pytest.raises(SystemExit, match="exists"):
+        probe.main(args)
