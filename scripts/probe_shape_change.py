@@ -255,6 +255,8 @@ def cmd_distill(args, teacher) -> None:
 
     if not args.translator:
         raise SystemExit("distill needs --translator")
+    if args.save is not None and args.save.exists():  # before the refinement's minutes, not after
+        raise SystemExit(f"distill --save: {args.save} exists; choose a new directory")
     task = shapes_task("to_square")
     tr = Translator.from_pretrained(args.translator)
     sets = {"training scenes": build_eval_set(task, args.n, start_seed=S.TRANSLATOR_TRAIN.start,
@@ -305,8 +307,6 @@ def save_fitted(tr, source: Path, out: Path, fit: dict) -> None:
     from ddstrans.translator import Translator
     from ddstrans.translator_files import hash_tree
 
-    if out.exists():
-        raise SystemExit(f"distill --save: {out} exists; choose a new directory")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
     p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
     p.add_argument("--pairs", type=Path, default=None,
-                   help="distill: file keeping the refined pairs; reused when scenes, settings and outputs match")
+                   help="distill: file keeping the refined pairs per scene; a scene refined before with the same "
+                        "settings from the same output is reused")
     p.add_argument("--save", type=Path, default=None, help="distill: directory for the fitted translator's export")
     p.add_argument("--only-squares", action="store_true",
                    help="distill: fit only the pairs whose refined target the strict reader reads as a square")

@@ -109,5 +109,7 @@ def test_distill_saves_the_fitted_translator(load_script, shapes_translator_dir,
     assert fitted[1] == f"{m['target_acc']:.3f} / {m['mask_iou']:.3f} / {m['keep_psnr']:.2f}" != before[1]
     import pytest
 
-    with pytest.raises(SystemExit, match="exists"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="exists"):  # refused before any work, not after the fit
         probe.main(args)
+    assert "refined pairs" not in capsys.readouterr().out
