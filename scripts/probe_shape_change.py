@@ -126,7 +126,8 @@ def cmd_edit(args, teacher) -> None:
         rows("translator", start)
     for g in args.guidance:
         for sched in args.schedules:
-            t_range, t_end = {"eval": ((50, 600), None), "train": ((50, 950), (20, 300))}[sched]
+            t_range, t_end = {"eval": ((50, 600), None), "train": ((50, 950), (20, 300)),
+                             "late": ((20, 300), None)}[sched]
             cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
             EditConfig(**cfg)  # fail early on a bad setting
             name = f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}"
@@ -278,7 +279,7 @@ def cmd_distill(args, teacher) -> None:
 
     before = [run_method("network", es, translator=tr)[0] for es in sets.values()]
     pairs = sets["training scenes"]
-    edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": (50, 600)}  # edit's eval
+    edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": args.refine_t_range}
     refined = refined_pairs(args.pairs, pairs, before[0], edit, teacher)
     row(f"refined by DDS, guidance {args.guidance[0]} (the pairs' targets)", [refined, None, None])
     row("translator", before)
@@ -362,8 +363,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient), samples per caption (samples) or training scenes (distill)")
     p.add_argument("--steps", type=int, default=100, help="edit, distill: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill: per-image DDS learning rate")
-    p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)) and/or train "
-                   "([50, 950) -> [20, 300) over the edit, the main job's schedule)")
+    p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
+                   "([50, 950) -> [20, 300) over the edit, the main job's schedule) and/or late ([20, 300))")
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
     p.add_argument("--held-out-offset", type=int, default=None,
@@ -372,6 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
     p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
+    p.add_argument("--refine-t-range", default="50-600",
+                   help="distill: timesteps A-B of the refinement (default: the evaluation's per-image range)")
     p.add_argument("--pairs", type=Path, default=None,
                    help="distill: file keeping the refined pairs per scene; a scene refined before with the same "
                         "settings from the same output is reused")
@@ -384,6 +387,7 @@ def main(argv=None) -> int:
     args.guidance = [float(g) for g in args.guidance.split(",")]
     args.schedules = [s for s in args.schedules.split(",") if s]
     args.t_ranges = [tuple(int(v) for v in r.split("-")) for r in args.t_ranges.split(",")]
+    args.refine_t_range = tuple(int(v) for v in args.refine_t_range.split("-"))
     torch.set_grad_enabled(True)
     if args.probe == "field":
         cmd_field(args)

@@ -88,6 +88,8 @@ def test_distill_keeps_and_reuses_its_refined_pairs(load_script, shapes_translat
     assert "4 reused, 2 to refine" in capsys.readouterr().out
     probe.main([*args, "--n", "6", "--lr", "0.5"])
     assert "refining anew" in capsys.readouterr().out
+    probe.main([*args, "--n", "6", "--refine-t-range", "20-300"])
+    assert "refining anew" in capsys.readouterr().out
 
 
 def test_distill_saves_the_fitted_translator(load_script, shapes_translator_dir, tmp_path, capsys):
@@ -113,3 +115,12 @@ def test_distill_saves_the_fitted_translator(load_script, shapes_translator_dir,
     with pytest.raises(SystemExit, match="exists"):  # refused before any work, not after the fit
         probe.main(args)
     assert "refined pairs" not in capsys.readouterr().out
+
+
+def test_edit_in_the_late_range(load_script, shapes_translator_dir, capsys):
+    """``--schedules late`` edits in [20, 300); a vanishing step leaves the translator's outputs as they were."""
+    probe = load_script("probe_shape_change")
+    probe.main(["edit", "--guidance", "1.5", "--schedules", "late", "--n", "4", "--steps", "1", "--lr", "1e-9",
+                "--translator", str(shapes_translator_dir)])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["DDS edit, guidance 1.5, t (20, 300), from the translator's outputs"] == rows["translator"]
