@@ -218,6 +218,7 @@ def refined_pairs(path: Path | None, pairs, outputs: torch.Tensor, edit: dict, t
     any number of fits, and a larger ``--n`` refines only the new scenes."""
     import dataclasses
 
+    from ddstrans.io_safety import atomic_output
     from ddstrans.shapes.evaluation import run_method
 
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in edit.items()}
@@ -241,10 +242,9 @@ def refined_pairs(path: Path | None, pairs, outputs: torch.Tensor, edit: dict, t
     if path is not None and todo:
         for s, o, r in zip(pairs.seeds, outputs, refined):
             kept[int(s)] = (o, r)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"edit": settings, "seeds": list(kept), "outputs": torch.stack([o for o, _ in kept.values()]),
-                    "refined": torch.stack([r for _, r in kept.values()])}, tmp)
-        tmp.replace(path)  # a crash mid-write leaves no half file to be reused
+        with atomic_output(path) as tmp:  # a crash mid-write leaves no half file to be reused
+            torch.save({"edit": settings, "seeds": list(kept), "outputs": torch.stack([o for o, _ in kept.values()]),
+                        "refined": torch.stack([r for _, r in kept.values()])}, tmp)
     return refined
 
 
@@ -304,21 +304,25 @@ def save_fitted(tr, source: Path, out: Path, fit: dict) -> None:
     the weights before the fit."""
     import json
     import shutil
+    import tempfile
 
+    from ddstrans.io_safety import swap_in_directory
     from ddstrans.translator import Translator
     from ddstrans.translator_files import hash_tree
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy2(source / "tasks.safetensors", tmp / "tasks.safetensors")
-    tr.generator.save_pretrained(tmp / "generator")
-    info = {k: v for k, v in tr.info.items() if k != "files"}
-    info["fitted"] = {"from": str(source.resolve()), **fit}
-    info["files"] = hash_tree(tmp)
-    (tmp / "translator.json").write_text(json.dumps(info, indent=2))
-    Translator.from_pretrained(tmp)  # verifies as a user would load it
-    tmp.replace(out)  # whole or not at all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        shutil.copy2(source / "tasks.safetensors", tmp / "tasks.safetensors")
+        tr.generator.save_pretrained(tmp / "generator")
+        info = {k: v for k, v in tr.info.items() if k != "files"}
+        info["fitted"] = {"from": str(source.resolve()), **fit}
+        info["files"] = hash_tree(tmp)
+        (tmp / "translator.json").write_text(json.dumps(info, indent=2))
+        Translator.from_pretrained(tmp)  # verifies as a user would load it
+        swap_in_directory(tmp, out)  # whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_field(args) -> None:
@@ -386,8 +390,12 @@ def main(argv=None) -> int:
         args.held_out_offset = 1_000_000 if args.probe == "distill" else 0
     args.guidance = [float(g) for g in args.guidance.split(",")]
     args.schedules = [s for s in args.schedules.split(",") if s]
-    args.t_ranges = [tuple(int(v) for v in r.split("-")) for r in args.t_ranges.split(",")]
-    args.refine_t_range = tuple(int(v) for v in args.refine_t_range.split("-"))
+
+    def t_range(text: str) -> tuple[int, ...]:  # "A-B" -> (A, B)
+        return tuple(int(v) for v in text.split("-"))
+
+    args.t_ranges = [t_range(r) for r in args.t_ranges.split(",")]
+    args.refine_t_range = t_range(args.refine_t_range)
     torch.set_grad_enabled(True)
     if args.probe == "field":
         cmd_field(args)
