@@ -172,9 +172,19 @@ def cmd_gradient(args, teacher) -> None:
                 print(f"| {shape} | {g} | {tuple(t_range)} | " + " | ".join(cells) + " |", flush=True)
 
 
-def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0) -> None:
+def mirror_half(gen: torch.Generator, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same random half of the rows of every tensor in ``images`` mirrored left to right. A mirrored scene of
+    the shapes world is another scene of it (triangles still point up, stripes at 45 and 135 degrees swap), and the
+    mirrored refined output is the answer for it, so each pair counts twice."""
+    flip = torch.rand(len(images[0]), generator=gen) < 0.5
+    return tuple(torch.where(flip[:, None, None, None], im.flip(-1), im) for im in images)
+
+
+def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0,
+                 mirror: bool = False) -> None:
     """Fine-tune ``tr.generator`` in place: mean squared error to ``y`` for ``to_square`` on ``x``, plus, on as many
-    random training scenes, each with one of the other tasks, the error to the untouched generator's outputs."""
+    random training scenes, each with one of the other tasks, the error to the untouched generator's outputs.
+    ``mirror``: each batch's pairs and scenes mirrored left to right at random (:func:`mirror_half`)."""
     import copy
     import random
 
@@ -197,9 +207,12 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     bar = tqdm(range(steps), desc="fit")
     for _ in bar:
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss_sq = F.mse_loss(forward(g, zx[idx], torch.full((batch,), square)), zy[idx])
+        bx, by = mirror_half(gen, zx[idx], zy[idx]) if mirror else (zx[idx], zy[idx])
+        loss_sq = F.mse_loss(forward(g, bx, torch.full((batch,), square)), by)
         seeds = [rng.choice(train_scenes) for _ in range(batch)]
         z = tr.encode(to_model(np.stack([render_scene(s)["image"] for s in seeds])))
+        if mirror:
+            (z,) = mirror_half(gen, z)
         ids = torch.tensor([rng.choice(others) for _ in range(batch)])
         with torch.no_grad():
             kept = forward(ref, z, ids)
@@ -289,12 +302,14 @@ def cmd_distill(args, teacher) -> None:
         if not keep.any():
             raise SystemExit(f"distill --only-squares: none of the {len(keep)} refined targets reads as a square; "
                              "nothing to fit")
-    fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr)
-    label = f"fitted to {int(keep.sum())} pairs, {args.fit_steps} steps, lr {args.fit_lr:g}"
+    fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr, mirror=args.fit_mirror)
+    label = f"fitted to {int(keep.sum())} pairs, {args.fit_steps} steps, lr {args.fit_lr:g}" + (
+        ", mirrored at random" if args.fit_mirror else "")
     row(label, [run_method("network", es, translator=tr)[0] for es in sets.values()])
     if args.save:
         save_fitted(tr, Path(args.translator), args.save, {
-            "pairs": int(keep.sum()), "refine": edit, "steps": args.fit_steps, "lr": args.fit_lr})
+            "pairs": int(keep.sum()), "refine": edit, "steps": args.fit_steps, "lr": args.fit_lr,
+            "mirror": args.fit_mirror})
         print(f"fitted translator: {args.save}", flush=True)
 
 
@@ -377,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
     p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
+    p.add_argument("--fit-mirror", action="store_true",
+                   help="distill: mirror a random half of each fitting batch left to right (pairs and scenes)")
     p.add_argument("--refine-t-range", default="50-600",
                    help="distill: timesteps A-B of the refinement (default: the evaluation's per-image range)")
     p.add_argument("--pairs", type=Path, default=None,

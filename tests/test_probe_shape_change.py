@@ -124,3 +124,29 @@ def test_edit_in_the_late_range(load_script, shapes_translator_dir, capsys):
                 "--translator", str(shapes_translator_dir)])
     rows = _rows(capsys.readouterr().out)
     assert rows["DDS edit, guidance 1.5, t (20, 300), from the translator's outputs"] == rows["translator"]
+
+
+def test_mirror_half_mirrors_the_same_rows_of_every_tensor(load_script):
+    """The fit's mirroring keeps pairs aligned: a row mirrored in the inputs is mirrored in the targets, the
+    others are untouched, and both kinds occur."""
+    import torch
+
+    probe = load_script("probe_shape_change")
+    x = torch.randn(64, 3, 8, 8)
+    y = x * 2 + 1  # a per-pixel function of x: it commutes with mirroring only if both are mirrored alike
+    mx, my = probe.mirror_half(torch.Generator().manual_seed(0), x, y)
+    flipped = torch.tensor([torch.equal(a, b.flip(-1)) for a, b in zip(mx, x)])
+    kept = torch.tensor([torch.equal(a, b) for a, b in zip(mx, x)])
+    assert (flipped | kept).all() and flipped.any() and kept.any()
+    assert torch.equal(my, mx * 2 + 1)
+    again, _ = probe.mirror_half(torch.Generator().manual_seed(0), x, y)
+    assert torch.equal(again, mx)  # one generator, one draw: a fit is reproducible
+
+
+def test_distill_with_mirrored_batches(load_script, shapes_translator_dir, capsys):
+    """``--fit-mirror`` labels its row and fits: a large learning rate moves the scores."""
+    probe = load_script("probe_shape_change")
+    probe.main(["distill", "--translator", str(shapes_translator_dir), "--guidance", "1.5", "--n", "4",
+                "--other-n", "4", "--steps", "1", "--fit-steps", "2", "--fit-lr", "1e-2", "--fit-mirror"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["fitted to 4 pairs, 2 steps, lr 0.01, mirrored at random"] != rows["translator"]
