@@ -180,11 +180,20 @@ def mirror_half(gen: torch.Generator, *images: torch.Tensor) -> tuple[torch.Tens
     return tuple(torch.where(flip[:, None, None, None], im.flip(-1), im) for im in images)
 
 
+FIT_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
+
 def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int = 32, seed: int = 0,
-                 mirror: bool = False) -> None:
-    """Fine-tune ``tr.generator`` in place: mean squared error to ``y`` for ``to_square`` on ``x``, plus, on as many
-    random training scenes, each with one of the other tasks, the error to the untouched generator's outputs.
-    ``mirror``: each batch's pairs and scenes mirrored left to right at random (:func:`mirror_half`)."""
+                 mirror: bool = False, loss: str = "mse") -> None:
+    """Fine-tune ``tr.generator`` in place: the error (``loss``: mean squared or mean absolute) to ``y`` for
+    ``to_square`` on ``x``, plus, on as many random training scenes, each with one of the other tasks, the error to
+    the untouched generator's outputs. ``mirror``: each batch's pairs and scenes mirrored left to right at random
+    (:func:`mirror_half`).
+
+    Why the absolute error: where an input leaves it uncertain whether a pixel column lies inside the square, the
+    squared error's best answer is the column's mean, a half-colored column that the chroma mask cuts into a ragged
+    side; the absolute error's is its median, the column in or out."""
+    error = FIT_LOSSES[loss]
     import copy
     import random
 
@@ -208,7 +217,7 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     for _ in bar:
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         bx, by = mirror_half(gen, zx[idx], zy[idx]) if mirror else (zx[idx], zy[idx])
-        loss_sq = F.mse_loss(forward(g, bx, torch.full((batch,), square)), by)
+        loss_sq = error(forward(g, bx, torch.full((batch,), square)), by)
         seeds = [rng.choice(train_scenes) for _ in range(batch)]
         z = tr.encode(to_model(np.stack([render_scene(s)["image"] for s in seeds])))
         if mirror:
@@ -216,9 +225,9 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
         ids = torch.tensor([rng.choice(others) for _ in range(batch)])
         with torch.no_grad():
             kept = forward(ref, z, ids)
-        loss = loss_sq + F.mse_loss(forward(g, z, ids), kept)
+        total = loss_sq + error(forward(g, z, ids), kept)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         bar.set_postfix(square=f"{loss_sq.item():.5f}")
     g.requires_grad_(False).eval()
@@ -302,14 +311,15 @@ def cmd_distill(args, teacher) -> None:
         if not keep.any():
             raise SystemExit(f"distill --only-squares: none of the {len(keep)} refined targets reads as a square; "
                              "nothing to fit")
-    fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr, mirror=args.fit_mirror)
+    fit_to_pairs(tr, pairs.inputs[keep], refined[keep], args.fit_steps, args.fit_lr, mirror=args.fit_mirror,
+                 loss=args.fit_loss)
     label = f"fitted to {int(keep.sum())} pairs, {args.fit_steps} steps, lr {args.fit_lr:g}" + (
-        ", mirrored at random" if args.fit_mirror else "")
+        ", mirrored at random" if args.fit_mirror else "") + (f", {args.fit_loss} loss" if args.fit_loss != "mse" else "")
     row(label, [run_method("network", es, translator=tr)[0] for es in sets.values()])
     if args.save:
         save_fitted(tr, Path(args.translator), args.save, {
             "pairs": int(keep.sum()), "refine": edit, "steps": args.fit_steps, "lr": args.fit_lr,
-            "mirror": args.fit_mirror})
+            "mirror": args.fit_mirror, "loss": args.fit_loss})
         print(f"fitted translator: {args.save}", flush=True)
 
 
@@ -392,6 +402,8 @@ def main(argv=None) -> int:
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
     p.add_argument("--fit-lr", type=float, default=3e-5, help="distill: AdamW learning rate")
+    p.add_argument("--fit-loss", choices=tuple(FIT_LOSSES), default="mse",
+                   help="distill: the fit's error, squared (mse) or absolute (l1)")
     p.add_argument("--fit-mirror", action="store_true",
                    help="distill: mirror a random half of each fitting batch left to right (pairs and scenes)")
     p.add_argument("--refine-t-range", default="50-600",

@@ -150,3 +150,17 @@ def test_distill_with_mirrored_batches(load_script, shapes_translator_dir, capsy
                 "--other-n", "4", "--steps", "1", "--fit-steps", "2", "--fit-lr", "1e-2", "--fit-mirror"])
     rows = _rows(capsys.readouterr().out)
     assert rows["fitted to 4 pairs, 2 steps, lr 0.01, mirrored at random"] != rows["translator"]
+
+
+def test_distill_with_the_absolute_error(load_script, shapes_translator_dir, capsys):
+    """``--fit-loss l1`` fits with the absolute error: from the same pairs, steps and learning rate it lands
+    elsewhere than the squared error, and its row says which loss it used."""
+    probe = load_script("probe_shape_change")
+    args = ["distill", "--translator", str(shapes_translator_dir), "--guidance", "1.5", "--n", "4", "--other-n", "4",
+            "--steps", "1", "--fit-steps", "2", "--fit-lr", "1e-2"]
+    probe.main(args)
+    squared = _rows(capsys.readouterr().out)["fitted to 4 pairs, 2 steps, lr 0.01"]
+    probe.main([*args, "--fit-loss", "l1"])
+    rows = _rows(capsys.readouterr().out)
+    absolute = rows["fitted to 4 pairs, 2 steps, lr 0.01, l1 loss"]
+    assert absolute != rows["translator"] and absolute != squared
