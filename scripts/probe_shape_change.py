@@ -15,6 +15,10 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   target's outline, and its inside).
 - ``field``: which input pixels can one output pixel of the exported generator see (gradient non-zero)?
 - ``outputs``: which strict checks a cached set of outputs (``scripts/shape_readers.py --cache``) fails.
+- ``edges``: are a translator's misses drawn with half-colored sides? Per translator (``--translator A,B``), the
+  strict reader's accuracy and the pixels per output whose chroma lies between a gray's and a color's
+  (``HALF_CHROMA``, around the mask's threshold), over the outputs read as squares and over the misses; renders
+  have none.
 - ``distill``: can a translator be trained toward the refined answer directly? Its ``to_square`` outputs on ``--n``
   of its training scenes, refined by per-image DDS as in ``edit --translator`` (the pairs), then the translator
   fine-tuned by regression on them (mean squared error in its latent space; the other tasks replayed toward its
@@ -371,6 +375,36 @@ def cmd_field(args) -> None:
         print(f"| ({py}, {px}) | {int((mass > 0).sum())} of {mass.size} | " + " | ".join(f"{v:.3f}" for v in share) + " |")
 
 
+HALF_CHROMA = (0.1, 0.4)  # renders: grays 0, colors >= 0.5; the shape mask cuts at metrics.CHROMA_THRESHOLD
+
+
+def half_colored(images) -> np.ndarray:
+    """Per image, the pixels whose chroma lies in ``HALF_CHROMA``: neither background nor shape, the pixels the
+    chroma mask's threshold decides by a hair."""
+    x = M.as_unit(images)
+    chroma = x.max(-1) - x.min(-1)
+    return ((chroma > HALF_CHROMA[0]) & (chroma < HALF_CHROMA[1])).sum((-2, -1))
+
+
+def cmd_edges(args) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.translator import Translator
+
+    if not args.translator:
+        raise SystemExit("edges needs --translator (one or more exports, comma-separated)")
+    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    print("| outputs | n | strict acc | half-colored pixels per square | per miss |\n|---|---|---|---|---|")
+    print(f"| rendered answers | {args.n} | 1.000 | {half_colored(es.answers).mean():.1f} | - |")
+    for path in args.translator.split(","):
+        y, _ = run_method("network", es, translator=Translator.from_pretrained(path))
+        ok = np.array([p == t for p, t in zip(M.classify_shape(y), es.targets)])
+        half = half_colored(y)
+        cells = [f"{half[m].mean():.1f}" if m.any() else "-" for m in (ok, ~ok)]
+        print(f"| {path} | {args.n} | {ok.mean():.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
 def cmd_outputs(args) -> None:
     z = np.load(args.cache, allow_pickle=False)
     targets = list(z["targets"])
@@ -382,14 +416,15 @@ def cmd_outputs(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill"))
+    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill", "edges"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
     p.add_argument("--translator", default=None,
-                   help="exported translator (field; edit: start the edit at its outputs; distill: the one to fit)")
+                   help="exported translator (field; edit: start the edit at its outputs; distill: the one to fit; "
+                        "edges: one or more, comma-separated)")
     p.add_argument("--by-shape", action="store_true", help="edit: a row per source shape too")
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
     p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales (distill: the first)")
-    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient), samples per caption (samples) or training scenes (distill)")
+    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges), samples per caption (samples) or training scenes (distill)")
     p.add_argument("--steps", type=int, default=100, help="edit, distill: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill: per-image DDS learning rate")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
@@ -397,7 +432,7 @@ def main(argv=None) -> int:
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
     p.add_argument("--held-out-offset", type=int, default=None,
-                   help="edit: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
+                   help="edit, edges: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
                         "where its second held-out set starts (default 1000000)")
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
@@ -431,6 +466,9 @@ def main(argv=None) -> int:
         return 0
     if args.probe == "outputs":
         cmd_outputs(args)
+        return 0
+    if args.probe == "edges":
+        cmd_edges(args)
         return 0
     from ddstrans.shapes.defaults import load_shapes_teacher
 

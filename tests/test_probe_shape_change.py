@@ -164,3 +164,30 @@ def test_distill_with_the_absolute_error(load_script, shapes_translator_dir, cap
     rows = _rows(capsys.readouterr().out)
     absolute = rows["fitted to 4 pairs, 2 steps, lr 0.01, l1 loss"]
     assert absolute != rows["translator"] and absolute != squared
+
+
+def test_half_colored_counts_pixels_between_gray_and_color(load_script):
+    """A render has no half-colored pixel; a side drawn at half the color's strength adds its pixels, and only
+    those (a gray background and a full color are not counted)."""
+    import numpy as np
+
+    from ddstrans.shapes.world import render_scene, to_model
+
+    probe = load_script("probe_shape_change")
+    scene = render_scene(7, shape="square")
+    img, mask = scene["image"].copy(), scene["mask"]
+    assert probe.half_colored(to_model(img[None]))[0] == 0
+    rows = np.flatnonzero(mask.any(1))
+    side = mask[rows[0]]  # the square's top row
+    gray = scene["scene"].bg_colors[0]
+    img[rows[0], side] = 0.5 * img[rows[0], side] + 0.5 * gray  # half the chroma: in HALF_CHROMA for every color
+    assert probe.half_colored(to_model(img[None]))[0] == side.sum()
+
+
+def test_edges_reports_the_translators_and_the_renders(load_script, shapes_translator_dir, capsys):
+    probe = load_script("probe_shape_change")
+    probe.main(["edges", "--translator", f"{shapes_translator_dir},{shapes_translator_dir}", "--n", "4"])
+    rows = _rows(capsys.readouterr().out)
+    assert rows["rendered answers"] == ["4", "1.000", "0.0", "-"]
+    assert rows[str(shapes_translator_dir)][:2] == ["4", "0.000"]  # the fixture's translator draws no square
+    assert float(rows[str(shapes_translator_dir)][3]) >= 0
