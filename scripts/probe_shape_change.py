@@ -21,9 +21,9 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   have none.
 - ``distill``: can a translator be trained toward the refined answer directly? Its ``to_square`` outputs on ``--n``
   of its training scenes, refined by per-image DDS as in ``edit --translator`` (the pairs), then the translator
-  fine-tuned by regression on them (mean squared error in its latent space; the other tasks replayed toward its
-  own outputs, so only the square is asked to move). Rows: the pairs' refined answer, and the translator before
-  and after, on those training scenes, the 64 usual held-out inputs and ``--other-n`` others
+  fine-tuned by regression on them (mean squared error in its latent space, or ``--fit-loss l1``; the other tasks
+  replayed toward its own outputs, so only the square is asked to move). Rows: the pairs' refined answer, and the
+  translator before and after, on those training scenes, the 64 usual held-out inputs and ``--other-n`` others
   (``--held-out-offset``).
 
     python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
@@ -196,8 +196,8 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
 
     Why the absolute error: where an input leaves it uncertain whether a pixel column lies inside the square, the
     squared error's best answer is the column's mean, a half-colored column that the chroma mask cuts into a ragged
-    side; the absolute error's is its median, the column in or out."""
-    error = FIT_LOSSES[loss]
+    side; the absolute error's is its median, the column in or out. (Measured: it draws no more squares on held-out
+    inputs; docs/experiments/shape-change-cause.md.)"""
     import copy
     import random
 
@@ -210,6 +210,7 @@ def fit_to_pairs(tr, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, ba
     others = [tr.task_table.index(t) for t in tr.tasks if t != "to_square"]
     square = tr.task_table.index("to_square")
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    error = FIT_LOSSES[loss]
     opt = torch.optim.AdamW(g.requires_grad_(True).train().parameters(), lr=lr, weight_decay=0.0)
 
     def forward(net, z, ids):
