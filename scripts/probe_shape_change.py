@@ -382,9 +382,8 @@ HALF_CHROMA = (0.1, 0.4)  # renders: grays 0, colors >= 0.5; the shape mask cuts
 def half_colored(images) -> np.ndarray:
     """Per image, the pixels whose chroma lies in ``HALF_CHROMA``: neither background nor shape, the pixels the
     chroma mask's threshold decides by a hair."""
-    x = M.as_unit(images)
-    chroma = x.max(-1) - x.min(-1)
-    return ((chroma > HALF_CHROMA[0]) & (chroma < HALF_CHROMA[1])).sum((-2, -1))
+    c = M.chroma(images)
+    return ((c > HALF_CHROMA[0]) & (c < HALF_CHROMA[1])).sum((-2, -1))
 
 
 def cmd_edges(args) -> None:

@@ -185,9 +185,18 @@ def test_half_colored_counts_pixels_between_gray_and_color(load_script):
 
 
 def test_edges_reports_the_translators_and_the_renders(load_script, shapes_translator_dir, capsys):
+    """One row for the renders and one per translator; a translator's per-miss cell is the mean half-colored count
+    of its outputs on the same inputs."""
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.translator import Translator
+
     probe = load_script("probe_shape_change")
     probe.main(["edges", "--translator", f"{shapes_translator_dir},{shapes_translator_dir}", "--n", "4"])
     rows = _rows(capsys.readouterr().out)
     assert rows["rendered answers"] == ["4", "1.000", "0.0", "-"]
-    assert rows[str(shapes_translator_dir)][:2] == ["4", "0.000"]  # the fixture's translator draws no square
-    assert float(rows[str(shapes_translator_dir)][3]) >= 0
+    row = rows[str(shapes_translator_dir)]
+    assert row[:3] == ["4", "0.000", "-"]  # the fixture's translator draws no square: every output is a miss
+    y, _ = run_method("network", build_eval_set(shapes_task("to_square"), 4),
+                      translator=Translator.from_pretrained(shapes_translator_dir))
+    assert row[3] == f"{probe.half_colored(y).mean():.1f}"

@@ -105,11 +105,17 @@ def dilate(mask: np.ndarray, r: int = 1) -> np.ndarray:
 # ------------------------------------------------------------------------------ attribute reading
 
 
+def chroma(images) -> np.ndarray:
+    """Per pixel, max minus min of the color channels: 0 for the world's grays, >= 0.5 for its colors; same leading
+    shape as ``images`` minus channels."""
+    x, single = _batch(images)
+    c = x.max(-1) - x.min(-1)
+    return c[0] if single else c
+
+
 def estimate_mask(images) -> np.ndarray:
     """Shape mask from chroma (see module doc); same leading shape as ``images`` minus channels."""
-    x, single = _batch(images)
-    m = (x.max(-1) - x.min(-1)) > CHROMA_THRESHOLD
-    return m[0] if single else m
+    return chroma(images) > CHROMA_THRESHOLD
 
 
 def classify_color(images, masks=None) -> list[str | None]:
