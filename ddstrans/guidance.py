@@ -26,6 +26,7 @@ from ddstrans.scores import (
     SCORE_SPACES,
     WEIGHTINGS,
     dds_grad,
+    draw_timesteps,
     fresh_noise,
     mix_shared_noise,
     sds_grad,
@@ -66,6 +67,10 @@ class Guidance:
     t_range_late, t_range_late_from_step: from step ``t_range_late_from_step`` on, timesteps come from
         ``t_range_late`` instead (None: no such phase). A last phase at low noise refines what the anneal learned
         (a square's corners) without the high-noise samples that would move it again.
+    t_range_mix, t_range_mix_prob, t_range_mix_from_step: from step ``t_range_mix_from_step`` on, each sample draws
+        its timestep from ``t_range_mix`` with probability ``t_range_mix_prob`` and from the scheduled range
+        otherwise (None or 0: off). Why: in the shapes world a phase at very low noise draws a square's sides
+        crisply but shrinks it, while the range above keeps its size; one batch can hold both bands.
     weighting: the per-timestep weight ``w(t)`` (``scores.WEIGHTINGS``).
     shared_noise_prob, shared_noise_seed, shared_noise_tasks: with probability ``shared_noise_prob`` a sample uses
         one fixed noise (``scores.shared_noise`` of ``shared_noise_seed``) instead of fresh noise, only for the
@@ -91,6 +96,9 @@ class Guidance:
     t_range_steps: int = 0
     t_range_late: tuple[int, int] | None = None
     t_range_late_from_step: int = 0
+    t_range_mix: tuple[int, int] | None = None
+    t_range_mix_prob: float = 0.0
+    t_range_mix_from_step: int = 0
     weighting: str = "uniform"
     shared_noise_prob: float = 0.0
     shared_noise_seed: int = 0
@@ -104,6 +112,8 @@ class Guidance:
         set_("t_range", _pair(self.t_range))
         set_("t_range_end", _pair(self.t_range_end))
         set_("t_range_late", _pair(self.t_range_late))
+        set_("t_range_mix", _pair(self.t_range_mix))
+        set_("t_range_mix_from_step", int(self.t_range_mix_from_step or 0))
         set_("t_range_late_from_step", int(self.t_range_late_from_step or 0))
         set_("shared_noise_tasks", _names(self.shared_noise_tasks))
         set_("guidance_low_t", int(self.guidance_low_t or 0))
@@ -118,7 +128,7 @@ class Guidance:
             raise ValueError(f"warmup_kind must be one of {KINDS}, got {self.warmup_kind!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        for name in ("t_range", "t_range_end", "t_range_late"):
+        for name in ("t_range", "t_range_end", "t_range_late", "t_range_mix"):
             r = getattr(self, name)
             if r is not None and not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
                 raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
@@ -128,6 +138,10 @@ class Guidance:
             raise ValueError(f"guidance_low_from_step must be >= 0, got {self.guidance_low_from_step}")
         if self.t_range_late_from_step < 0:
             raise ValueError(f"t_range_late_from_step must be >= 0, got {self.t_range_late_from_step}")
+        if not 0.0 <= float(self.t_range_mix_prob) <= 1.0:
+            raise ValueError(f"t_range_mix_prob must be in [0, 1], got {self.t_range_mix_prob}")
+        if self.t_range_mix_from_step < 0:
+            raise ValueError(f"t_range_mix_from_step must be >= 0, got {self.t_range_mix_from_step}")
         if self.sigma_sampling not in (None, *SIGMA_SAMPLINGS):
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} or None, got {self.sigma_sampling!r}")
         if self.score_space not in SCORE_SPACES:
@@ -168,6 +182,25 @@ class Guidance:
             return self.t_range_late
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))
 
+    def t_mix_prob_at(self, step: int) -> float:
+        """The share of samples drawn from ``t_range_mix`` at ``step`` (0 before ``t_range_mix_from_step`` or
+        without a ``t_range_mix``)."""
+        if self.t_range_mix is None or step < self.t_range_mix_from_step:
+            return 0.0
+        return float(self.t_range_mix_prob)
+
+    def timesteps(self, teacher, z: torch.Tensor, step: int, generator: torch.Generator | None = None):
+        """The timesteps of one score evaluation at ``step``: drawn in ``t_range_at(step)``, a ``t_mix_prob_at``
+        share of them replaced by draws in ``t_range_mix``; None when no mix is in force (the score draws them)."""
+        prob = self.t_mix_prob_at(step)
+        if prob == 0.0:
+            return None
+        main = draw_timesteps(teacher, z, self.t_range_at(step), generator, self.sigma_sampling)
+        mix = draw_timesteps(teacher, z, self.t_range_mix, generator, self.sigma_sampling)
+        pick = torch.rand(z.shape[0], generator=generator, device=main.device if generator is None
+                          else generator.device).to(main.device) < prob
+        return torch.where(pick, mix, main)
+
     def guidance_low_t_at(self, step: int) -> int:
         """The low-noise threshold in force at ``step``: ``guidance_low_t`` from ``guidance_low_from_step`` on, else
         0 (off)."""
@@ -202,6 +235,8 @@ class Guidance:
         """The DDS (or SDS) gradient on ``z_tgt`` at training or edit ``step``: guidance and timestep range from
         their schedules (``guidance`` overrides the scale, e.g. the target scale at validation), ``noise`` and ``t``
         drawn by the score unless given. SDS ignores ``z_src`` and ``emb_src``."""
+        if t is None:
+            t = self.timesteps(teacher, z_tgt, step, generator)
         kw = dict(t=t, noise=noise, guidance_scale=self.scale_at(step) if guidance is None else guidance,
                   weighting=self.weighting, t_range=self.t_range_at(step), generator=generator,
                   return_info=return_info, guidance_low_t=self.guidance_low_t_at(step),

@@ -61,11 +61,15 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("steps", "trainer.max_steps"), ("batch size (per device)", "data.batch_size"), ("data", "data._target_"),
         ("loss", "loss.method"), ("learning rate", "optim.lr"), ("EMA decay", "optim.ema.decay"), ("guidance", "loss.guidance"),
         ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end of its anneal", "loss.t_range_end"),
-        ("timestep range of the last phase", "loss.t_range_late"), ("learning-rate milestones", "optim.scheduler.milestones"),
+        ("timestep range of the last phase", "loss.t_range_late"),
+        ("second timestep band", "loss.t_range_mix"), ("share of samples in the second band", "loss.t_range_mix_prob"),
+        ("learning-rate milestones", "optim.scheduler.milestones"),
         ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),
         ("identity weight", "loss.identity_weight"), ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
+    if _get(run_config, "loss.t_range_mix") is None:  # the share means nothing without the band
+        keys = [(label, key) for label, key in keys if key != "loss.t_range_mix_prob"]
     return [(label, v) for label, key in keys if (v := _get(run_config, key)) is not None]
 
 

@@ -46,7 +46,7 @@ from ddstrans.noising import (
 
 __all__ = [
     "SCORE_SPACES", "WEIGHTINGS", "Denoiser", "ScoreInfo", "abar_at", "add_noise", "classifier_free_guidance",
-    "dds_grad", "edit_mask", "eps_from_sample", "eps_from_v", "fresh_noise", "guidance_for_timesteps",
+    "dds_grad", "draw_timesteps", "edit_mask", "eps_from_sample", "eps_from_v", "fresh_noise", "guidance_for_timesteps",
     "guided_noise_predictions", "guided_predictions", "identity_loss", "is_flow", "mix_shared_noise",
     "palette_loss", "sample_timesteps", "sds_grad", "shared_noise", "surrogate_loss", "timestep_weight",
     "velocity", "weight_of_abar", "zero_nonfinite",
@@ -82,16 +82,21 @@ def is_flow(denoiser) -> bool:
     return getattr(denoiser, "prediction_type", None) == "flow"
 
 
+def draw_timesteps(denoiser: Denoiser, z: torch.Tensor, t_range, generator=None, sigma_sampling=None) -> torch.Tensor:
+    """One timestep per sample of ``z`` in ``t_range``, in the teacher's units: integers uniform in the range for
+    DDPM-family teachers, the flow teacher's own sigma sampling (``sigma_sampling``, shift) for SD3 and Flux."""
+    if is_flow(denoiser):
+        return denoiser.sample_timesteps(z.shape[0], t_range, latent_hw=tuple(z.shape[-2:]), device=z.device,
+                                         generator=generator, sampling=sigma_sampling)
+    return sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)
+
+
 def _prepare(denoiser: Denoiser, z: torch.Tensor, t, noise, t_range, generator, sigma_sampling=None):
     flow = is_flow(denoiser)
     if t is None:
         if t_range is None:
             raise ValueError("t_range is required when t is not given")
-        if flow:
-            t = denoiser.sample_timesteps(z.shape[0], t_range, latent_hw=tuple(z.shape[-2:]), device=z.device,
-                                          generator=generator, sampling=sigma_sampling)
-        else:
-            t = sample_timesteps(z.shape[0], t_range, device=z.device, generator=generator)
+        t = draw_timesteps(denoiser, z, t_range, generator, sigma_sampling)
     t = torch.as_tensor(t, device=z.device)
     t = (t.float() if flow else t.long()).reshape(-1)
     if t.numel() == 1 and z.shape[0] > 1:

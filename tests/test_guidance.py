@@ -53,10 +53,58 @@ def test_schedules_follow_the_ramps():
                                       ({"weighting": "x"}, "weighting"), ({"shared_noise_prob": 1.5}, "shared_noise_prob"),
                                       ({"guidance_low_t": 2000}, "guidance_low_t"), ({"warmup_kind": "x"}, "warmup_kind"),
                                       ({"t_range_late": (150, 10)}, "t_range_late"),
-                                      ({"t_range_late_from_step": -1}, "t_range_late_from_step")])
+                                      ({"t_range_late_from_step": -1}, "t_range_late_from_step"),
+                                      ({"t_range_mix": (30, 10)}, "t_range_mix"),
+                                      ({"t_range_mix_prob": 1.5}, "t_range_mix_prob"),
+                                      ({"t_range_mix_from_step": -1}, "t_range_mix_from_step")])
 def test_bad_settings_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):
         Guidance(**bad)
+
+
+class _Ddpm:
+    prediction_type = "epsilon"
+
+
+class _Flow:
+    """The flow teachers' timestep interface (``FlowTeacher.sample_timesteps``) without a model."""
+
+    prediction_type = "flow"
+
+    def sample_timesteps(self, batch_size, t_range, *, latent_hw, device=None, generator=None, sampling=None):
+        from ddstrans.flow import sample_flow_timesteps
+
+        return sample_flow_timesteps(batch_size, t_range, sampling=sampling or "uniform", device=device,
+                                     generator=generator)
+
+
+@pytest.mark.parametrize("teacher", [_Ddpm(), _Flow()], ids=["ddpm", "flow"])
+def test_timestep_mix_draws_that_share_in_the_second_band(teacher):
+    """From ``t_range_mix_from_step`` on, about ``t_range_mix_prob`` of the samples fall in ``t_range_mix`` and the
+    rest in the scheduled range; before it, and without a mix, the score draws its own timesteps (None)."""
+    z = torch.zeros(4000, 1, 2, 2)
+    g = Guidance(t_range=(300, 900), t_range_mix=(1, 20), t_range_mix_prob=0.25, t_range_mix_from_step=10)
+    assert g.timesteps(teacher, z, 9) is None and Guidance().timesteps(teacher, z, 0) is None
+    t = g.timesteps(teacher, z, 10, torch.Generator().manual_seed(0))
+    low, high = (t >= 1) & (t < 20), (t >= 300) & (t < 900)
+    assert bool((low | high).all()) and 0.22 < low.float().mean() < 0.28
+    assert t.is_floating_point() == isinstance(teacher, _Flow)
+    again = g.timesteps(teacher, z, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)  # one generator, one draw: resumable and equal on every rank
+    every = g.replace(t_range_mix_prob=1.0).timesteps(teacher, z, 10, torch.Generator().manual_seed(1))
+    assert bool(((every >= 1) & (every < 20)).all())
+
+
+def test_grad_uses_the_mixed_timesteps(tiny_teacher):
+    z = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e_src, e_tgt = tiny_teacher.encode_prompts(["a cat"] * 64), tiny_teacher.encode_prompts(["a lion"] * 64)
+    g = Guidance(t_range=(500, 900), t_range_mix=(1, 20), t_range_mix_prob=0.5)
+    _, info = g.grad(tiny_teacher, z, z + 0.1, e_src, e_tgt, 0, generator=torch.Generator().manual_seed(0),
+                     return_info=True)
+    low = info.t < 20
+    assert bool((low | ((info.t >= 500) & (info.t < 900))).all()) and 0 < int(low.sum()) < 64
+    _, plain = Guidance(t_range=(500, 900)).grad(tiny_teacher, z, z + 0.1, e_src, e_tgt, 0, return_info=True)
+    assert bool((plain.t >= 500).all())
 
 
 def test_noise_policy():
