@@ -40,6 +40,17 @@ def _pair(value) -> tuple[int, int] | None:
     return None if value is None else tuple(int(v) for v in value)
 
 
+def _phases(value) -> tuple[tuple[int, tuple[int, int]], ...] | None:
+    """``[[from_step, [t_min, t_max]], ...]`` or ``[{from_step:, t_range:}, ...]`` (a config's spelling) as tuples."""
+    if value is None:
+        return None
+    out = []
+    for phase in value:
+        step, r = (phase["from_step"], phase["t_range"]) if isinstance(phase, Mapping) else phase
+        out.append((int(step), _pair(r)))
+    return tuple(out)
+
+
 def _names(value) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -67,6 +78,9 @@ class Guidance:
     t_range_late, t_range_late_from_step: from step ``t_range_late_from_step`` on, timesteps come from
         ``t_range_late`` instead (None: no such phase). A last phase at low noise refines what the anneal learned
         (a square's corners) without the high-noise samples that would move it again.
+    t_range_phases: ``((from_step, (t_min, t_max)), ...)`` with increasing steps: from each ``from_step`` on,
+        timesteps come from that range (the last phase begun wins; None: no phases). A recipe of several phases
+        (lay a change out at high noise, sharpen it at very low noise, restore its size in between) as one run.
     t_range_mix, t_range_mix_prob, t_range_mix_from_step: from step ``t_range_mix_from_step`` on, each sample draws
         its timestep from ``t_range_mix`` with probability ``t_range_mix_prob`` and from the scheduled range
         otherwise (None or 0: off). Why: in the shapes world a phase at very low noise draws a square's sides
@@ -96,6 +110,7 @@ class Guidance:
     t_range_steps: int = 0
     t_range_late: tuple[int, int] | None = None
     t_range_late_from_step: int = 0
+    t_range_phases: tuple[tuple[int, tuple[int, int]], ...] | None = None
     t_range_mix: tuple[int, int] | None = None
     t_range_mix_prob: float = 0.0
     t_range_mix_from_step: int = 0
@@ -112,6 +127,7 @@ class Guidance:
         set_("t_range", _pair(self.t_range))
         set_("t_range_end", _pair(self.t_range_end))
         set_("t_range_late", _pair(self.t_range_late))
+        set_("t_range_phases", _phases(self.t_range_phases))
         set_("t_range_mix", _pair(self.t_range_mix))
         set_("t_range_mix_from_step", int(self.t_range_mix_from_step or 0))
         set_("t_range_late_from_step", int(self.t_range_late_from_step or 0))
@@ -138,6 +154,13 @@ class Guidance:
             raise ValueError(f"guidance_low_from_step must be >= 0, got {self.guidance_low_from_step}")
         if self.t_range_late_from_step < 0:
             raise ValueError(f"t_range_late_from_step must be >= 0, got {self.t_range_late_from_step}")
+        steps = [step for step, _ in self.t_range_phases or ()]
+        if any(step < 0 for step in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"t_range_phases must start at increasing steps >= 0, got {list(self.t_range_phases)}")
+        for step, r in self.t_range_phases or ():
+            if not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
+                raise ValueError(f"t_range_phases: the phase from step {step} must have 0 <= t_min < t_max <= 1000, "
+                                 f"got {r}")
         if not 0.0 <= float(self.t_range_mix_prob) <= 1.0:
             raise ValueError(f"t_range_mix_prob must be in [0, 1], got {self.t_range_mix_prob}")
         if self.t_range_mix_from_step < 0:
@@ -165,11 +188,8 @@ class Guidance:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for ranges), as a config file holds them."""
-        out = {}
-        for name in self.field_names():
-            v = getattr(self, name)
-            out[name] = list(v) if isinstance(v, tuple) else v
-        return out
+        plain = lambda v: [plain(x) for x in v] if isinstance(v, tuple) else v  # noqa: E731
+        return {name: plain(getattr(self, name)) for name in self.field_names()}
 
     # ------------------------------------------------------------------ schedules
     def scale_at(self, step: int) -> float:
@@ -177,7 +197,11 @@ class Guidance:
         return guidance_at(step, self.guidance, self.guidance_start, int(self.warmup_steps), self.warmup_kind)
 
     def t_range_at(self, step: int) -> tuple[int, int]:
-        """The timestep range at ``step``: the anneal, then ``t_range_late`` from ``t_range_late_from_step`` on."""
+        """The timestep range at ``step``: the anneal, then ``t_range_late`` from ``t_range_late_from_step`` on, then
+        the last of ``t_range_phases`` begun by ``step``."""
+        for start, r in reversed(self.t_range_phases or ()):
+            if step >= start:
+                return r
         if self.t_range_late is not None and step >= self.t_range_late_from_step:
             return self.t_range_late
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))

@@ -61,7 +61,7 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("steps", "trainer.max_steps"), ("batch size (per device)", "data.batch_size"), ("data", "data._target_"),
         ("loss", "loss.method"), ("learning rate", "optim.lr"), ("EMA decay", "optim.ema.decay"), ("guidance", "loss.guidance"),
         ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end of its anneal", "loss.t_range_end"),
-        ("timestep range of the last phase", "loss.t_range_late"),
+        ("timestep range of the last phase", "loss.t_range_late"), ("timestep range phases", "loss.t_range_phases"),
         ("second timestep band", "loss.t_range_mix"), ("share of samples in the second band", "loss.t_range_mix_prob"),
         ("learning-rate milestones", "optim.scheduler.milestones"),
         ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),

@@ -47,6 +47,11 @@ def test_schedules_follow_the_ramps():
     late = Guidance(t_range=(50, 650), t_range_end=(10, 250), t_range_steps=4, t_range_late=(10, 150),
                     t_range_late_from_step=3)
     assert [late.t_range_at(s) for s in (2, 3, 10**6)] == [(30, 450), (10, 150), (10, 150)]
+    phases = late.replace(t_range_phases=[[5, [50, 600]], {"from_step": 8, "t_range": [5, 50]}, [9, (10, 300)]])
+    assert [phases.t_range_at(s) for s in (2, 3, 5, 7, 8, 9, 10**6)] == [
+        (30, 450), (10, 150), (50, 600), (50, 600), (5, 50), (10, 300), (10, 300)]
+    assert phases.to_dict()["t_range_phases"] == [[5, [50, 600]], [8, [5, 50]], [9, [10, 300]]]
+    assert Guidance.from_mapping(phases.to_dict()) == phases  # a config round trip keeps the phases
 
 
 @pytest.mark.parametrize("bad,name", [({"method": "ddim"}, "method"), ({"t_range": (5, 1200)}, "t_range"),
@@ -55,6 +60,9 @@ def test_schedules_follow_the_ramps():
                                       ({"t_range_late": (150, 10)}, "t_range_late"),
                                       ({"t_range_late_from_step": -1}, "t_range_late_from_step"),
                                       ({"t_range_mix": (30, 10)}, "t_range_mix"),
+                                      ({"t_range_phases": [[5, (5, 50)], [5, (10, 300)]]}, "t_range_phases"),
+                                      ({"t_range_phases": [[9, (5, 50)], [5, (10, 300)]]}, "t_range_phases"),
+                                      ({"t_range_phases": [[5, (50, 5)]]}, "t_range_phases"),
                                       ({"t_range_mix_prob": 1.5}, "t_range_mix_prob"),
                                       ({"t_range_mix_from_step": -1}, "t_range_mix_from_step")])
 def test_bad_settings_name_the_parameter(bad, name):
