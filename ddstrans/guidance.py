@@ -44,11 +44,11 @@ def _phases(value) -> tuple[tuple[int, tuple[int, int]], ...] | None:
     """``[[from_step, [t_min, t_max]], ...]`` or ``[{from_step:, t_range:}, ...]`` (a config's spelling) as tuples."""
     if value is None:
         return None
-    out = []
-    for phase in value:
-        step, r = (phase["from_step"], phase["t_range"]) if isinstance(phase, Mapping) else phase
-        out.append((int(step), _pair(r)))
-    return tuple(out)
+    try:
+        pairs = [(p["from_step"], p["t_range"]) if isinstance(p, Mapping) else tuple(p) for p in value]
+        return tuple((int(step), _pair(r)) for step, r in pairs)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"t_range_phases must be [[from_step, [t_min, t_max]], ...], got {value!r}") from None
 
 
 def _names(value) -> tuple[str, ...] | None:
@@ -83,8 +83,10 @@ class Guidance:
         (lay a change out at high noise, sharpen it at very low noise, restore its size in between) as one run.
     t_range_mix, t_range_mix_prob, t_range_mix_from_step: from step ``t_range_mix_from_step`` on, each sample draws
         its timestep from ``t_range_mix`` with probability ``t_range_mix_prob`` and from the scheduled range
-        otherwise (None or 0: off). Why: in the shapes world a phase at very low noise draws a square's sides
-        crisply but shrinks it, while the range above keeps its size; one batch can hold both bands.
+        otherwise (None or 0: off). Why: a phase at very low noise draws a shapes-world square's sides crisply but
+        shrinks it, and the range above holds its size; one batch can hold both bands. In epsilon space a sample
+        of the low band weighs more (an image error moves the noise prediction by sqrt(abar / (1 - abar)) times
+        it), so its share must be small: at 0.5 in [1, 20) the batch acts almost as a low-noise phase.
     weighting: the per-timestep weight ``w(t)`` (``scores.WEIGHTINGS``).
     shared_noise_prob, shared_noise_seed, shared_noise_tasks: with probability ``shared_noise_prob`` a sample uses
         one fixed noise (``scores.shared_noise`` of ``shared_noise_seed``) instead of fresh noise, only for the
@@ -144,8 +146,9 @@ class Guidance:
             raise ValueError(f"warmup_kind must be one of {KINDS}, got {self.warmup_kind!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        for name in ("t_range", "t_range_end", "t_range_late", "t_range_mix"):
-            r = getattr(self, name)
+        ranges = [(name, getattr(self, name)) for name in ("t_range", "t_range_end", "t_range_late", "t_range_mix")]
+        ranges += [(f"t_range_phases (the phase from step {step})", r) for step, r in self.t_range_phases or ()]
+        for name, r in ranges:
             if r is not None and not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
                 raise ValueError(f"{name} must be (t_min, t_max) with 0 <= t_min < t_max <= 1000, got {r}")
         if not 0 <= self.guidance_low_t <= 1000:
@@ -157,10 +160,6 @@ class Guidance:
         steps = [step for step, _ in self.t_range_phases or ()]
         if any(step < 0 for step in steps) or steps != sorted(set(steps)):
             raise ValueError(f"t_range_phases must start at increasing steps >= 0, got {list(self.t_range_phases)}")
-        for step, r in self.t_range_phases or ():
-            if not (len(r) == 2 and 0 <= r[0] < r[1] <= 1000):
-                raise ValueError(f"t_range_phases: the phase from step {step} must have 0 <= t_min < t_max <= 1000, "
-                                 f"got {r}")
         if not 0.0 <= float(self.t_range_mix_prob) <= 1.0:
             raise ValueError(f"t_range_mix_prob must be in [0, 1], got {self.t_range_mix_prob}")
         if self.t_range_mix_from_step < 0:

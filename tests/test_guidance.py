@@ -63,6 +63,8 @@ def test_schedules_follow_the_ramps():
                                       ({"t_range_phases": [[5, (5, 50)], [5, (10, 300)]]}, "t_range_phases"),
                                       ({"t_range_phases": [[9, (5, 50)], [5, (10, 300)]]}, "t_range_phases"),
                                       ({"t_range_phases": [[5, (50, 5)]]}, "t_range_phases"),
+                                      ({"t_range_phases": [[5]]}, "t_range_phases"),
+                                      ({"t_range_phases": [{"from_step": 5}]}, "t_range_phases"),
                                       ({"t_range_mix_prob": 1.5}, "t_range_mix_prob"),
                                       ({"t_range_mix_from_step": -1}, "t_range_mix_from_step")])
 def test_bad_settings_name_the_parameter(bad, name):
