@@ -196,13 +196,12 @@ class Guidance:
         return guidance_at(step, self.guidance, self.guidance_start, int(self.warmup_steps), self.warmup_kind)
 
     def t_range_at(self, step: int) -> tuple[int, int]:
-        """The timestep range at ``step``: the anneal, then ``t_range_late`` from ``t_range_late_from_step`` on, then
-        the last of ``t_range_phases`` begun by ``step``."""
-        for start, r in reversed(self.t_range_phases or ()):
-            if step >= start:
-                return r
-        if self.t_range_late is not None and step >= self.t_range_late_from_step:
-            return self.t_range_late
+        """The timestep range at ``step``: the anneal, or the range of the last phase begun by ``step`` (each of
+        ``t_range_phases``, and ``t_range_late`` from ``t_range_late_from_step``)."""
+        late = () if self.t_range_late is None else ((self.t_range_late_from_step, self.t_range_late),)
+        begun = [(start, r) for start, r in (*late, *(self.t_range_phases or ())) if step >= start]
+        if begun:
+            return sorted(begun, key=lambda phase: phase[0])[-1][1]  # stable: a phase begun with the late one wins
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))
 
     def t_mix_prob_at(self, step: int) -> float:

@@ -242,7 +242,6 @@ def test_zero_shot_low_lr_is_zero_shot_sharp_plus_a_last_phase(tmp_path):
     assert after.lr_lambdas[0](4000) == pytest.approx(0.1 * before.lr_lambdas[0](4000))
 
 
-
 def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     """experiment=shapes_square is shapes_long up to step 3,000 (the same warm-up to guidance 3 and anneal; as in
     shapes_long_sharp, low-noise samples follow the warm-up too); from there every sample is at guidance 1.5, 48
