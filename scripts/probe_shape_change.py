@@ -19,6 +19,10 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   strict reader's accuracy and the pixels per output whose chroma lies between a gray's and a color's
   (``HALF_CHROMA``, around the mask's threshold), over the outputs read as squares and over the misses; renders
   have none.
+- ``sides``: where does a translator's square lie against the target square? Per source shape, the mask IoU, the
+  area against the target's and how far each side of the output's bounding box lies inside the target's (pixels;
+  negative: outside), per translator (``--translator A,B``) and, with ``--with-dds``, for per-image DDS editing at
+  the evaluation's settings (the first ``--guidance``).
 - ``distill``: can a translator be trained toward the refined answer directly? Its ``to_square`` outputs on ``--n``
   of its training scenes, refined by per-image DDS as in ``edit --translator`` (the pairs), then the translator
   fine-tuned by regression on them (mean squared error in its latent space, or ``--fit-loss l1``; the other tasks
@@ -29,6 +33,7 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
     python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
     python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules eval --n 64 --by-shape
     python scripts/probe_shape_change.py distill --translator EXPORT --guidance 1.5 --n 384
+    python scripts/probe_shape_change.py sides --translator EXPORT_A,EXPORT_B --with-dds --guidance 3 --n 64
 """
 
 from __future__ import annotations
@@ -405,6 +410,55 @@ def cmd_edges(args) -> None:
         print(f"| {path} | {args.n} | {ok.mean():.3f} | " + " | ".join(cells) + " |", flush=True)
 
 
+SIDES = ("top", "bottom", "left", "right")
+
+
+def inward_offsets(mask: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """How far each side (``SIDES``) of ``mask``'s bounding box lies inside ``target``'s, in pixels (negative:
+    outside it); NaN for an empty mask. Why: an IoU says a square is off, these say which way."""
+    def box(m):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        return rows[0], rows[-1], cols[0], cols[-1]
+
+    if not mask.any():
+        return np.full(4, np.nan)
+    (top, bottom, left, right), (t_top, t_bottom, t_left, t_right) = box(mask), box(target)
+    return np.array([top - t_top, t_bottom - bottom, left - t_left, t_right - right], dtype=float)
+
+
+def cmd_sides(args) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.shapes.world import parse_caption
+    from ddstrans.translator import Translator
+
+    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
+    runs = [(path, lambda p=path: run_method("network", es, translator=Translator.from_pretrained(p))[0])
+            for path in (args.translator.split(",") if args.translator else [])]
+    if args.with_dds:
+        from ddstrans.shapes.defaults import load_shapes_teacher
+
+        teacher = load_shapes_teacher(args.teacher)
+        edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": (50, 600)}
+        runs.append((f"per-image DDS, guidance {args.guidance[0]:g}",
+                     lambda: run_method("dds", es, teacher=teacher, edit_config=edit)[0]))
+    if not runs:
+        raise SystemExit("sides needs --translator (one or more exports, comma-separated) and/or --with-dds")
+    print("| outputs | source shape | n | mask IoU | area / target's | inside the target by (px): "
+          + " / ".join(SIDES) + " |\n|---|---|---|---|---|---|")
+    for name, make in runs:
+        masks = M.estimate_mask(M.as_unit(make()))
+        for shape in sorted(set(shapes)):
+            idx = np.flatnonzero(shapes == shape)
+            iou = np.mean([M.mask_iou(masks[k], es.tgt_masks[k]) for k in idx])
+            area = np.mean([masks[k].sum() / es.tgt_masks[k].sum() for k in idx])
+            off = np.nanmean([inward_offsets(masks[k], es.tgt_masks[k]) for k in idx], axis=0)
+            print(f"| {name} | {shape} | {len(idx)} | {iou:.3f} | {area:.2f} | "
+                  + " / ".join(f"{v:+.2f}" for v in off) + " |", flush=True)
+
+
 def cmd_outputs(args) -> None:
     z = np.load(args.cache, allow_pickle=False)
     targets = list(z["targets"])
@@ -416,23 +470,25 @@ def cmd_outputs(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill", "edges"))
+    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill", "edges", "sides"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
     p.add_argument("--translator", default=None,
                    help="exported translator (field; edit: start the edit at its outputs; distill: the one to fit; "
-                        "edges: one or more, comma-separated)")
+                        "edges, sides: one or more, comma-separated)")
+    p.add_argument("--with-dds", action="store_true",
+                   help="sides: a row per source shape for per-image DDS editing too (the first --guidance)")
     p.add_argument("--by-shape", action="store_true", help="edit: a row per source shape too")
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
-    p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales (distill: the first)")
-    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges), samples per caption (samples) or training scenes (distill)")
-    p.add_argument("--steps", type=int, default=100, help="edit, distill: per-image DDS steps")
-    p.add_argument("--lr", type=float, default=0.02, help="edit, distill: per-image DDS learning rate")
+    p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales (distill, sides: the first)")
+    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides), samples per caption (samples) or training scenes (distill)")
+    p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
+    p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
                    "([50, 950) -> [20, 300) over the edit, the main job's schedule) and/or late ([20, 300))")
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
     p.add_argument("--held-out-offset", type=int, default=None,
-                   help="edit, edges: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
+                   help="edit, edges, sides: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
                         "where its second held-out set starts (default 1000000)")
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
@@ -469,6 +525,9 @@ def main(argv=None) -> int:
         return 0
     if args.probe == "edges":
         cmd_edges(args)
+        return 0
+    if args.probe == "sides":
+        cmd_sides(args)
         return 0
     from ddstrans.shapes.defaults import load_shapes_teacher
 

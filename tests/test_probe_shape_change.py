@@ -200,3 +200,42 @@ def test_edges_reports_the_translators_and_the_renders(load_script, shapes_trans
     y, _ = run_method("network", build_eval_set(shapes_task("to_square"), 4),
                       translator=Translator.from_pretrained(shapes_translator_dir))
     assert row[3] == f"{probe.half_colored(y).mean():.1f}"
+
+
+def test_inward_offsets_of_a_shifted_smaller_square(load_script):
+    """Each side's distance inside the target's box, negative outside; the target itself is 0 on every side."""
+    import numpy as np
+
+    probe = load_script("probe_shape_change")
+    target = np.zeros((32, 32), bool)
+    target[8:20, 10:22] = True
+    assert probe.inward_offsets(target, target).tolist() == [0, 0, 0, 0]
+    out = np.zeros_like(target)
+    out[11:22, 11:20] = True  # 3 rows lower at the top, 2 below at the bottom, 1 in at the left, 2 at the right
+    assert probe.inward_offsets(out, target).tolist() == [3, -2, 1, 2]
+    assert np.isnan(probe.inward_offsets(np.zeros_like(target), target)).all()
+
+
+def test_sides_reports_a_row_per_source_shape(load_script, shapes_translator_dir, capsys):
+    """One row per source shape among the inputs; its IoU cell is the mean mask IoU of those inputs' outputs."""
+    import numpy as np
+
+    from ddstrans.shapes import metrics as M
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.shapes.world import parse_caption
+    from ddstrans.translator import Translator
+
+    probe = load_script("probe_shape_change")
+    probe.main(["sides", "--translator", str(shapes_translator_dir), "--n", "6"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {shapes_translator_dir} |")]
+    es = build_eval_set(shapes_task("to_square"), 6)
+    shapes = [parse_caption(c)["shape"] for c in es.src_captions]
+    assert [line.split("|")[2].strip() for line in lines] == sorted(set(shapes))
+    y, _ = run_method("network", es, translator=Translator.from_pretrained(shapes_translator_dir))
+    masks = M.estimate_mask(M.as_unit(y))
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        idx = [k for k, s in enumerate(shapes) if s == cells[1]]
+        assert cells[2] == str(len(idx))
+        assert cells[3] == f"{np.mean([M.mask_iou(masks[k], es.tgt_masks[k]) for k in idx]):.3f}"
