@@ -63,13 +63,14 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("guidance warm-up steps", "loss.warmup_steps"), ("timestep range at the end of its anneal", "loss.t_range_end"),
         ("timestep range of the last phase", "loss.t_range_late"), ("timestep range phases", "loss.t_range_phases"),
         ("second timestep band", "loss.t_range_mix"), ("share of samples in the second band", "loss.t_range_mix_prob"),
+        ("second band from step", "loss.t_range_mix_from_step"),
         ("learning-rate milestones", "optim.scheduler.milestones"),
         ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),
         ("identity weight", "loss.identity_weight"), ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
-    if _get(run_config, "loss.t_range_mix") is None:  # the share means nothing without the band
-        keys = [(label, key) for label, key in keys if key != "loss.t_range_mix_prob"]
+    if _get(run_config, "loss.t_range_mix") is None:  # its share and first step mean nothing without the band
+        keys = [(label, key) for label, key in keys if key not in ("loss.t_range_mix_prob", "loss.t_range_mix_from_step")]
     return [(label, v) for label, key in keys if (v := _get(run_config, key)) is not None]
 
 

@@ -203,7 +203,10 @@ def test_hub_metadata_folder_is_skipped_only_in_downloads(shapes_translator_dir,
 def test_training_summary_names_the_second_timestep_band_only_when_set():
     from ddstrans.model_card import training_summary
 
-    plain = dict(training_summary({"loss": {"t_range_mix": None, "t_range_mix_prob": 0.0, "guidance": 3.0}}))
+    plain = dict(training_summary({"loss": {"t_range_mix": None, "t_range_mix_prob": 0.0, "t_range_mix_from_step": 0,
+                                            "guidance": 3.0}}))
     assert plain == {"guidance": 3.0}
-    mixed = dict(training_summary({"loss": {"t_range_mix": [1, 20], "t_range_mix_prob": 0.5}}))
-    assert mixed == {"second timestep band": [1, 20], "share of samples in the second band": 0.5}
+    mixed = dict(training_summary({"loss": {"t_range_mix": [1, 20], "t_range_mix_prob": 0.5,
+                                            "t_range_mix_from_step": 4400}}))
+    assert mixed == {"second timestep band": [1, 20], "share of samples in the second band": 0.5,
+                     "second band from step": 4400}
