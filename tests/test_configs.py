@@ -245,15 +245,16 @@ def test_zero_shot_low_lr_is_zero_shot_sharp_plus_a_last_phase(tmp_path):
 def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     """experiment=shapes_square is shapes_long up to step 3,000 (the same warm-up to guidance 3 and anneal; as in
     shapes_long_sharp, low-noise samples follow the warm-up too); from there every sample is at guidance 1.5, 48
-    samples per optimizer step, and the timestep range follows the four phases, the learning rate a tenth from the
-    second on."""
+    samples per optimizer step, and the timestep range follows the five phases, the learning rate a tenth from the
+    second on, a quarter of the samples at very low noise in the last."""
     from ddstrans.guidance import Guidance
 
     base = _flat_experiment("shapes_long", tmp_path, resolve=True)
     square = _flat_experiment("shapes_square", tmp_path, resolve=True)
     assert set(_differences(base, square)) == {
         "loss.guidance_low_t", "loss.guidance_low", "loss.guidance_low_from_step",
-        "loss.t_range_phases", "optim.scheduler._target_", "optim.scheduler.milestones", "optim.scheduler.gamma",
+        "loss.t_range_phases", "loss.t_range_mix", "loss.t_range_mix_prob", "loss.t_range_mix_from_step",
+        "optim.scheduler._target_", "optim.scheduler.milestones", "optim.scheduler.gamma",
         "callbacks.step_grad_accumulation._target_", "callbacks.step_grad_accumulation.scheduling.3000",
         "trainer.max_steps"}
     assert square["loss.t_range_steps"] == 2000 == base["trainer.max_steps"]  # shapes_long's own anneal length
@@ -265,7 +266,8 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
         assert g.t_range_at(step) == long_.t_range_at(step)
         assert g.guidance_low_t_at(step) == 0 and g.scale_at(step) == long_.scale_at(step)
     assert g.scale_at(1000) == 3.0
-    assert [g.t_range_at(s) for s in (3000, 3624, 3625, 4124, 4125, 4224, 4225, 4399)] == [
-        (50, 600), (50, 600), (10, 300), (10, 300), (5, 50), (5, 50), (10, 300), (10, 300)]
+    assert [g.t_range_at(s) for s in (3000, 3624, 3625, 4124, 4125, 4224, 4225, 4399, 4400, 4599)] == [
+        (50, 600), (50, 600), (10, 300), (10, 300), (5, 50), (5, 50), (10, 300), (10, 300), (50, 600), (50, 600)]
+    assert (g.t_range_mix, g.t_range_mix_prob, g.t_range_mix_from_step) == ((5, 50), 0.25, 4400)
     assert g.guidance_low_t_at(3000) == 1000 and g.guidance_low == 1.5  # every t of every phase at 1.5
-    assert square["optim.scheduler.milestones"] == [3625] and square["trainer.max_steps"] == 4400
+    assert square["optim.scheduler.milestones"] == [3625] and square["trainer.max_steps"] == 4600
