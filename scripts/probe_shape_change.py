@@ -51,6 +51,8 @@ from tqdm.auto import tqdm
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import shape_checks as C
 
+EVAL_T_RANGE = (50, 600)  # per-image editing's timesteps in `ddstrans eval` on the shapes world (--edit-t-max)
+
 
 def failing_checks(mask: np.ndarray, shape: str) -> list[str]:
     """Names of the strict checks of ``shape`` that ``mask`` fails (its cleaned version, as the reader sees it)."""
@@ -135,7 +137,7 @@ def cmd_edit(args, teacher) -> None:
         rows("translator", start)
     for g in args.guidance:
         for sched in args.schedules:
-            t_range, t_end = {"eval": ((50, 600), None), "train": ((50, 950), (20, 300)),
+            t_range, t_end = {"eval": (EVAL_T_RANGE, None), "train": ((50, 950), (20, 300)),
                              "late": ((20, 300), None)}[sched]
             cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
             EditConfig(**cfg)  # fail early on a bad setting
@@ -441,7 +443,7 @@ def cmd_sides(args) -> None:
         from ddstrans.shapes.defaults import load_shapes_teacher
 
         teacher = load_shapes_teacher(args.teacher)
-        edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": (50, 600)}
+        edit = {"steps": args.steps, "lr": args.lr, "guidance": args.guidance[0], "t_range": EVAL_T_RANGE}
         runs.append((f"per-image DDS, guidance {args.guidance[0]:g}",
                      lambda: run_method("dds", es, teacher=teacher, edit_config=edit)[0]))
     if not runs:
