@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import shape_checks as C
+from ddstrans.shapes.defaults import SHAPES_EDIT_T_MAX
 
-EVAL_T_RANGE = (50, 600)  # per-image editing's timesteps in `ddstrans eval` on the shapes world (--edit-t-max)
+EVAL_T_RANGE = (50, SHAPES_EDIT_T_MAX)  # per-image editing's timesteps in `ddstrans eval` on the shapes world
 
 
 def failing_checks(mask: np.ndarray, shape: str) -> list[str]:

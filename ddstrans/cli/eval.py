@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ddstrans.cli.common import CLIError, pick_device
-from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE
+from ddstrans.shapes.defaults import SHAPES_EDIT_GUIDANCE, SHAPES_EDIT_T_MAX
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
                    help="SGD lr on 2000 x the surrogate loss (unset: 0.02 on the shapes world; the SD reference 0.1 "
                         "on real images — on the pixel-space shapes teacher 0.1 overshoots: background PSNR ~15 dB)")
     p.add_argument("--edit-t-max", type=int, default=None,
-                   help="per-image editing samples t in [50, edit-t-max) (unset: 600 on the shapes world, 950 on real images)")
+                   help=f"per-image editing samples t in [50, edit-t-max) (unset: {SHAPES_EDIT_T_MAX} on the shapes world, 950 on real images)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"CFG scale of per-image editing (unset: {SHAPES_EDIT_GUIDANCE} on the shapes world, "
                         "ddstrans.shapes.defaults.SHAPES_EDIT_GUIDANCE: the shipped shapes teacher's setting, as higher "
@@ -74,7 +74,7 @@ def run(args) -> int:
         raise CLIError("several translators (a sweep) need real images: --images DIR or --shards PATTERN")
     args.translator = args.translator[0] if args.translator else None
     for key, default in (("methods", "identity,network,dds,sds"), ("edit_steps", 100), ("edit_lr", 0.02),
-                         ("edit_t_max", 600), ("guidance", SHAPES_EDIT_GUIDANCE), ("batch_size", 64)):
+                         ("edit_t_max", SHAPES_EDIT_T_MAX), ("guidance", SHAPES_EDIT_GUIDANCE), ("batch_size", 64)):
         if getattr(args, key) is None:
             setattr(args, key, default)
     try:

@@ -9,6 +9,9 @@ from pathlib import Path
 # reference's (ddstrans.guidance.Guidance): guidance amplifies this small pixel-space teacher's errors, and at the
 # reference scale its edits lose the outline (the card's guidance table).
 SHAPES_EDIT_GUIDANCE = 3.0
+# Largest timestep of per-image editing on the shapes world (t in [50, 600)): the evaluation's range, where the
+# card's editing settings were measured.
+SHAPES_EDIT_T_MAX = 600
 
 
 def shapes_teacher_path() -> Path:
