@@ -66,7 +66,8 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("second band from step", "loss.t_range_mix_from_step"),
         ("learning-rate milestones", "optim.scheduler.milestones"),
         ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),
-        ("identity weight", "loss.identity_weight"), ("generator blocks", "generator.block_out_channels"),
+        ("identity weight", "loss.identity_weight"), ("identity weight from a step", "loss.identity_weight_phases"),
+        ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
     if _get(run_config, "loss.t_range_mix") is None:  # its share and first step mean nothing without the band

@@ -27,7 +27,7 @@ from ddstrans.generator import TranslationUNet
 from ddstrans.guidance import Guidance
 from ddstrans.nonfinite import NonFiniteGuard, NonFiniteLossError
 from ddstrans.run_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointMixin
-from ddstrans.schedules import weight_at
+from ddstrans.schedules import phase_value, weight_at
 from ddstrans.scores import identity_loss, palette_loss, surrogate_loss
 from ddstrans.tasks import TaskTable
 
@@ -43,6 +43,7 @@ LOSS_TERMS = {
     "identity_weight": 0.0,  # > 0: add scores.identity_loss (hold regions the edit does not call for)
     "identity_tasks": None,  # task names it applies to (None: every task) ...
     "identity_tasks_start": 0,  # ... from this step on; before it, every task
+    "identity_weight_phases": None,  # [[from_step, weight], ...]: from each step on, that weight (identity_weight before)
     "palette_weight": 0.0,  # > 0: add scores.palette_loss (keep each image's value distribution per channel)
     "palette_tasks": None,  # task names it applies to (None: every task)
     "palette_start": 0,  # step at which it joins ...
@@ -53,6 +54,21 @@ LOSS_TERMS = {
 def loss_defaults() -> dict:
     """Every key of a run's ``loss`` config with its default: ``Guidance``'s fields and ``LOSS_TERMS``."""
     return {**Guidance().to_dict(), **LOSS_TERMS}
+
+
+def _weight_phases(value, name: str) -> tuple[tuple[int, float], ...]:
+    """``[[from_step, weight], ...]`` (a config's spelling) as tuples; ValueError naming ``loss.<name>`` unless the
+    steps increase from >= 0 and the weights are >= 0."""
+    if value is None:
+        return ()
+    try:
+        phases = tuple((int(step), float(weight)) for step, weight in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"loss.{name} must be [[from_step, weight], ...], got {value!r}") from None
+    steps = [step for step, _ in phases]
+    if any(step < 0 for step in steps) or steps != sorted(set(steps)) or any(w < 0 for _, w in phases):
+        raise ValueError(f"loss.{name} must start at increasing steps >= 0 with weights >= 0, got {value!r}")
+    return phases
 
 
 DEFAULT_VALIDATION = {"num_images": 4, "save_png": True, "log_images": True, "seed": 1234}
@@ -120,6 +136,9 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
                          **{k: v for k, v in loss.items() if k in LOSS_TERMS}}
         if int(self.loss_cfg["identity_tasks_start"]) < 0:
             raise ValueError(f"loss.identity_tasks_start must be >= 0, got {self.loss_cfg['identity_tasks_start']}")
+        self._identity_phases = _weight_phases(self.loss_cfg["identity_weight_phases"], "identity_weight_phases")
+        if float(self.loss_cfg["identity_weight"]) < 0:
+            raise ValueError(f"loss.identity_weight must be >= 0, got {self.loss_cfg['identity_weight']}")
         if float(self.loss_cfg["palette_weight"]) < 0 or int(self.loss_cfg["palette_start"]) < 0:
             raise ValueError(f"loss.palette_weight and loss.palette_start must be >= 0, got "
                              f"{self.loss_cfg['palette_weight']} and {self.loss_cfg['palette_start']}")
@@ -174,6 +193,12 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         if self.global_step < int(self.loss_cfg["identity_tasks_start"]):
             return None
         return self._task_flags("_identity_task_mask", task_ids)
+
+    def current_identity_weight(self, step: int | None = None) -> float:
+        """Weight of the identity term at ``step`` (default: now): ``loss.identity_weight``, or from each step of
+        ``loss.identity_weight_phases`` on, that phase's weight."""
+        step = self.global_step if step is None else step
+        return phase_value(step, float(self.loss_cfg["identity_weight"]), self._identity_phases)
 
     def current_palette_weight(self, step: int | None = None) -> float:
         """Weight of the palette term at ``step`` (default: now): 0 before ``loss.palette_start``, then ramped."""
@@ -266,11 +291,12 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         noise = self.training_noise(z_src, task_ids, rng)
         grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, generator=rng, noise=noise)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
-        if self.loss_cfg["identity_weight"]:
+        identity_w = self.current_identity_weight()
+        if identity_w:
             ident = identity_loss(z_tgt.float(), z_src, grad, self.loss_cfg["reduction"],
                                   self._identity_flags(task_ids))
             self.log("train/loss_identity", ident.detach())
-            loss = loss + self.loss_cfg["identity_weight"] * ident
+            loss = loss + identity_w * ident
         palette_w = self.current_palette_weight()
         if palette_w:
             palette = palette_loss(z_tgt.float(), z_src, self._task_flags("_palette_task_mask", task_ids))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddstrans.generator import TranslationUNet, build_generator, grid_fourier_features
-from ddstrans.schedules import guidance_at, t_range_at, weight_at
+from ddstrans.schedules import guidance_at, phase_value, t_range_at, weight_at
 from ddstrans.tasks import Task, TaskTable, as_tasks
 
 TINY = dict(
@@ -117,6 +117,9 @@ def test_schedules():
     assert t_range_at(99, (200, 950), (50, 500), 10) == (50, 500)
     assert [weight_at(s, 5.0, 1000, 200) for s in (0, 999, 1000, 1100, 1200, 10**6)] == [0, 0, 0, 2.5, 5.0, 5.0]
     assert weight_at(0, 2.0) == 2.0 and weight_at(9, 2.0, 10) == 0 and weight_at(10, 2.0, 10) == 2.0
+    phases = ((100, 0.3), (200, 0.1))
+    assert [phase_value(s, 1.0, phases) for s in (0, 99, 100, 199, 200, 10**6)] == [1.0, 1.0, 0.3, 0.3, 0.1, 0.1]
+    assert phase_value(5, 2.0) == 2.0
 
 
 def test_text_pooling_modulates_every_resnet_block():

@@ -210,3 +210,12 @@ def test_training_summary_names_the_second_timestep_band_only_when_set():
                                             "t_range_mix_from_step": 4400}}))
     assert mixed == {"second timestep band": [1, 20], "share of samples in the second band": 0.5,
                      "second band from step": 4400}
+
+
+def test_training_summary_names_the_identity_weight_phases():
+    from ddstrans.model_card import training_summary
+
+    summary = dict(training_summary({"loss": {"identity_weight": 0.1, "identity_weight_phases": [[4125, 0.3]]}}))
+    assert summary == {"identity weight": 0.1, "identity weight from a step": [[4125, 0.3]]}
+    assert "identity weight from a step" not in dict(training_summary({"loss": {"identity_weight": 0.1,
+                                                                                 "identity_weight_phases": None}}))

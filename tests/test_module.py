@@ -271,6 +271,32 @@ def test_identity_term_applies_to_its_tasks_only(tiny_teacher, tmp_path, monkeyp
         make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_tasks_start": -1})
 
 
+def test_identity_weight_phases_set_the_term_weight_per_step(tiny_teacher, tmp_path, monkeypatch):
+    """loss.identity_weight_phases: from each phase's step on, the identity term enters the loss at that phase's
+    weight (identity_weight before the first; not computed at weight 0); bad phases refused naming the option."""
+    import ddstrans.module as module
+
+    m = make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_weight_phases": [[1, 0.0], [2, 2.0]]})
+    assert [m.current_identity_weight(s) for s in range(4)] == [0.5, 0.0, 2.0, 2.0]
+    steps_computed, logged = [], {}
+    monkeypatch.setattr(module, "surrogate_loss", lambda z, grad, reduction="hw": (z * 0).sum())
+
+    def unit_identity(z_tgt, z_src, grad, reduction="hw", weight=None):
+        steps_computed.append(m.global_step)
+        return (z_tgt * 0).sum() + 1.0
+
+    monkeypatch.setattr(module, "identity_loss", unit_identity)
+    monkeypatch.setattr(m, "log", lambda name, value, **kw: logged.setdefault(name, []).append(float(value)))
+    make_trainer(tmp_path, steps=4).fit(m, datamodule=dm())
+    assert steps_computed == [0, 2, 3]
+    assert logged["train/loss_dds"] == [0.5, 0.0, 2.0, 2.0]  # the surrogate is 0 here: the loss is the term's weight
+    for bad in ([[2, 1.0], [1, 1.0]], [[0, -1.0]], [[-1, 1.0]], "often"):
+        with pytest.raises(ValueError, match="identity_weight_phases"):
+            make_module(tiny_teacher, loss={"identity_weight": 0.5, "identity_weight_phases": bad})
+    with pytest.raises(ValueError, match="identity_weight"):
+        make_module(tiny_teacher, loss={"identity_weight": -0.1})
+
+
 def test_low_t_guidance_reaches_the_score(tiny_teacher):
     """loss.guidance_low_t / guidance_low: below the threshold the score uses guidance_low (here every t)."""
     z = torch.randn(2, 4, 8, 8)
