@@ -246,7 +246,8 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     """experiment=shapes_square is shapes_long up to step 3,000 (the same warm-up to guidance 3 and anneal; as in
     shapes_long_sharp, low-noise samples follow the warm-up too); from there every sample is at guidance 1.5, 48
     samples per optimizer step, and the timestep range follows the five phases, the learning rate a tenth from the
-    second on, a quarter of the samples at very low noise in the last."""
+    second on, a quarter of the samples at very low noise in the last, the identity term three times as strong in
+    the low-noise phases."""
     from ddstrans.guidance import Guidance
 
     base = _flat_experiment("shapes_long", tmp_path, resolve=True)
@@ -254,7 +255,7 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     assert set(_differences(base, square)) == {
         "loss.guidance_low_t", "loss.guidance_low", "loss.guidance_low_from_step",
         "loss.t_range_phases", "loss.t_range_mix", "loss.t_range_mix_prob", "loss.t_range_mix_from_step",
-        "optim.scheduler._target_", "optim.scheduler.milestones", "optim.scheduler.gamma",
+        "loss.identity_weight_phases", "optim.scheduler._target_", "optim.scheduler.milestones", "optim.scheduler.gamma",
         "callbacks.step_grad_accumulation._target_", "callbacks.step_grad_accumulation.scheduling.3000",
         "trainer.max_steps"}
     assert square["loss.t_range_steps"] == 2000 == base["trainer.max_steps"]  # shapes_long's own anneal length
@@ -270,4 +271,6 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
         (50, 600), (50, 600), (10, 300), (10, 300), (5, 50), (5, 50), (10, 300), (10, 300), (50, 600), (50, 600)]
     assert (g.t_range_mix, g.t_range_mix_prob, g.t_range_mix_from_step) == ((5, 50), 0.25, 4400)
     assert g.guidance_low_t_at(3000) == 1000 and g.guidance_low == 1.5  # every t of every phase at 1.5
-    assert square["optim.scheduler.milestones"] == [3625] and square["trainer.max_steps"] == 4600
+    assert square["optim.scheduler.milestones"] == [3625] and square["trainer.max_steps"] == 4800
+    assert base["loss.identity_weight"] == square["loss.identity_weight"] == 0.1  # shapes_long's, three times it
+    assert square["loss.identity_weight_phases"] == [[4125, 0.3], [4400, 0.1]]  # in the low-noise phases
