@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ddstrans.flow import SIGMA_SAMPLINGS
-from ddstrans.schedules import KINDS, guidance_at, t_range_at
+from ddstrans.schedules import KINDS, guidance_at, phase_value, t_range_at
 from ddstrans.scores import (
     SCORE_SPACES,
     WEIGHTINGS,
@@ -199,9 +199,11 @@ class Guidance:
         """The timestep range at ``step``: the anneal, or the range of the last phase begun by ``step`` (each of
         ``t_range_phases``, and ``t_range_late`` from ``t_range_late_from_step``)."""
         late = () if self.t_range_late is None else ((self.t_range_late_from_step, self.t_range_late),)
-        begun = [(start, r) for start, r in (*late, *(self.t_range_phases or ())) if step >= start]
-        if begun:
-            return sorted(begun, key=lambda phase: phase[0])[-1][1]  # stable: a phase begun with the late one wins
+        # stable sort: a phase begun with the late one comes after it, and wins
+        phases = sorted((*late, *(self.t_range_phases or ())), key=lambda phase: phase[0])
+        begun = phase_value(step, None, phases)
+        if begun is not None:
+            return begun
         return t_range_at(step, self.t_range, self.t_range_end, int(self.t_range_steps))
 
     def t_mix_prob_at(self, step: int) -> float:

@@ -198,7 +198,7 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         """Weight of the identity term at ``step`` (default: now): ``loss.identity_weight``, or from each step of
         ``loss.identity_weight_phases`` on, that phase's weight."""
         step = self.global_step if step is None else step
-        return phase_value(step, float(self.loss_cfg["identity_weight"]), self._identity_phases)
+        return float(phase_value(step, float(self.loss_cfg["identity_weight"]), self._identity_phases))
 
     def current_palette_weight(self, step: int | None = None) -> float:
         """Weight of the palette term at ``step`` (default: now): 0 before ``loss.palette_start``, then ramped."""

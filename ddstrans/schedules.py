@@ -59,11 +59,11 @@ def weight_at(step: int, weight: float, start: int = 0, ramp_steps: int = 0, kin
     return float(weight) * _ramp(_progress(step - start, ramp_steps), kind)
 
 
-def phase_value(step: int, base: float, phases=()) -> float:
-    """The value of the last of ``phases`` (``((from_step, value), ...)``, increasing steps) begun by ``step``;
-    ``base`` before the first, so a setting can change between the phases of a run."""
+def phase_value(step: int, base, phases=()):
+    """The value of the last of ``phases`` (``((from_step, value), ...)``, steps in order; of equal ones the later
+    wins) begun by ``step``; ``base`` before the first, so a setting can change between the phases of a run."""
     begun = [value for start, value in phases if step >= start]
-    return float(begun[-1] if begun else base)
+    return begun[-1] if begun else base
 
 
 def warmup_cosine_at(step: int, peak: float, warmup: int, total: int, floor_frac: float = 0.0) -> float:
