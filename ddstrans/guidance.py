@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ddstrans.flow import SIGMA_SAMPLINGS
-from ddstrans.schedules import KINDS, guidance_at, phase_value, t_range_at
+from ddstrans.schedules import KINDS, guidance_at, phase_steps_increase, phase_value, t_range_at
 from ddstrans.scores import (
     SCORE_SPACES,
     WEIGHTINGS,
@@ -157,8 +157,7 @@ class Guidance:
             raise ValueError(f"guidance_low_from_step must be >= 0, got {self.guidance_low_from_step}")
         if self.t_range_late_from_step < 0:
             raise ValueError(f"t_range_late_from_step must be >= 0, got {self.t_range_late_from_step}")
-        steps = [step for step, _ in self.t_range_phases or ()]
-        if any(step < 0 for step in steps) or steps != sorted(set(steps)):
+        if not phase_steps_increase(self.t_range_phases or ()):
             raise ValueError(f"t_range_phases must start at increasing steps >= 0, got {list(self.t_range_phases)}")
         if not 0.0 <= float(self.t_range_mix_prob) <= 1.0:
             raise ValueError(f"t_range_mix_prob must be in [0, 1], got {self.t_range_mix_prob}")

@@ -27,7 +27,7 @@ from ddstrans.generator import TranslationUNet
 from ddstrans.guidance import Guidance
 from ddstrans.nonfinite import NonFiniteGuard, NonFiniteLossError
 from ddstrans.run_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointMixin
-from ddstrans.schedules import phase_value, weight_at
+from ddstrans.schedules import phase_steps_increase, phase_value, weight_at
 from ddstrans.scores import identity_loss, palette_loss, surrogate_loss
 from ddstrans.tasks import TaskTable
 
@@ -65,8 +65,7 @@ def _weight_phases(value, name: str) -> tuple[tuple[int, float], ...]:
         phases = tuple((int(step), float(weight)) for step, weight in value)
     except (TypeError, ValueError):
         raise ValueError(f"loss.{name} must be [[from_step, weight], ...], got {value!r}") from None
-    steps = [step for step, _ in phases]
-    if any(step < 0 for step in steps) or steps != sorted(set(steps)) or any(w < 0 for _, w in phases):
+    if not phase_steps_increase(phases) or any(w < 0 for _, w in phases):
         raise ValueError(f"loss.{name} must start at increasing steps >= 0 with weights >= 0, got {value!r}")
     return phases
 

@@ -66,6 +66,13 @@ def phase_value(step: int, base, phases=()):
     return begun[-1] if begun else base
 
 
+def phase_steps_increase(phases) -> bool:
+    """Whether ``phases`` (``((from_step, value), ...)``) start at steps >= 0 in strictly increasing order: the order
+    ``phase_value`` reads them in, so a config that lists them otherwise is refused rather than reordered."""
+    steps = [step for step, _ in phases]
+    return all(step >= 0 for step in steps) and steps == sorted(set(steps))
+
+
 def warmup_cosine_at(step: int, peak: float, warmup: int, total: int, floor_frac: float = 0.0) -> float:
     """A learning rate at optimizer step ``step`` (0-based): linear warm-up to ``peak`` over ``warmup`` steps (the
     first step already at ``peak / warmup``), then a half cosine down to ``floor_frac * peak`` at step ``total``,

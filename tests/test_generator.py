@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddstrans.generator import TranslationUNet, build_generator, grid_fourier_features
-from ddstrans.schedules import guidance_at, phase_value, t_range_at, weight_at
+from ddstrans.schedules import guidance_at, phase_steps_increase, phase_value, t_range_at, weight_at
 from ddstrans.tasks import Task, TaskTable, as_tasks
 
 TINY = dict(
@@ -120,6 +120,8 @@ def test_schedules():
     phases = ((100, 0.3), (200, 0.1))
     assert [phase_value(s, 1.0, phases) for s in (0, 99, 100, 199, 200, 10**6)] == [1.0, 1.0, 0.3, 0.3, 0.1, 0.1]
     assert phase_value(5, 2.0) == 2.0
+    assert phase_steps_increase(phases) and phase_steps_increase(())
+    assert not any(phase_steps_increase(p) for p in (((200, 0.1), (100, 0.3)), ((100, 0.3), (100, 0.1)), ((-1, 0.3),)))
 
 
 def test_text_pooling_modulates_every_resnet_block():
