@@ -89,15 +89,18 @@ def test_config_variants_train(variant, tmp_path):
     assert train(cfg) is not None
 
 
-def test_resume_from_last_continues_step_optimizer_and_ema(tmp_path):
+def test_resume_from_last_continues_step_optimizer_and_ema_with_the_new_config(tmp_path):
     run = tmp_path / "run"
     base = ["experiment=smoke", "callbacks.model_checkpoint.every_n_train_steps=2", *QUIET]
     train(compose([*base, "trainer.max_steps=4"], run))
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 4
-    train(compose([*base, "trainer.max_steps=6", "ckpt_path=last"], run))
+    assert first["ema"]["decay"] != 0.5
+    # a resumed run follows its own optim.ema, not the decay the checkpoint's EMA was saved with
+    train(compose([*base, "trainer.max_steps=6", "ckpt_path=last", "optim.ema.decay=0.5"], run))
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["global_step"] == 6
+    assert ck["ema"]["decay"] == 0.5
     assert float(ck["optimizer_states"][0]["state"][0]["step"]) == 6  # Adam state carried over, not restarted
     assert ck["ema"]["optimization_step"] == 6
     assert ck["lr_schedulers"][0]["last_epoch"] == 6
