@@ -72,6 +72,9 @@ class Guidance:
     guidance_low_from_step: ``guidance_low`` applies from this training step on (0: from the start). A change the
         teacher makes only at high guidance (the shapes world's square) must be learned there first; a lower guidance
         then sharpens it, as per-image editing draws its cleanest result at a lower guidance than it needs to start.
+    guidance_low_tasks: the tasks ``guidance_low`` applies to (None: every task); the others keep the scheduled
+        scale. One task's change may need the lower scale (the shapes world's square) while another holds only at
+        the higher one (its checkered background is lost at 1.5 in some runs).
     t_range: timesteps are drawn uniformly in ``[t_min, t_max)``.
     t_range_end, t_range_steps: the range moves linearly to ``t_range_end`` over ``t_range_steps`` steps (<= 0:
         it stays at ``t_range``).
@@ -107,6 +110,7 @@ class Guidance:
     guidance_low_t: int = 0
     guidance_low: float = 1.0
     guidance_low_from_step: int = 0
+    guidance_low_tasks: tuple[str, ...] | None = None
     t_range: tuple[int, int] = (50, 950)
     t_range_end: tuple[int, int] | None = None
     t_range_steps: int = 0
@@ -134,6 +138,7 @@ class Guidance:
         set_("t_range_mix_from_step", int(self.t_range_mix_from_step or 0))
         set_("t_range_late_from_step", int(self.t_range_late_from_step or 0))
         set_("shared_noise_tasks", _names(self.shared_noise_tasks))
+        set_("guidance_low_tasks", _names(self.guidance_low_tasks))
         set_("guidance_low_t", int(self.guidance_low_t or 0))
         set_("guidance_low_from_step", int(self.guidance_low_from_step or 0))
         self.validate()
@@ -254,16 +259,18 @@ class Guidance:
     def grad(self, teacher, z_src: torch.Tensor | None, z_tgt: torch.Tensor, emb_src: torch.Tensor | None,
              emb_tgt: torch.Tensor, step: int = 0, *, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None, guidance: float | None = None,
-             return_info: bool = False):
+             low_eligible: torch.Tensor | None = None, return_info: bool = False):
         """The DDS (or SDS) gradient on ``z_tgt`` at training or edit ``step``: guidance and timestep range from
         their schedules (``guidance`` overrides the scale, e.g. the target scale at validation), ``noise`` and ``t``
-        drawn by the score unless given. SDS ignores ``z_src`` and ``emb_src``."""
+        drawn by the score unless given; ``guidance_low`` only for the samples flagged in ``low_eligible`` (the
+        caller's per-sample flags of ``guidance_low_tasks``; None: every sample). SDS ignores ``z_src`` and
+        ``emb_src``."""
         if t is None:
             t = self.timesteps(teacher, z_tgt, step, generator)
         kw = dict(t=t, noise=noise, guidance_scale=self.scale_at(step) if guidance is None else guidance,
                   weighting=self.weighting, t_range=self.t_range_at(step), generator=generator,
                   return_info=return_info, guidance_low_t=self.guidance_low_t_at(step),
-                  guidance_low=float(self.guidance_low),
+                  guidance_low=float(self.guidance_low), guidance_low_eligible=low_eligible,
                   space=self.score_space, sigma_sampling=self.sigma_sampling)
         dtype = getattr(teacher, "dtype", None) or emb_tgt.dtype
         if self.method == "sds":

@@ -146,8 +146,9 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
 
             rank_zero_warn(f"loss.t_range_end={list(self.guidance.t_range_end)} is ignored: loss.t_range_steps is "
                            f"{self.guidance.t_range_steps}; set loss.t_range_steps > 0")
-        # per task: uses the shared noise / the identity term / the palette term (None: every task)
+        # per task: uses the shared noise / guidance_low / the identity term / the palette term (None: every task)
         self._shared_task_mask = self._task_mask(self.loss_cfg["shared_noise_tasks"])
+        self._guidance_low_task_mask = self._task_mask(self.loss_cfg["guidance_low_tasks"])
         self._identity_task_mask = self._task_mask(self.loss_cfg["identity_tasks"])
         self._palette_task_mask = self._task_mask(self.loss_cfg["palette_tasks"])
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
@@ -288,7 +289,8 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         z_tgt = self.generator(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt)
         guidance = self.current_guidance()
         noise = self.training_noise(z_src, task_ids, rng)
-        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, generator=rng, noise=noise)
+        grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, generator=rng, noise=noise,
+                                low_eligible=self._task_flags("_guidance_low_task_mask", task_ids))
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         identity_w = self.current_identity_weight()
         if identity_w:

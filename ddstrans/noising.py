@@ -50,9 +50,10 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def guidance_for_timesteps(t: torch.Tensor, scale, low_t: int = 0, low_scale: float = 1.0):
-    """Guidance per sample: ``low_scale`` where ``t < low_t``, ``scale`` elsewhere (``scale`` unchanged when
-    ``low_t`` is 0).
+def guidance_for_timesteps(t: torch.Tensor, scale, low_t: int = 0, low_scale: float = 1.0,
+                           eligible: torch.Tensor | None = None):
+    """Guidance per sample: ``low_scale`` where ``t < low_t`` (and, given a boolean ``eligible`` per sample, only
+    where it is True), ``scale`` elsewhere (``scale`` unchanged when ``low_t`` is 0).
 
     Why: at low noise the image already fixes what the prompt decides, and guidance mostly amplifies the
     teacher's errors: under the shipped shapes teacher a perfect recolouring drifts under DDS at small t, less at
@@ -62,7 +63,10 @@ def guidance_for_timesteps(t: torch.Tensor, scale, low_t: int = 0, low_scale: fl
     if low_t <= 0:
         return scale
     full = torch.as_tensor(scale, dtype=torch.float32, device=t.device).expand(t.shape)
-    return torch.where(t < int(low_t), torch.full_like(full, float(low_scale)), full)
+    low = t < int(low_t)
+    if eligible is not None:
+        low = low & eligible.to(device=t.device, dtype=torch.bool)
+    return torch.where(low, torch.full_like(full, float(low_scale)), full)
 
 
 def velocity(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:

@@ -198,18 +198,20 @@ def sds_grad(
     return_info: bool = False,
     guidance_low_t: int = 0,
     guidance_low: float = 1.0,
+    guidance_low_eligible: torch.Tensor | None = None,
     space: str = "eps",
     sigma_sampling: str | None = None,
 ):
     """Score Distillation Sampling gradient ``w(t) (eps_hat(z_t, t, y) - eps)`` (float32, detached).
 
-    Samples with ``t < guidance_low_t`` use guidance ``guidance_low`` (:func:`guidance_for_timesteps`). Flow
+    Samples with ``t < guidance_low_t`` use guidance ``guidance_low`` (:func:`guidance_for_timesteps`; only those
+    flagged in ``guidance_low_eligible`` when given). Flow
     teachers: ``eps_hat = x_sigma + (1 - sigma) v_hat``; ``space="velocity"`` returns ``w (v_hat - (eps - z))``.
     ``sigma_sampling`` (flow teachers, ``t=None``): ``uniform`` or ``logit_normal`` instead of the teacher's."""
     _check_space(denoiser, space)
     t, noise = _prepare(denoiser, z, t, noise, t_range, generator, sigma_sampling)
     z_t = _noised(denoiser, z, noise, t)
-    scale = guidance_for_timesteps(t, guidance_scale, guidance_low_t, guidance_low)
+    scale = guidance_for_timesteps(t, guidance_scale, guidance_low_t, guidance_low, guidance_low_eligible)
     if space == "velocity":
         (v_hat,) = guided_predictions(denoiser, [(z_t, emb, scale)], t)
         diff = v_hat - flow.flow_velocity(z.float(), noise.float())
@@ -237,6 +239,7 @@ def dds_grad(
     return_info: bool = False,
     guidance_low_t: int = 0,
     guidance_low: float = 1.0,
+    guidance_low_eligible: torch.Tensor | None = None,
     space: str = "eps",
     sigma_sampling: str | None = None,
 ):
@@ -246,7 +249,8 @@ def dds_grad(
     call (two for guidance-distilled teachers: Flux). ``source_guidance_scale`` defaults to ``guidance_scale`` (as the
     reference). Without ``t``, timesteps are drawn from ``t_range``.
     Samples with ``t < guidance_low_t`` use guidance ``guidance_low`` in both branches
-    (:func:`guidance_for_timesteps`; 0, the default, leaves the scales as given).
+    (:func:`guidance_for_timesteps`; 0, the default, leaves the scales as given), only the samples flagged in
+    ``guidance_low_eligible`` when it is given.
 
     Flow teachers (SD3, Flux): ``t`` in scheduler units, ``sigma = t / num_train_timesteps``; guidance acts on the
     velocity; the result is in epsilon space, ``(1 - sigma) / sigma * [(z_tgt - z_src) - (x0_hat_tgt - x0_hat_src)]``
@@ -259,8 +263,8 @@ def dds_grad(
     zs_t = _noised(denoiser, z_src, noise, t)
     zt_t = _noised(denoiser, z_tgt, noise, t)
     src_scale = guidance_scale if source_guidance_scale is None else source_guidance_scale
-    src_scale = guidance_for_timesteps(t, src_scale, guidance_low_t, guidance_low)
-    tgt_scale = guidance_for_timesteps(t, guidance_scale, guidance_low_t, guidance_low)
+    src_scale = guidance_for_timesteps(t, src_scale, guidance_low_t, guidance_low, guidance_low_eligible)
+    tgt_scale = guidance_for_timesteps(t, guidance_scale, guidance_low_t, guidance_low, guidance_low_eligible)
     branches = [(zs_t, emb_src, src_scale), (zt_t, emb_tgt, tgt_scale)]
     if space == "velocity":
         out_src, out_tgt = guided_predictions(denoiser, branches, t)

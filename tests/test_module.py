@@ -189,6 +189,28 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
         assert is_shared == [t == 1 for t in task_of] and 0 < sum(is_shared) < len(is_shared)
 
 
+def test_guidance_low_tasks_flag_the_samples_of_those_tasks(tiny_teacher, tmp_path):
+    m = make_module(tiny_teacher, loss={"guidance_low_t": 1000, "guidance_low": 2.0, "guidance_low_tasks": ["cat2dog"]})
+    ids, flags = [], []
+    training_noise, score = m.training_noise, m.score
+
+    def spy_noise(z, task_ids, rng):
+        ids.append(task_ids.clone())
+        return training_noise(z, task_ids, rng)
+
+    def spy_score(*args, **kw):
+        if m.training:
+            flags.append(kw["low_eligible"].clone())
+        return score(*args, **kw)
+
+    m.training_noise, m.score = spy_noise, spy_score
+    make_trainer(tmp_path, steps=4).fit(m, datamodule=dm())
+    assert [f.tolist() for f in flags] == [(i == 1).tolist() for i in ids]  # cat2dog is task 1
+    assert 0 < sum(int(f.sum()) for f in flags) < sum(len(f) for f in flags)
+    with pytest.raises(KeyError, match="cat2lion"):
+        make_module(tiny_teacher, loss={"guidance_low_tasks": ["cat2cow"]})
+
+
 def test_an_anneal_without_steps_is_reported(tiny_teacher):
     with pytest.warns(UserWarning, match="t_range_end.*ignored"):
         make_module(tiny_teacher, loss={"t_range_end": [20, 300], "t_range_steps": -1})
@@ -316,5 +338,10 @@ def test_low_t_guidance_reaches_the_score(tiny_teacher):
     at = lambda step: later.guidance.grad(tiny_teacher, z, z + 0.5, emb_src, emb_tgt, step, t=t, noise=noise)  # noqa: E731
     torch.testing.assert_close(at(9), g_full)
     torch.testing.assert_close(at(10), g_two)
+    # low_eligible (the flags of guidance_low_tasks): guidance_low for the flagged sample, the full scale for the other
+    g_mixed = low.guidance.grad(tiny_teacher, z, z + 0.5, emb_src, emb_tgt, t=t, noise=noise,
+                                low_eligible=torch.tensor([True, False]))
+    torch.testing.assert_close(g_mixed[0], g_two[0])
+    torch.testing.assert_close(g_mixed[1], g_full[1])
     with pytest.raises(ValueError, match="guidance_low_from_step"):
         make_module(tiny_teacher, loss={"guidance_low_from_step": -1})

@@ -89,6 +89,8 @@ def test_guidance_for_timesteps_lowers_guidance_below_the_threshold():
     torch.testing.assert_close(scores.guidance_for_timesteps(t, 7.5, 100, 2.0), torch.tensor([2.0, 2.0, 7.5, 7.5]))
     per_sample = torch.tensor([3.0, 4.0, 5.0, 6.0])  # a per-sample scale keeps its values above the threshold
     torch.testing.assert_close(scores.guidance_for_timesteps(t, per_sample, 100, 1.0), torch.tensor([1.0, 1.0, 5.0, 6.0]))
+    only = torch.tensor([True, False, True, False])  # the low scale only for the eligible samples below the threshold
+    torch.testing.assert_close(scores.guidance_for_timesteps(t, 7.5, 100, 2.0, only), torch.tensor([2.0, 7.5, 7.5, 7.5]))
 
 
 def test_dds_and_sds_with_low_t_guidance_match_per_sample_hand_computation(teacher):
