@@ -32,6 +32,7 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
 
     python scripts/probe_shape_change.py edit --teacher T --guidance 3,7.5 --n 16
     python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules eval --n 64 --by-shape
+    python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules 5-50 --steps 400 --by-shape
     python scripts/probe_shape_change.py distill --translator EXPORT --guidance 1.5 --n 384
     python scripts/probe_shape_change.py sides --translator EXPORT_A,EXPORT_B --with-dds --guidance 3 --n 64
 """
@@ -138,8 +139,8 @@ def cmd_edit(args, teacher) -> None:
         rows("translator", start)
     for g in args.guidance:
         for sched in args.schedules:
-            t_range, t_end = {"eval": (EVAL_T_RANGE, None), "train": ((50, 950), (20, 300)),
-                             "late": ((20, 300), None)}[sched]
+            named = {"eval": (EVAL_T_RANGE, None), "train": ((50, 950), (20, 300)), "late": ((20, 300), None)}
+            t_range, t_end = named[sched] if sched in named else (sched, None)
             cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
             EditConfig(**cfg)  # fail early on a bad setting
             name = f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}"
@@ -487,7 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
-                   "([50, 950) -> [20, 300) over the edit, the main job's schedule) and/or late ([20, 300))")
+                   "([50, 950) -> [20, 300) over the edit, the main job's schedule), late ([20, 300)) and/or "
+                   "a fixed range A-B (e.g. 5-50)")
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
     p.add_argument("--held-out-offset", type=int, default=None,
@@ -518,6 +520,7 @@ def main(argv=None) -> int:
         return tuple(int(v) for v in text.split("-"))
 
     args.t_ranges = [t_range(r) for r in args.t_ranges.split(",")]
+    args.schedules = [t_range(s) if "-" in s else s for s in args.schedules]
     args.refine_t_range = t_range(args.refine_t_range)
     torch.set_grad_enabled(True)
     if args.probe == "field":

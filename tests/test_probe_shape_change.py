@@ -12,7 +12,7 @@ def _rows(text: str) -> dict[str, list[str]]:
 def test_edit_starts_at_the_translators_outputs(load_script, shapes_translator_dir, capsys):
     probe = load_script("probe_shape_change")
     args = ["edit", "--guidance", "1.5", "--schedules", "eval", "--n", "4", "--steps", "1", "--lr", "1e-9"]
-    probe.main([*args, "--translator", str(shapes_translator_dir), "--by-shape"])
+    probe.main([*args[:4], "eval,5-50", *args[5:], "--translator", str(shapes_translator_dir), "--by-shape"])
     started = _rows(capsys.readouterr().out)
     probe.main(args)
     from_input = _rows(capsys.readouterr().out)
@@ -20,6 +20,7 @@ def test_edit_starts_at_the_translators_outputs(load_script, shapes_translator_d
     edit = "DDS edit, guidance 1.5, t (50, 600)"
     # a vanishing step leaves the edit where it started: at the translator's outputs, or at the inputs
     assert started[f"{edit}, from the translator's outputs"] == started["translator"]
+    assert started["DDS edit, guidance 1.5, t (5, 50), from the translator's outputs"] == started["translator"]  # A-B
     assert from_input[edit] != started["translator"]
     assert from_input[edit][2] == "0.000"  # the inputs are circles and triangles: no square among them
     # one row per source shape, whose counts add up to the whole set
