@@ -15,8 +15,9 @@ CHECKPOINT_FORMAT = 1
 
 
 class CheckpointMixin:
-    """``LightningModule`` mixin. Needs ``generator``, ``task_table``, ``teacher``, ``run_config``, ``ema``, ``ema_cfg`` (and
-    ``_ema_swapped``, ``_ema_from_checkpoint``) and the counters of ``ddstrans.nonfinite.NonFiniteGuard``."""
+    """``LightningModule`` mixin. Needs ``generator``, ``task_table``, ``teacher``, ``run_config``, ``ema``,
+    ``ema_cfg`` (and ``_ema_swapped``, ``_ema_from_checkpoint``) and the counters of
+    ``ddstrans.nonfinite.NonFiniteGuard``."""
 
     def checkpoint_payload(self) -> dict[str, Any]:
         metrics = {}

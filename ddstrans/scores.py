@@ -205,8 +205,8 @@ def sds_grad(
     """Score Distillation Sampling gradient ``w(t) (eps_hat(z_t, t, y) - eps)`` (float32, detached).
 
     Samples with ``t < guidance_low_t`` use guidance ``guidance_low`` (:func:`guidance_for_timesteps`; only those
-    flagged in ``guidance_low_eligible`` when given). Flow
-    teachers: ``eps_hat = x_sigma + (1 - sigma) v_hat``; ``space="velocity"`` returns ``w (v_hat - (eps - z))``.
+    flagged in ``guidance_low_eligible`` when given). Flow teachers: ``eps_hat = x_sigma + (1 - sigma) v_hat``;
+    ``space="velocity"`` returns ``w (v_hat - (eps - z))``.
     ``sigma_sampling`` (flow teachers, ``t=None``): ``uniform`` or ``logit_normal`` instead of the teacher's."""
     _check_space(denoiser, space)
     t, noise = _prepare(denoiser, z, t, noise, t_range, generator, sigma_sampling)
