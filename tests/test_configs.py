@@ -253,7 +253,7 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     base = _flat_experiment("shapes_long", tmp_path, resolve=True)
     square = _flat_experiment("shapes_square", tmp_path, resolve=True)
     assert set(_differences(base, square)) == {
-        "loss.guidance_low_t", "loss.guidance_low", "loss.guidance_low_from_step",
+        "loss.guidance_low_t", "loss.guidance_low", "loss.guidance_low_from_step", "loss.guidance_low_tasks",
         "loss.t_range_phases", "loss.t_range_mix", "loss.t_range_mix_prob", "loss.t_range_mix_from_step",
         "loss.identity_weight_phases", "optim.scheduler._target_", "optim.scheduler.milestones", "optim.scheduler.gamma",
         "callbacks.step_grad_accumulation._target_", "callbacks.step_grad_accumulation.scheduling.3000",
@@ -270,7 +270,8 @@ def test_square_is_shapes_long_to_step_3000_then_its_phases(tmp_path):
     assert [g.t_range_at(s) for s in (3000, 3624, 3625, 4124, 4125, 4224, 4225, 4399, 4400, 4599)] == [
         (50, 600), (50, 600), (10, 300), (10, 300), (5, 50), (5, 50), (10, 300), (10, 300), (50, 600), (50, 600)]
     assert (g.t_range_mix, g.t_range_mix_prob, g.t_range_mix_from_step) == ((5, 50), 0.25, 4400)
-    assert g.guidance_low_t_at(3000) == 1000 and g.guidance_low == 1.5  # every t of every phase at 1.5
+    assert g.guidance_low_t_at(3000) == 1000 and g.guidance_low == 1.5  # every t of every phase at 1.5 ...
+    assert set(g.guidance_low_tasks) == {"to_blue", "to_red", "to_yellow", "to_square"}  # ... but the checkers' at 3
     assert square["optim.scheduler.milestones"] == [3625] and square["trainer.max_steps"] == 4800
     assert base["loss.identity_weight"] == square["loss.identity_weight"] == 0.1  # shapes_long's, three times it
     assert square["loss.identity_weight_phases"] == [[4125, 0.3], [4400, 0.1]]  # in the low-noise phases
