@@ -158,11 +158,10 @@ def test_teacher_dtype_resolution():
     assert _resolve_dtype("float16", cpu, "32") == torch.float16
 
 
-@pytest.mark.parametrize("prob,tasks", [(0.0, None), (1.0, None), (1.0, ["cat2dog"])])
-def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
-    m = make_module(tiny_teacher, loss={"warmup_steps": 2, "guidance_start": 1.0, "shared_noise_prob": prob,
-                                        "shared_noise_seed": 3, "shared_noise_tasks": tasks})
-    ids, seen = [], []
+def spy_training_steps(m) -> tuple[list, list]:
+    """Spies on ``m``'s training steps: each step's task ids (through its training noise) and the keyword arguments
+    its score is called with (training only: validation scores a fixed (t, noise) of its own)."""
+    ids, calls = [], []
     training_noise, score = m.training_noise, m.score
 
     def spy_noise(z, task_ids, rng):
@@ -170,12 +169,21 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
         return training_noise(z, task_ids, rng)
 
     def spy_score(*args, **kw):
-        if m.training:  # validation scores a fixed (t, noise) of its own
-            seen.append(kw.get("noise"))
+        if m.training:
+            calls.append(dict(kw))
         return score(*args, **kw)
 
     m.training_noise, m.score = spy_noise, spy_score
+    return ids, calls
+
+
+@pytest.mark.parametrize("prob,tasks", [(0.0, None), (1.0, None), (1.0, ["cat2dog"])])
+def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
+    m = make_module(tiny_teacher, loss={"warmup_steps": 2, "guidance_start": 1.0, "shared_noise_prob": prob,
+                                        "shared_noise_seed": 3, "shared_noise_tasks": tasks})
+    ids, calls = spy_training_steps(m)
     make_trainer(tmp_path, steps=6).fit(m, datamodule=dm())
+    seen = [kw.get("noise") for kw in calls]
     assert len(seen) == len(ids) == 6
     if prob == 0.0:  # fresh noise, drawn inside the score
         assert all(n is None for n in seen)
@@ -191,20 +199,9 @@ def test_shared_noise_reaches_the_score(tiny_teacher, tmp_path, prob, tasks):
 
 def test_guidance_low_tasks_flag_the_samples_of_those_tasks(tiny_teacher, tmp_path):
     m = make_module(tiny_teacher, loss={"guidance_low_t": 1000, "guidance_low": 2.0, "guidance_low_tasks": ["cat2dog"]})
-    ids, flags = [], []
-    training_noise, score = m.training_noise, m.score
-
-    def spy_noise(z, task_ids, rng):
-        ids.append(task_ids.clone())
-        return training_noise(z, task_ids, rng)
-
-    def spy_score(*args, **kw):
-        if m.training:
-            flags.append(kw["low_eligible"].clone())
-        return score(*args, **kw)
-
-    m.training_noise, m.score = spy_noise, spy_score
+    ids, calls = spy_training_steps(m)
     make_trainer(tmp_path, steps=4).fit(m, datamodule=dm())
+    flags = [kw["low_eligible"] for kw in calls]
     assert [f.tolist() for f in flags] == [(i == 1).tolist() for i in ids]  # cat2dog is task 1
     assert 0 < sum(int(f.sum()) for f in flags) < sum(len(f) for f in flags)
     with pytest.raises(KeyError, match="cat2lion"):
