@@ -12,6 +12,8 @@ import torch
 
 DEFAULT_EMA = {"enabled": True, "decay": 0.999, "update_after_step": 0, "use_ema_warmup": False,
                "inv_gamma": 1.0, "power": 2 / 3}
+# the keys of DEFAULT_EMA that are EMAModel's own settings (constructor arguments and attributes of that name)
+EMA_SETTINGS = ("decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 
 
 class EMAMixin:
@@ -24,10 +26,17 @@ class EMAMixin:
             return None
         from diffusers.training_utils import EMAModel
 
-        c = self.ema_cfg
-        return EMAModel(self._ema_parameters(), decay=c["decay"], update_after_step=c["update_after_step"],
-                        use_ema_warmup=c["use_ema_warmup"], inv_gamma=c["inv_gamma"], power=c["power"],
+        return EMAModel(self._ema_parameters(), **{key: self.ema_cfg[key] for key in EMA_SETTINGS},
                         foreach=True)  # one fused update for all tensors (measured 2.5 -> 1.9 ms/step, CPU)
+
+    def _load_ema_state(self, state: dict) -> None:
+        """The saved average and its step count, under this run's settings: ``EMAModel.load_state_dict`` also
+        restores the saved run's decay settings, and a resumed run follows its own config (``optim.ema``), as it
+        does for every other hyperparameter."""
+        self.ema.load_state_dict(state)
+        for key in EMA_SETTINGS:
+            setattr(self.ema, key, self.ema_cfg[key])
+        self.ema.to(self.device)
 
     def _ema_named_parameters(self) -> list:
         """The trained weights (for the LoRA generator: not the teacher's weights it shares)."""

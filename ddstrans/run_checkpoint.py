@@ -15,9 +15,9 @@ CHECKPOINT_FORMAT = 1
 
 
 class CheckpointMixin:
-    """``LightningModule`` mixin. Needs ``generator``, ``task_table``, ``teacher``, ``run_config``, ``ema``,
-    ``ema_cfg`` (and ``_ema_swapped``, ``_ema_from_checkpoint``) and the counters of
-    ``ddstrans.nonfinite.NonFiniteGuard``."""
+    """``LightningModule`` mixin. Needs ``generator``, ``task_table``, ``teacher``, ``run_config``, ``ema`` and
+    ``_load_ema_state`` (``ddstrans.ema.EMAMixin``; and ``_ema_swapped``, ``_ema_from_checkpoint``) and the
+    counters of ``ddstrans.nonfinite.NonFiniteGuard``."""
 
     def checkpoint_payload(self) -> dict[str, Any]:
         metrics = {}
@@ -53,12 +53,7 @@ class CheckpointMixin:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-            # EMAModel.load_state_dict also restores the saved run's decay settings; a resumed run follows its own
-            # config (``optim.ema``), as it does for every other hyperparameter. The average and its step carry on.
-            for key in ("decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power"):
-                setattr(self.ema, key, self.ema_cfg[key])
-            self.ema.to(self.device)
+            self._load_ema_state(checkpoint["ema"])
             self._ema_from_checkpoint = True
         payload = checkpoint.get(CHECKPOINT_KEY, {})
         self.skipped_steps = int(payload.get("skipped_steps", 0))
