@@ -15,16 +15,21 @@ from ddstrans.embeddings import expand_batch
 from ddstrans.guidance import Guidance
 from ddstrans.scores import surrogate_loss
 
+EDIT_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
 
 @dataclass(frozen=True)
 class EditConfig(Guidance):
     """The score settings (``Guidance``) plus the optimisation's. As in training, ``t_range_end`` moves the range
     over the edit (large t first for layout, small t last for detail; ``t_range_steps`` 0: over all ``steps``),
     and ``shared_noise_prob=1`` uses one noise for every image and step: it shows which choices the noise, not the
-    input, decides."""
+    input, decides. ``optimizer="adam"`` steps each pixel by its own normalised gradient, as a network's weights
+    are trained, instead of the method's plain SGD: it shows whether the optimizer, not the score, decides an
+    outcome."""
 
     steps: int = 200
     lr: float = 0.1
+    optimizer: str = "sgd"
     loss_scale: float = 2000.0
     seed: int | None = 0
 
@@ -34,6 +39,8 @@ class EditConfig(Guidance):
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in EDIT_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(EDIT_OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 def edit_latents(
@@ -61,7 +68,7 @@ def edit_latents(
     if z_init is not None and z_init.shape != z_src.shape:
         raise ValueError(f"z_init must have the source's shape {tuple(z_src.shape)}, got {tuple(z_init.shape)}")
     z = (z_src if z_init is None else z_init.detach().to(z_src)).clone().requires_grad_(True)
-    opt = torch.optim.SGD([z], lr=cfg.lr)
+    opt = EDIT_OPTIMIZERS[cfg.optimizer]([z], lr=cfg.lr)
     for step in tqdm(range(cfg.steps), desc=f"{cfg.method.upper()} edit", disable=not progress, leave=False):
         grad = cfg.grad(teacher, z_src, z.detach(), emb_src, emb_tgt, step, generator=gen, noise=cfg.noise(z_src, gen))
         opt.zero_grad(set_to_none=True)

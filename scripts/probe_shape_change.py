@@ -141,7 +141,8 @@ def cmd_edit(args, teacher) -> None:
         for sched in args.schedules:
             named = {"eval": (EVAL_T_RANGE, None), "train": ((50, 950), (20, 300)), "late": ((20, 300), None)}
             t_range, t_end = named[sched] if sched in named else (sched, None)
-            cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end}
+            cfg = {"steps": args.steps, "lr": args.lr, "guidance": g, "t_range": t_range, "t_range_end": t_end,
+                   "optimizer": args.edit_optimizer}
             EditConfig(**cfg)  # fail early on a bad setting
             name = f"DDS edit, guidance {g}, t {t_range}{' -> ' + str(t_end) if t_end else ''}"
             y, _ = run_method("dds", es, teacher=teacher, edit_config=cfg, init=start)
@@ -487,6 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides), samples per caption (samples) or training scenes (distill)")
     p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
+    p.add_argument("--edit-optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="edit: the per-image optimizer (adam: each pixel stepped by its normalised gradient)")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
                    "([50, 950) -> [20, 300) over the edit, the main job's schedule), late ([20, 300)) and/or "
                    "a fixed range A-B (e.g. 5-50)")

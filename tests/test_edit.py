@@ -28,11 +28,24 @@ def test_edit_moves_latent_towards_target(tiny_teacher):
     assert not torch.equal(sds, out)
 
 
+def test_edit_with_adam_takes_normalised_steps(tiny_teacher):
+    """Adam's first step moves every pixel with a non-zero gradient by lr (sign of the gradient), SGD by lr x grad."""
+    z = torch.randn(1, 4, 8, 8)
+    src, tgt = tiny_teacher.encode_prompts(["a photo of a cat"]), tiny_teacher.encode_prompts(["a photo of a lion"])
+    sgd = edit_latents(tiny_teacher, z, src, tgt, EditConfig(steps=1, lr=1e-3))
+    adam = edit_latents(tiny_teacher, z, src, tgt, EditConfig(steps=1, lr=1e-3, optimizer="adam"))
+    step = (adam - z).abs()
+    torch.testing.assert_close(step[step > 0], torch.full_like(step[step > 0], 1e-3), rtol=1e-3, atol=1e-7)
+    assert (step > 0).float().mean() > 0.9 and not torch.allclose((sgd - z).abs(), step)
+
+
 def test_invalid_edit_config():
     with pytest.raises(ValueError, match="steps"):
         EditConfig(steps=0).validate()
     with pytest.raises(ValueError, match="method"):
         EditConfig(method="ddim").validate()
+    with pytest.raises(ValueError, match="optimizer"):
+        EditConfig(optimizer="lbfgs").validate()
     with pytest.raises(ValueError, match="t_range_end"):
         EditConfig(t_range_end=(300, 20)).validate()
     with pytest.raises(ValueError, match="t_range"):
