@@ -63,3 +63,14 @@ def test_patterns_and_bad_phases():
 def test_a_pattern_matching_no_weight_fails_at_setup():
     with pytest.raises(ValueError, match="matches none"):
         _fit([[1, "no_such_layer"]], steps=2)
+
+
+def test_the_documented_override_composes_into_the_callback(tmp_path):
+    import hydra
+
+    from ddstrans.cli.train import compose
+
+    cfg = compose(["experiment=smoke", "+callbacks.trainable._target_=ddstrans.freezing.TrainablePhases",
+                   '+callbacks.trainable.phases=[[4000,"up_blocks.2.|conv_out"],[4400,null]]'], tmp_path)
+    cb = hydra.utils.instantiate(cfg.callbacks.trainable)
+    assert [(s, p and p.pattern) for s, p in cb.phases] == [(4000, "up_blocks.2.|conv_out"), (4400, None)]
