@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddstrans.editing import EDIT_OPTIMIZERS
 from ddstrans.shapes import metrics as M
 from ddstrans.shapes import shape_checks as C
 from ddstrans.shapes.defaults import SHAPES_EDIT_T_MAX
@@ -488,7 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides), samples per caption (samples) or training scenes (distill)")
     p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
-    p.add_argument("--edit-optimizer", choices=("sgd", "adam"), default="sgd",
+    p.add_argument("--edit-optimizer", choices=sorted(EDIT_OPTIMIZERS), default="sgd",
                    help="edit: the per-image optimizer (adam: each pixel stepped by its normalised gradient)")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
                    "([50, 950) -> [20, 300) over the edit, the main job's schedule), late ([20, 300)) and/or "
