@@ -38,9 +38,14 @@ def parse_trainable_phases(phases) -> tuple[tuple[int, re.Pattern | None], ...]:
     return parsed
 
 
+def trains(name: str, pattern: re.Pattern | None) -> bool:
+    """Whether a phase with ``pattern`` trains the parameter ``name``: ``pattern`` finds it, or is None (all)."""
+    return pattern is None or pattern.search(name) is not None
+
+
 def trainable_names(names, pattern: re.Pattern | None) -> list[str]:
-    """The parameter names a phase trains: those ``pattern`` finds (all when ``pattern`` is None)."""
-    return [n for n in names if pattern is None or pattern.search(n)]
+    """The parameter names a phase trains."""
+    return [n for n in names if trains(n, pattern)]
 
 
 class TrainablePhases(Callback):
@@ -62,8 +67,8 @@ class TrainablePhases(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         pattern = phase_value(trainer.global_step, None, self.phases)
-        if pattern is None:
+        if pattern is None:  # every weight trains
             return
         for name, p in pl_module.generator.named_parameters():
-            if not pattern.search(name):
+            if not trains(name, pattern):
                 p.grad = None
