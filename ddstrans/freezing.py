@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from ddstrans.schedules import phase_steps_increase, phase_value
@@ -72,3 +73,96 @@ class TrainablePhases(Callback):
         for name, p in pl_module.generator.named_parameters():
             if not trains(name, pattern):
                 p.grad = None
+
+
+class _MaskSampleGrads(torch.autograd.Function):
+    """Identity forward; backward multiplies each sample's gradient by ``keep`` (read at backward time, so the
+    mask may be set after the forward, once the samples' timesteps are drawn)."""
+
+    @staticmethod
+    def forward(ctx, x, router):
+        ctx.router = router
+        return x.clone()  # a new node (a returned input or view of it could not be modified in place after)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep = ctx.router.keep
+        if keep is None:
+            return grad, None
+        if keep.shape[0] != grad.shape[0]:
+            raise RuntimeError(f"LowNoiseRouting: {keep.shape[0]} per-sample flags for a batch of {grad.shape[0]}")
+        return grad * keep.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))), None
+
+
+class LowNoiseRouting(Callback):
+    """From ``from_step`` on, the samples whose score timestep is below ``below_t`` teach only the generator's layers
+    from ``module`` on; the other samples teach every layer.
+
+    Why: at very low noise the score decides where each side of a shape ends, but the deeper layers that learn from
+    it also move the shape (the shapes world's squares shrink). Routing those samples' gradient to the last layers
+    lets them draw the sides while the deeper layers learn only from the noise levels that lay out the shape.
+    Freezing (``TrainablePhases``) chooses what learns per step; this chooses it per sample, within one batch.
+
+    How: a forward pre-hook on ``module`` (e.g. ``unet.up_blocks.2``, a name in the generator) passes its tensor
+    inputs (hidden states, skip connections, the time/task embedding) through an identity whose backward zeroes the
+    gradient of the flagged samples. Their gradient still reaches ``module`` and every layer after it; nothing
+    before it sees them. The flags are set before each backward from the module's ``step_timesteps`` (the
+    timesteps its score drew), in the teacher's units, so gradient accumulation and DDP route each micro-batch by
+    its own samples. The forward cost is unchanged.
+    """
+
+    def __init__(self, below_t: float, module: str = "unet.up_blocks.2", from_step: int = 0):
+        if not float(below_t) > 0:
+            raise ValueError(f"below_t must be > 0 (a timestep in the teacher's units), got {below_t!r}")
+        if int(from_step) < 0:
+            raise ValueError(f"from_step must be >= 0, got {from_step!r}")
+        self.below_t, self.module, self.from_step = float(below_t), str(module), int(from_step)
+        self.keep: torch.Tensor | None = None
+        self._handle = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        try:
+            target = pl_module.generator.get_submodule(self.module)
+        except AttributeError:
+            blocks = [n for n, _ in pl_module.generator.named_children()]
+            raise ValueError(f"module: the generator has no submodule {self.module!r} (its children: {blocks})") from None
+        if self._handle is None:
+            self._handle = target.register_forward_pre_hook(self._route_inputs, with_kwargs=True)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _route_inputs(self, _module, args, kwargs):
+        if not (torch.is_grad_enabled() and _module.training):
+            return None
+        return _map_tensors(args, self._wrap), _map_tensors(kwargs, self._wrap)
+
+    def _wrap(self, x: torch.Tensor) -> torch.Tensor:
+        return _MaskSampleGrads.apply(x, self) if x.requires_grad else x
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        t = getattr(pl_module, "step_timesteps", None)
+        self.keep = None if t is None or trainer.global_step < self.from_step else routed_keep(t, self.below_t)
+        if self.keep is not None:  # the share of samples that taught only the routed layers
+            pl_module.log("train/routed_share", 1.0 - self.keep.float().mean(), batch_size=self.keep.shape[0])
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.keep = None
+
+
+def routed_keep(t: torch.Tensor, below_t: float) -> torch.Tensor:
+    """Per sample: whether its gradient reaches the layers before the routed module (its timestep >= ``below_t``)."""
+    return t.detach().float() >= below_t
+
+
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor in it (tuples, lists and dicts followed)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj

@@ -291,6 +291,7 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         noise = self.training_noise(z_src, task_ids, rng)
         grad, info = self.score(z_src, z_tgt.detach().float(), emb_src, emb_tgt, generator=rng, noise=noise,
                                 low_eligible=self._task_flags("_guidance_low_task_mask", task_ids))
+        self.step_timesteps = info.t  # per sample, for callbacks that act on the backward (freezing.LowNoiseRouting)
         loss = surrogate_loss(z_tgt.float(), grad, self.loss_cfg["reduction"]) * self.loss_cfg["weight"]
         identity_w = self.current_identity_weight()
         if identity_w:
