@@ -23,6 +23,9 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
   area against the target's and how far each side of the output's bounding box lies inside the target's (pixels;
   negative: outside), per translator (``--translator A,B``) and, with ``--with-dds``, for per-image DDS editing at
   the evaluation's settings (the first ``--guidance``).
+- ``misses``: which inputs does a translator miss? Per source shape and size of the target square
+  (``AREA_LABELS``), the strict reader's accuracy, the mask IoU and the checks the misses fail, per translator
+  (``--translator A,B``) and, with ``--with-dds``, for per-image DDS editing as in ``sides``.
 - ``distill``: can a translator be trained toward the refined answer directly? Its ``to_square`` outputs on ``--n``
   of its training scenes, refined by per-image DDS as in ``edit --translator`` (the pairs), then the translator
   fine-tuned by regression on them (mean squared error in its latent space, or ``--fit-loss l1``; the other tasks
@@ -35,6 +38,7 @@ and the generator, each a few CPU minutes on held-out inputs (docs/experiments/s
     python scripts/probe_shape_change.py edit --translator EXPORT --guidance 1.5 --schedules 5-50 --steps 400 --by-shape
     python scripts/probe_shape_change.py distill --translator EXPORT --guidance 1.5 --n 384
     python scripts/probe_shape_change.py sides --translator EXPORT_A,EXPORT_B --with-dds --guidance 3 --n 64
+    python scripts/probe_shape_change.py misses --translator EXPORT_A,EXPORT_B --n 384 --held-out-offset 4000000
 """
 
 from __future__ import annotations
@@ -416,6 +420,38 @@ def cmd_edges(args) -> None:
         print(f"| {path} | {args.n} | {ok.mean():.3f} | " + " | ".join(cells) + " |", flush=True)
 
 
+AREA_BINS = (110, 156)  # px of the target square: the terciles over the 384 held-out inputs of the four usual sets
+
+
+AREA_LABELS = (f"small (< {AREA_BINS[0]})", f"mid ({AREA_BINS[0]}-{AREA_BINS[1] - 1})", f"large (>= {AREA_BINS[1]})")
+
+
+def cmd_misses(args) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set
+    from ddstrans.shapes.world import parse_caption
+
+    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    runs = output_makers(args, es, "misses")
+    shapes = [parse_caption(c)["shape"] for c in es.src_captions]
+    bins = np.searchsorted(AREA_BINS, es.tgt_masks.reshape(args.n, -1).sum(1), side="right")
+    groups = sorted(set(zip(shapes, bins)))
+    print("| outputs | source shape | target square (px) | n | strict acc | mask IoU | misses: failed checks |\n"
+          "|---|---|---|---|---|---|---|")
+    for path, make in runs:
+        y = make()
+        hit = [p == t for p, t in zip(M.classify_shape(y), es.targets)]
+        masks = M.estimate_mask(M.as_unit(y))
+        for shape, b in groups:
+            idx = [k for k in range(args.n) if (shapes[k], bins[k]) == (shape, b)]
+            iou = np.mean([M.mask_iou(masks[k], es.tgt_masks[k]) for k in idx])
+            why = Counter(",".join(failing_checks(masks[k], "square")) or "-" for k in idx if not hit[k])
+            cells = ", ".join(f"{k} {v}" for k, v in why.most_common()) or "-"
+            print(f"| {path} | {shape} | {AREA_LABELS[b]} | {len(idx)} | {np.mean([hit[k] for k in idx]):.3f} | {iou:.3f} | "
+                  f"{cells} |", flush=True)
+
+
 SIDES = ("top", "bottom", "left", "right")
 
 
@@ -432,15 +468,12 @@ def inward_offsets(mask: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.array([top - t_top, t_bottom - bottom, left - t_left, t_right - right], dtype=float)
 
 
-def cmd_sides(args) -> None:
-    from ddstrans.shapes import seeds as S
-    from ddstrans.shapes.defaults import shapes_task
-    from ddstrans.shapes.evaluation import build_eval_set, run_method
-    from ddstrans.shapes.world import parse_caption
+def output_makers(args, es, probe: str) -> list[tuple[str, object]]:
+    """``(name, make outputs)`` per ``--translator`` and, with ``--with-dds``, for per-image DDS editing at the
+    evaluation's settings (the first ``--guidance``)."""
+    from ddstrans.shapes.evaluation import run_method
     from ddstrans.translator import Translator
 
-    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
-    shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
     runs = [(path, lambda p=path: run_method("network", es, translator=Translator.from_pretrained(p))[0])
             for path in (args.translator.split(",") if args.translator else [])]
     if args.with_dds:
@@ -451,7 +484,19 @@ def cmd_sides(args) -> None:
         runs.append((f"per-image DDS, guidance {args.guidance[0]:g}",
                      lambda: run_method("dds", es, teacher=teacher, edit_config=edit)[0]))
     if not runs:
-        raise SystemExit("sides needs --translator (one or more exports, comma-separated) and/or --with-dds")
+        raise SystemExit(f"{probe} needs --translator (one or more exports, comma-separated) and/or --with-dds")
+    return runs
+
+
+def cmd_sides(args) -> None:
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set
+    from ddstrans.shapes.world import parse_caption
+
+    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
+    runs = output_makers(args, es, "sides")
     print("| outputs | source shape | n | mask IoU | area / target's | inside the target by (px): "
           + " / ".join(SIDES) + " |\n|---|---|---|---|---|---|")
     for name, make in runs:
@@ -476,17 +521,18 @@ def cmd_outputs(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill", "edges", "sides"))
+    p.add_argument("probe", choices=("samples", "edit", "gradient", "field", "outputs", "distill", "edges", "sides",
+                                     "misses"))
     p.add_argument("--teacher", default=None, help="unset: the shipped shapes teacher")
     p.add_argument("--translator", default=None,
                    help="exported translator (field; edit: start the edit at its outputs; distill: the one to fit; "
-                        "edges, sides: one or more, comma-separated)")
+                        "edges, sides, misses: one or more, comma-separated)")
     p.add_argument("--with-dds", action="store_true",
-                   help="sides: a row per source shape for per-image DDS editing too (the first --guidance)")
+                   help="sides, misses: rows for per-image DDS editing too (the first --guidance)")
     p.add_argument("--by-shape", action="store_true", help="edit: a row per source shape too")
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
     p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales (distill, sides: the first)")
-    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides), samples per caption (samples) or training scenes (distill)")
+    p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides, misses), samples per caption (samples) or training scenes (distill)")
     p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
     p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
     p.add_argument("--edit-optimizer", choices=sorted(EDIT_OPTIMIZERS), default="sgd",
@@ -497,7 +543,7 @@ def main(argv=None) -> int:
     p.add_argument("--t-ranges", default="50-950,50-300", help="gradient: comma-separated t ranges A-B")
     p.add_argument("--draws", type=int, default=64, help="gradient: noise/timestep draws averaged")
     p.add_argument("--held-out-offset", type=int, default=None,
-                   help="edit, edges, sides: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
+                   help="edit, edges, sides, misses: inputs start this many seeds into seeds.HELD_OUT (default 0: the usual set); distill: "
                         "where its second held-out set starts (default 1000000)")
     p.add_argument("--other-n", type=int, default=128, help="distill: inputs of the second held-out set")
     p.add_argument("--fit-steps", type=int, default=300, help="distill: fine-tuning steps (batch 32)")
@@ -538,6 +584,9 @@ def main(argv=None) -> int:
         return 0
     if args.probe == "sides":
         cmd_sides(args)
+        return 0
+    if args.probe == "misses":
+        cmd_misses(args)
         return 0
     from ddstrans.shapes.defaults import load_shapes_teacher
 

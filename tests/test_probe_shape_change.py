@@ -240,3 +240,26 @@ def test_sides_reports_a_row_per_source_shape(load_script, shapes_translator_dir
         idx = [k for k, s in enumerate(shapes) if s == cells[1]]
         assert cells[2] == str(len(idx))
         assert cells[3] == f"{np.mean([M.mask_iou(masks[k], es.tgt_masks[k]) for k in idx]):.3f}"
+
+
+def test_misses_splits_the_evaluation_by_shape_and_size(load_script, shapes_translator_dir, capsys):
+    """``misses``: the cells (source shape x target-square size) hold every input once, and their strict accuracy
+    and mask IoU, weighted by their counts, are the evaluation's on the same inputs."""
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import evaluate
+    from ddstrans.translator import Translator
+
+    probe = load_script("probe_shape_change")
+    probe.main(["misses", "--translator", str(shapes_translator_dir), "--n", "12", "--held-out-offset", "500"])
+    lines = [ln.strip("|").split("|") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    cells = [[c.strip() for c in r] for r in lines[1:]]  # after the header
+    assert {c[1] for c in cells} <= {"circle", "triangle"} and len({c[2] for c in cells}) >= 2
+    n = [int(c[3]) for c in cells]
+    assert sum(n) == 12
+    (ref,) = evaluate([shapes_task("to_square")], 12, ["network"],
+                      translator=Translator.from_pretrained(shapes_translator_dir), held_out_offset=500)
+    hits = sum(k * float(c[4]) for k, c in zip(n, cells))
+    assert abs(hits - 12 * ref["target_acc"]) < 0.01
+    assert abs(sum(k * float(c[5]) for k, c in zip(n, cells)) / 12 - ref["mask_iou"]) < 0.002
+    for c in cells:  # a cell with misses names the checks they fail, one without says "-"
+        assert (c[6] == "-") == (c[4] == "1.000")
