@@ -1,16 +1,18 @@
-"""Train only some of the generator's weights from a training step on.
+"""Train only some of the generator's weights from a training step on (``TrainablePhases``), or from only some of
+the samples (``LowNoiseRouting``).
 
 Why: a phase of a run may want to change one part of the generator and hold the rest, e.g. a last phase at
 very low noise that should sharpen edges with the full-resolution layers while the deeper layers, which lay out
 the shapes, keep what the earlier phases taught them.
 
-The frozen weights are left out at the optimizer step, not cut from the graph: their gradient is dropped
+``TrainablePhases``' frozen weights are left out at the optimizer step, not cut from the graph: their gradient is dropped
 (``grad = None``) just before the step, and torch optimizers leave such a parameter and its state (moments,
 step count, weight decay) untouched. The graph, DDP's buckets and the optimizer's parameter groups stay as they
 were, so a phase may begin and end anywhere in a run, under DDP, and a resumed run freezes at the same step as the
 uninterrupted one (the rule reads only the global step). The gradient clipping and the module's
 ``train/grad_norm`` that follow see only the trained weights' gradients. The forward and backward cost what
-they did before: this is a choice of what learns, not a saving.
+they did before: this is a choice of what learns, not a saving. ``LowNoiseRouting`` cuts the graph per sample
+instead, at one module's inputs (its docstring says how).
 """
 
 from __future__ import annotations
@@ -100,8 +102,10 @@ class LowNoiseRouting(Callback):
 
     Why: at very low noise the score decides where each side of a shape ends, but the deeper layers that learn from
     it also move the shape (the shapes world's squares shrink). Routing those samples' gradient to the last layers
-    lets them draw the sides while the deeper layers learn only from the noise levels that lay out the shape.
-    Freezing (``TrainablePhases``) chooses what learns per step; this chooses it per sample, within one batch.
+    asks whether they can draw the sides while the deeper layers learn only from the noise levels that lay out the
+    shape. Freezing (``TrainablePhases``) chooses what learns per step; this chooses it per sample, within one
+    batch. Measured in the shapes world, it keeps the squares' size but draws fewer of them and costs the colors
+    kept PSNR (docs/experiments/shape-change-cause.md, "Routing the low-noise samples to the last block").
 
     How: a forward pre-hook on ``module`` (e.g. ``unet.up_blocks.2``, a name in the generator) passes its tensor
     inputs (hidden states, skip connections, the time/task embedding) through an identity whose backward zeroes the
