@@ -67,11 +67,14 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("learning-rate milestones", "optim.scheduler.milestones"),
         ("batches per optimizer step from a step", "callbacks.step_grad_accumulation.scheduling"),
         ("identity weight", "loss.identity_weight"), ("identity weight from a step", "loss.identity_weight_phases"),
+        ("anchor weight from a step", "loss.anchor_weight_phases"), ("anchor tasks", "loss.anchor_tasks"),
         ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
     if _get(run_config, "loss.t_range_mix") is None:  # its share and first step mean nothing without the band
         keys = [(label, key) for label, key in keys if key not in ("loss.t_range_mix_prob", "loss.t_range_mix_from_step")]
+    if _get(run_config, "loss.anchor_weight_phases") is None:  # the anchor's tasks mean nothing without the term
+        keys = [(label, key) for label, key in keys if key != "loss.anchor_tasks"]
     return [(label, v) for label, key in keys if (v := _get(run_config, key)) is not None]
 
 

@@ -219,3 +219,11 @@ def test_training_summary_names_the_identity_weight_phases():
     assert summary == {"identity weight": 0.1, "identity weight from a step": [[4125, 0.3]]}
     assert "identity weight from a step" not in dict(training_summary({"loss": {"identity_weight": 0.1,
                                                                                  "identity_weight_phases": None}}))
+
+
+def test_training_summary_names_the_anchor_term_only_when_it_runs():
+    from ddstrans.model_card import training_summary
+
+    on = dict(training_summary({"loss": {"anchor_weight_phases": [[3625, 0.3]], "anchor_tasks": ["to_square"]}}))
+    assert on == {"anchor weight from a step": [[3625, 0.3]], "anchor tasks": ["to_square"]}
+    assert dict(training_summary({"loss": {"anchor_weight_phases": None, "anchor_tasks": ["to_square"]}})) == {}

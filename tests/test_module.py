@@ -316,6 +316,56 @@ def test_identity_weight_phases_set_the_term_weight_per_step(tiny_teacher, tmp_p
         make_module(tiny_teacher, loss={"identity_weight": -0.1})
 
 
+def test_anchor_term_holds_its_tasks_to_the_generator_of_its_first_step(tiny_teacher, tmp_path, monkeypatch):
+    """loss.anchor_weight_phases / anchor_tasks: from the first phase's step on, the identity term's loss toward a
+    frozen copy of the generator (its EMA weights at that step) instead of the sources, for those tasks only; the
+    copy stays out of the module's weights, is saved with a checkpoint and comes back from it."""
+    import ddstrans.module as module
+
+    calls, identity_loss = [], module.identity_loss
+
+    def spy(z_tgt, z_ref, grad, reduction="hw", weight=None):
+        calls.append((m.global_step, z_ref.clone(), None if weight is None else weight.clone()))
+        return identity_loss(z_tgt, z_ref, grad, reduction, weight)
+
+    monkeypatch.setattr(module, "identity_loss", spy)
+    m = make_module(tiny_teacher, loss={"anchor_weight_phases": [[2, 1.0]], "anchor_tasks": ["cat2dog"]})
+    ids = record_task_ids(m, monkeypatch)
+    at_start: dict[int, dict] = {}
+
+    class EMAAtStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            at_start[trainer.global_step] = pl_module.ema_state_dict()
+
+    make_trainer(tmp_path, steps=4, callbacks=[EMAAtStep()]).fit(m, datamodule=dm())
+    assert [c[0] for c in calls] == [2, 3]                       # the identity term is off: only the anchor's
+    for (_, _, flags), task_ids in zip(calls, ids[2:]):
+        assert flags.tolist() == [i == 1 for i in task_ids.tolist()]
+    anchor = m.anchor_generator()
+    for k, v in anchor.state_dict().items():                     # the EMA weights when the term began
+        torch.testing.assert_close(v, at_start[2][k])
+    assert any(not torch.equal(v, m.generator.state_dict()[k]) for k, v in anchor.state_dict().items())
+    assert not any(p.requires_grad for p in anchor.parameters())
+    assert not any("anchor" in k for k in m.state_dict())
+    with torch.no_grad():                                        # what the term held the outputs to
+        z = torch.randn(2, *calls[-1][1].shape[1:])
+        assert not torch.equal(anchor(z, task_ids=torch.tensor([0, 1])), z)
+
+    trainer = make_trainer(tmp_path / "ck", steps=1)
+    trainer.strategy.connect(m)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    ck = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    m2 = make_module(tiny_teacher, loss={"anchor_weight_phases": [[2, 1.0]]})
+    m2.load_state_dict(ck["state_dict"])
+    m2.on_load_checkpoint(ck)
+    for k, v in m2.anchor_generator().state_dict().items():     # the saved anchor, not the loaded EMA
+        torch.testing.assert_close(v, anchor.state_dict()[k])
+    assert [m.current_anchor_weight(s) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    for bad in ([[2, 1.0], [1, 1.0]], [[0, -1.0]], "often"):
+        with pytest.raises(ValueError, match="anchor_weight_phases"):
+            make_module(tiny_teacher, loss={"anchor_weight_phases": bad})
+
+
 def test_low_t_guidance_reaches_the_score(tiny_teacher):
     """loss.guidance_low_t / guidance_low: below the threshold the score uses guidance_low (here every t)."""
     z = torch.randn(2, 4, 8, 8)
