@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddstrans.anchor import AnchorMixin
 from ddstrans.ema import DEFAULT_EMA, EMAMixin
 from ddstrans.generator import TranslationUNet
 from ddstrans.guidance import Guidance
@@ -85,7 +86,7 @@ def _resolve_dtype(name: str | torch.dtype | None, device: torch.device, precisi
     return getattr(torch, str(name))
 
 
-class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.LightningModule):
+class DDSTranslationModule(AnchorMixin, EMAMixin, NonFiniteGuard, CheckpointMixin, L.LightningModule):
     """Args:
     teacher: a loaded ``ddstrans.Teacher`` (kept outside ``state_dict``).
     tasks: a ``TaskTable`` or a list of ``{name, source, target}`` (encoded with the teacher).
@@ -153,10 +154,8 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         self._guidance_low_task_mask = self._task_mask(self.loss_cfg["guidance_low_tasks"])
         self._identity_task_mask = self._task_mask(self.loss_cfg["identity_tasks"])
         self._palette_task_mask = self._task_mask(self.loss_cfg["palette_tasks"])
-        self._anchor_phases = _weight_phases(self.loss_cfg["anchor_weight_phases"], "anchor_weight_phases")
-        self._anchor_task_mask = self._task_mask(self.loss_cfg["anchor_tasks"])
-        self._anchor_state: dict | None = None  # the anchor's weights from a checkpoint, until first used
-        object.__setattr__(self, "_anchor", None)  # a frozen generator, kept out of the module's state_dict
+        self._init_anchor(_weight_phases(self.loss_cfg["anchor_weight_phases"], "anchor_weight_phases"),
+                          self._task_mask(self.loss_cfg["anchor_tasks"]))
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -205,53 +204,6 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
         ``loss.identity_weight_phases`` on, that phase's weight."""
         step = self.global_step if step is None else step
         return float(phase_value(step, float(self.loss_cfg["identity_weight"]), self._identity_phases))
-
-    def current_anchor_weight(self, step: int | None = None) -> float:
-        """Weight of the anchor term at ``step`` (default: now): 0 before the first of ``loss.anchor_weight_phases``,
-        then from each of its steps on, that phase's weight."""
-        step = self.global_step if step is None else step
-        return float(phase_value(step, 0.0, self._anchor_phases))
-
-    def anchor_generator(self) -> torch.nn.Module:
-        """The frozen copy of the generator the anchor term holds outputs to: its weights (the EMA's, as exported)
-        at the first step the term runs, or as a checkpoint saved them, so a resumed run holds to the same one.
-
-        Why: a phase that sharpens details at low noise also moves what earlier phases laid out (the shapes world's
-        squares shrink where the score does not ask for it). Held to its own earlier outputs where the score is
-        silent (``scores.identity_loss``'s mask), the generator may change only what the score calls for."""
-        if self._anchor is None:
-            import copy
-
-            anchor = copy.deepcopy(self.generator)
-            if self._anchor_state is None:
-                first = self._anchor_phases[0][0] if self._anchor_phases else 0
-                if self.global_step > first:
-                    from lightning.pytorch.utilities import rank_zero_warn
-
-                    rank_zero_warn(f"loss.anchor_weight_phases: the anchor is taken at step {self.global_step}, "
-                                   f"not at its first phase's step {first} (the checkpoint resumed holds none)")
-            anchor.load_state_dict(self._anchor_state if self._anchor_state is not None else self.ema_state_dict())
-            anchor.requires_grad_(False).eval()
-            object.__setattr__(self, "_anchor", anchor)
-            self._anchor_state = None
-        return self._anchor
-
-    def anchor_term(self, z_tgt, z_src, grad, task_ids, emb_src, emb_tgt) -> torch.Tensor:
-        """``scores.identity_loss`` toward the anchor generator's outputs instead of the sources."""
-        with torch.no_grad():
-            z_anchor = self.anchor_generator()(z_src, task_ids=task_ids, src_emb=emb_src, tgt_emb=emb_tgt).float()
-        return identity_loss(z_tgt, z_anchor, grad, self.loss_cfg["reduction"],
-                             self._task_flags("_anchor_task_mask", task_ids))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._anchor is not None:
-            checkpoint["anchor_generator"] = self._anchor.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._anchor_state = checkpoint.get("anchor_generator")
-        object.__setattr__(self, "_anchor", None)
 
     def current_palette_weight(self, step: int | None = None) -> float:
         """Weight of the palette term at ``step`` (default: now): 0 before ``loss.palette_start``, then ramped."""
@@ -354,7 +306,8 @@ class DDSTranslationModule(EMAMixin, NonFiniteGuard, CheckpointMixin, L.Lightnin
             loss = loss + identity_w * ident
         anchor_w = self.current_anchor_weight()
         if anchor_w:
-            anchor = self.anchor_term(z_tgt.float(), z_src, grad, task_ids, emb_src, emb_tgt)
+            anchor = self.anchor_term(z_tgt.float(), z_src, grad, task_ids, emb_src, emb_tgt,
+                                      self.loss_cfg["reduction"], self._task_flags("_anchor_task_mask", task_ids))
             self.log("train/loss_anchor", anchor.detach())
             loss = loss + anchor_w * anchor
         palette_w = self.current_palette_weight()

@@ -12,7 +12,7 @@ import torch
 from ddstrans.data.procedural import ProceduralDataModule
 from ddstrans.generator import build_generator
 from ddstrans.module import DDSTranslationModule, _resolve_dtype
-from ddstrans.scores import shared_noise
+from ddstrans.scores import ScoreInfo, shared_noise
 
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, norm_num_groups=8)
@@ -94,7 +94,7 @@ def test_nonfinite_steps_are_skipped(tiny_teacher, tmp_path):
 
     class NaNGuidance(Guidance):
         def grad(self, teacher, z_src, z_tgt, *a, **k):
-            return torch.full_like(z_tgt, float("nan")), type("I", (), {"nonfinite": torch.tensor(0)})()
+            return torch.full_like(z_tgt, float("nan")), ScoreInfo(torch.tensor(0), torch.zeros(len(z_tgt)), z_tgt)
 
     m.guidance = NaNGuidance.from_mapping(m.guidance.to_dict())
     trainer = make_trainer(tmp_path, steps=2, limit_val_batches=0)
@@ -320,15 +320,15 @@ def test_anchor_term_holds_its_tasks_to_the_generator_of_its_first_step(tiny_tea
     """loss.anchor_weight_phases / anchor_tasks: from the first phase's step on, the identity term's loss toward a
     frozen copy of the generator (its EMA weights at that step) instead of the sources, for those tasks only; the
     copy stays out of the module's weights, is saved with a checkpoint and comes back from it."""
-    import ddstrans.module as module
+    import ddstrans.anchor as anchor_module
 
-    calls, identity_loss = [], module.identity_loss
+    calls, identity_loss = [], anchor_module.identity_loss
 
     def spy(z_tgt, z_ref, grad, reduction="hw", weight=None):
         calls.append((m.global_step, z_ref.clone(), None if weight is None else weight.clone()))
         return identity_loss(z_tgt, z_ref, grad, reduction, weight)
 
-    monkeypatch.setattr(module, "identity_loss", spy)
+    monkeypatch.setattr(anchor_module, "identity_loss", spy)
     m = make_module(tiny_teacher, loss={"anchor_weight_phases": [[2, 1.0]], "anchor_tasks": ["cat2dog"]})
     ids = record_task_ids(m, monkeypatch)
     at_start: dict[int, dict] = {}

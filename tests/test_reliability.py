@@ -29,6 +29,7 @@ from ddstrans.export import ExportError, export_checkpoint, load_training_checkp
 from ddstrans.generator import build_generator
 from ddstrans.module import DDSTranslationModule, NonFiniteLossError
 from ddstrans.schedules import guidance_at
+from ddstrans.scores import ScoreInfo
 from ddstrans.teacher import Teacher
 from ddstrans.translator import Translator, TranslatorLoadError
 from ddstrans.validation import ConfigError, validate_config
@@ -297,7 +298,7 @@ def _nan_score_on(steps_bad):
         bad = calls["n"] in steps_bad if steps_bad is not None else True
         calls["n"] += 1
         g = torch.full_like(z_tgt, float("nan")) if bad else torch.zeros_like(z_tgt) + 0.01
-        return g, type("I", (), {"nonfinite": torch.tensor(0)})()
+        return g, ScoreInfo(torch.tensor(0), torch.zeros(len(z_tgt)), z_tgt)
 
     return score
 

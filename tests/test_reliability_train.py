@@ -23,6 +23,7 @@ import torch
 from ddstrans.cli.train import compose, run_reporting_errors, train
 from ddstrans.generator import build_generator
 from ddstrans.module import DDSTranslationModule, NonFiniteLossError
+from ddstrans.scores import ScoreInfo
 
 QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
 TINY = dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -150,7 +151,7 @@ def test_nonfinite_score_entries_count_as_nonfinite_steps(tiny_teacher, tmp_path
                              loss={"max_consecutive_nonfinite": 3})
 
     def score(self, z_src, z_tgt, *a, **k):  # zeroed entries (the score of a diverged latent): loss reads 0
-        return torch.zeros_like(z_tgt), type("I", (), {"nonfinite": torch.tensor(5)})()
+        return torch.zeros_like(z_tgt), ScoreInfo(torch.tensor(5), torch.zeros(len(z_tgt)), z_tgt)
 
     m.score = score.__get__(m)
     trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
