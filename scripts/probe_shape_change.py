@@ -97,6 +97,23 @@ HEAD = ("| setting | n | accuracy (lenient) | accuracy (strict) | mask IoU with 
         "strict checks failed (count) |\n|---|---|---|---|---|---|---|")
 
 
+def held_out_squares(args):
+    """The ``to_square`` evaluation set of ``--n`` inputs starting ``--held-out-offset`` seeds into
+    ``seeds.HELD_OUT``: the inputs ``ddstrans eval --held-out-offset`` scores."""
+    from ddstrans.shapes import seeds as S
+    from ddstrans.shapes.defaults import shapes_task
+    from ddstrans.shapes.evaluation import build_eval_set
+
+    return build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+
+
+def source_shapes(es) -> np.ndarray:
+    """Each input's shape, as its caption names it."""
+    from ddstrans.shapes.world import parse_caption
+
+    return np.array([parse_caption(c)["shape"] for c in es.src_captions])
+
+
 def cmd_samples(args, teacher) -> None:
     from ddstrans.shapes.world import COLOR_NAMES, caption
 
@@ -115,12 +132,9 @@ def cmd_samples(args, teacher) -> None:
 
 def cmd_edit(args, teacher) -> None:
     from ddstrans.editing import EditConfig
-    from ddstrans.shapes import seeds as S
-    from ddstrans.shapes.defaults import shapes_task
-    from ddstrans.shapes.evaluation import build_eval_set, run_method
-    from ddstrans.shapes.world import parse_caption
+    from ddstrans.shapes.evaluation import run_method
 
-    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    es = held_out_squares(args)
     start = None
     if args.translator:  # the translator's outputs, where the edit starts
         from ddstrans.translator import Translator
@@ -128,7 +142,7 @@ def cmd_edit(args, teacher) -> None:
         start, _ = run_method("network", es, translator=Translator.from_pretrained(args.translator))
     groups = {"": np.arange(len(es.seeds))}
     if args.by_shape:
-        shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
+        shapes = source_shapes(es)
         groups.update({f", {s}s": np.flatnonzero(shapes == s) for s in ("circle", "triangle")})
 
     x = M.as_unit(es.inputs)
@@ -402,14 +416,12 @@ def half_colored(images) -> np.ndarray:
 
 
 def cmd_edges(args) -> None:
-    from ddstrans.shapes import seeds as S
-    from ddstrans.shapes.defaults import shapes_task
-    from ddstrans.shapes.evaluation import build_eval_set, run_method
+    from ddstrans.shapes.evaluation import run_method
     from ddstrans.translator import Translator
 
     if not args.translator:
         raise SystemExit("edges needs --translator (one or more exports, comma-separated)")
-    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    es = held_out_squares(args)
     print("| outputs | n | strict acc | half-colored pixels per square | per miss |\n|---|---|---|---|---|")
     print(f"| rendered answers | {args.n} | 1.000 | {half_colored(es.answers).mean():.1f} | - |")
     for path in args.translator.split(","):
@@ -421,20 +433,14 @@ def cmd_edges(args) -> None:
 
 
 AREA_BINS = (110, 156)  # px of the target square: the terciles over the 384 held-out inputs of the four usual sets
-
-
 AREA_LABELS = (f"small (< {AREA_BINS[0]})", f"mid ({AREA_BINS[0]}-{AREA_BINS[1] - 1})", f"large (>= {AREA_BINS[1]})")
 
 
 def cmd_misses(args) -> None:
-    from ddstrans.shapes import seeds as S
-    from ddstrans.shapes.defaults import shapes_task
-    from ddstrans.shapes.evaluation import build_eval_set
-    from ddstrans.shapes.world import parse_caption
 
-    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
+    es = held_out_squares(args)
     runs = output_makers(args, es, "misses")
-    shapes = [parse_caption(c)["shape"] for c in es.src_captions]
+    shapes = source_shapes(es)
     bins = np.searchsorted(AREA_BINS, es.tgt_masks.reshape(args.n, -1).sum(1), side="right")
     groups = sorted(set(zip(shapes, bins)))
     print("| outputs | source shape | target square (px) | n | strict acc | mask IoU | misses: failed checks |\n"
@@ -489,13 +495,9 @@ def output_makers(args, es, probe: str) -> list[tuple[str, object]]:
 
 
 def cmd_sides(args) -> None:
-    from ddstrans.shapes import seeds as S
-    from ddstrans.shapes.defaults import shapes_task
-    from ddstrans.shapes.evaluation import build_eval_set
-    from ddstrans.shapes.world import parse_caption
 
-    es = build_eval_set(shapes_task("to_square"), args.n, start_seed=S.HELD_OUT.start + args.held_out_offset)
-    shapes = np.array([parse_caption(c)["shape"] for c in es.src_captions])
+    es = held_out_squares(args)
+    shapes = source_shapes(es)
     runs = output_makers(args, es, "sides")
     print("| outputs | source shape | n | mask IoU | area / target's | inside the target by (px): "
           + " / ".join(SIDES) + " |\n|---|---|---|---|---|---|")
@@ -533,8 +535,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=None, help="outputs of scripts/shape_readers.py (outputs)")
     p.add_argument("--guidance", default="3,7.5", help="comma-separated CFG scales (distill, sides: the first)")
     p.add_argument("--n", type=int, default=16, help="inputs (edit, gradient, edges, sides, misses), samples per caption (samples) or training scenes (distill)")
-    p.add_argument("--steps", type=int, default=100, help="edit, distill, sides: per-image DDS steps")
-    p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides: per-image DDS learning rate")
+    p.add_argument("--steps", type=int, default=100, help="edit, distill, sides, misses: per-image DDS steps")
+    p.add_argument("--lr", type=float, default=0.02, help="edit, distill, sides, misses: per-image DDS learning rate")
     p.add_argument("--edit-optimizer", choices=sorted(EDIT_OPTIMIZERS), default="sgd",
                    help="edit: the per-image optimizer (adam: each pixel stepped by its normalised gradient)")
     p.add_argument("--schedules", default="eval,train", help="edit: eval ([50, 600)), train "
@@ -573,20 +575,10 @@ def main(argv=None) -> int:
     args.schedules = [t_range(s) if "-" in s else s for s in args.schedules]
     args.refine_t_range = t_range(args.refine_t_range)
     torch.set_grad_enabled(True)
-    if args.probe == "field":
-        cmd_field(args)
-        return 0
-    if args.probe == "outputs":
-        cmd_outputs(args)
-        return 0
-    if args.probe == "edges":
-        cmd_edges(args)
-        return 0
-    if args.probe == "sides":
-        cmd_sides(args)
-        return 0
-    if args.probe == "misses":
-        cmd_misses(args)
+    without_teacher = {"field": cmd_field, "outputs": cmd_outputs, "edges": cmd_edges, "sides": cmd_sides,
+                       "misses": cmd_misses}
+    if args.probe in without_teacher:
+        without_teacher[args.probe](args)
         return 0
     from ddstrans.shapes.defaults import load_shapes_teacher
 
