@@ -55,6 +55,13 @@ def _front_matter(text: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+# settings that mean nothing without another: left out of the summary when that one is unset
+_ONLY_WITH = {
+    "loss.t_range_mix": ("loss.t_range_mix_prob", "loss.t_range_mix_from_step"),  # the second band's share, start
+    "loss.anchor_weight_phases": ("loss.anchor_tasks",),  # the anchor term's tasks
+}
+
+
 def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
     """The settings a reader needs to judge the training, from the resolved run config (absent ones left out)."""
     keys = [
@@ -71,10 +78,8 @@ def training_summary(run_config: Mapping | None) -> list[tuple[str, object]]:
         ("generator blocks", "generator.block_out_channels"),
         ("generator conditioning", "generator.conditioning"), ("seed", "seed"),
     ]
-    if _get(run_config, "loss.t_range_mix") is None:  # its share and first step mean nothing without the band
-        keys = [(label, key) for label, key in keys if key not in ("loss.t_range_mix_prob", "loss.t_range_mix_from_step")]
-    if _get(run_config, "loss.anchor_weight_phases") is None:  # the anchor's tasks mean nothing without the term
-        keys = [(label, key) for label, key in keys if key != "loss.anchor_tasks"]
+    unused = {key for owner, dependents in _ONLY_WITH.items() if _get(run_config, owner) is None for key in dependents}
+    keys = [(label, key) for label, key in keys if key not in unused]
     return [(label, v) for label, key in keys if (v := _get(run_config, key)) is not None]
 
 
