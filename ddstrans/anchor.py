@@ -65,8 +65,10 @@ class AnchorMixin:
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self._anchor is not None:
-            checkpoint[ANCHOR_CHECKPOINT_KEY] = self._anchor.state_dict()
+        # a resumed run keeps the copy it loaded even through phases at weight 0, which never build it
+        state = self._anchor.state_dict() if self._anchor is not None else self._anchor_state
+        if state is not None:
+            checkpoint[ANCHOR_CHECKPOINT_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -358,6 +358,10 @@ def test_anchor_term_holds_its_tasks_to_the_generator_of_its_first_step(tiny_tea
     m2 = make_module(tiny_teacher, loss={"anchor_weight_phases": [[2, 1.0]]})
     m2.load_state_dict(ck["state_dict"])
     m2.on_load_checkpoint(ck)
+    resaved: dict = {}                                           # saved again before its term ran (a weight-0 phase)
+    m2.on_save_checkpoint(resaved)
+    for k, v in resaved[anchor_module.ANCHOR_CHECKPOINT_KEY].items():
+        torch.testing.assert_close(v, anchor.state_dict()[k])
     for k, v in m2.anchor_generator().state_dict().items():     # the saved anchor, not the loaded EMA
         torch.testing.assert_close(v, anchor.state_dict()[k])
     assert [m.current_anchor_weight(s) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
