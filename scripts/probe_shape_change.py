@@ -437,7 +437,6 @@ AREA_LABELS = (f"small (< {AREA_BINS[0]})", f"mid ({AREA_BINS[0]}-{AREA_BINS[1] 
 
 
 def cmd_misses(args) -> None:
-
     es = held_out_squares(args)
     runs = output_makers(args, es, "misses")
     shapes = source_shapes(es)
@@ -495,7 +494,6 @@ def output_makers(args, es, probe: str) -> list[tuple[str, object]]:
 
 
 def cmd_sides(args) -> None:
-
     es = held_out_squares(args)
     shapes = source_shapes(es)
     runs = output_makers(args, es, "sides")
