@@ -85,11 +85,16 @@ def instantiate_callbacks(cfg: DictConfig) -> list:
     """The ``callbacks`` group plus ``StepAlignedSigterm``; progress-bar callbacks are left out under ``trainer.enable_progress_bar=false``
     (Lightning refuses the combination, and the flag is what a user types to silence a run)."""
     no_bar = (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False
+    from lightning.pytorch.callbacks import ProgressBar
+
     from ddstrans.callbacks import StepAlignedSigterm
 
+    def is_bar(c: DictConfig) -> bool:
+        target = hydra.utils.get_class(str(c._target_)) if no_bar else None
+        return isinstance(target, type) and issubclass(target, ProgressBar)
+
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
-                 if isinstance(c, DictConfig) and "_target_" in c
-                 and not (no_bar and str(c._target_).split(".")[-1] in ("TQDMProgressBar", "RichProgressBar"))]
+                 if isinstance(c, DictConfig) and "_target_" in c and not (no_bar and is_bar(c))]
     return [*callbacks, StepAlignedSigterm()]  # not optional: Lightning's own SIGTERM handling can hang DDP
 
 
