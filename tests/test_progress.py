@@ -26,35 +26,36 @@ class _Linear(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _Recorded:
-    """Wraps a bar class to keep what its training bar showed when training ended."""
+def _recording(base):
+    """``base`` that keeps (step, n, total) of its training bar after each batch and what it showed at the end."""
 
-    @staticmethod
-    def make(base):
-        class Bar(base):
-            def on_train_end(self, trainer, pl_module):
-                bar = self.train_progress_bar
-                self.shown = {"n": bar.n, "total": bar.total, "initial": bar.initial, "desc": bar.desc}
-                super().on_train_end(trainer, pl_module)
+    class Bar(base):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.history: list[tuple[int, int, int | None]] = []
 
-            def on_train_batch_end(self, trainer, *args):
-                super().on_train_batch_end(trainer, *args)
-                bar = self.train_progress_bar
-                self.history.append((trainer.global_step, bar.n, bar.total))
+        def on_train_end(self, trainer, pl_module):
+            bar = self.train_progress_bar
+            self.shown = {"n": bar.n, "total": bar.total, "initial": bar.initial, "desc": bar.desc}
+            super().on_train_end(trainer, pl_module)
 
-        return Bar
+        def on_train_batch_end(self, trainer, *args):
+            super().on_train_batch_end(trainer, *args)
+            bar = self.train_progress_bar
+            self.history.append((trainer.global_step, bar.n, bar.total))
+
+    return Bar
 
 
-def _fit(bar_cls, steps, ckpt_in=None, ckpt_dir=None, accumulate=None):
+def _fit(bar_cls, steps=-1, max_epochs=None, ckpt_in=None, ckpt_dir=None, accumulate=None):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, generator=g), torch.randn(8, generator=g))  # 4 batches per epoch
-    bar = _Recorded.make(bar_cls)(refresh_rate=1)
-    bar.history = []
+    bar = _recording(bar_cls)(refresh_rate=1)
     callbacks = [bar] + ([StepGradAccumulation(accumulate)] if accumulate else [])
     if ckpt_dir:  # saved during training, as the run's own checkpoints are
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1))
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=bool(ckpt_dir),
-                        enable_model_summary=False, callbacks=callbacks)
+    trainer = L.Trainer(max_steps=steps, max_epochs=max_epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=bool(ckpt_dir), enable_model_summary=False, callbacks=callbacks)
     trainer.fit(_Linear(), DataLoader(data, batch_size=2), ckpt_path=ckpt_in)
     return bar
 
@@ -78,11 +79,5 @@ def test_resumed_mid_epoch_run_keeps_its_total_and_counts_from_the_restored_step
 
 
 def test_epoch_bounded_run_keeps_lightnings_per_epoch_bar():
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(8, 3, generator=g), torch.randn(8, generator=g))
-    bar = _Recorded.make(StepProgressBar)(refresh_rate=1)
-    bar.history = []
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[bar])
-    trainer.fit(_Linear(), DataLoader(data, batch_size=2))
+    bar = _fit(StepProgressBar, max_epochs=2)
     assert bar.shown["total"] == 4 and bar.shown["n"] == 4  # batches of the last epoch, as Lightning counts

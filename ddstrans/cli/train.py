@@ -90,7 +90,7 @@ def instantiate_callbacks(cfg: DictConfig) -> list:
     from ddstrans.callbacks import StepAlignedSigterm
 
     def is_bar(c: DictConfig) -> bool:
-        target = hydra.utils.get_class(str(c._target_)) if no_bar else None
+        target = hydra.utils.get_class(str(c._target_))
         return isinstance(target, type) and issubclass(target, ProgressBar)
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()
