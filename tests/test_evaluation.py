@@ -141,6 +141,30 @@ def test_a_second_held_out_set_starts_at_the_offset():
     assert main(["eval", "--methods", "identity", "--held-out-offset", str(len(HELD_OUT))]) == 1
 
 
+def test_validation_inputs_are_the_ones_training_validates_on(tmp_path, capsys):
+    """``ddstrans eval --validation`` scores the inputs training's ShapesMetrics logs (``seeds.VALIDATION``), so a
+    checkpoint can be chosen there and reported on the held-out inputs it was not chosen on."""
+    import pytest
+
+    from ddstrans.shapes.seeds import VALIDATION
+
+    task = TASKS["to_square"]
+    val = {}
+    evaluate([task], 4, methods=["identity"], examples=val, seed_range=VALIDATION)
+    expected = build_eval_set(task, 4, start_seed=VALIDATION.start, seed_range=VALIDATION)
+    assert np.array_equal(val["to_square"][0].numpy(), expected.inputs[:4].numpy())
+    out = tmp_path / "val.json"
+    assert main(["eval", "--validation", "--methods", "identity", "--n", "4", "--tasks", "to_square",
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    held_out = evaluate([task], 4, methods=["identity"])[0]
+    assert row["mask_iou"] == pytest.approx(score(expected, expected.inputs)["mask_iou"])
+    assert row["mask_iou"] != pytest.approx(held_out["mask_iou"])  # other scenes, other square-vs-input overlap
+    capsys.readouterr()
+    assert main(["eval", "--validation", "--methods", "identity", "--held-out-offset", str(len(VALIDATION))]) == 1
+    assert "with --validation" in capsys.readouterr().err
+
+
 def test_eval_sets_from_the_training_range():
     """``seed_range=seeds.TRANSLATOR_TRAIN`` builds the same kind of set from a translator's training scenes (probes
     of what it was trained on); a set that would run out of its range is refused, naming it."""

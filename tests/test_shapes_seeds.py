@@ -22,7 +22,7 @@ def test_data_module_trains_and_validates_on_their_ranges():
     dm = ShapesDataModule(batch_size=2, num_train=5, num_val=3)
     dm.setup()
     assert all(s in seeds.TRANSLATOR_TRAIN for s in dm.train_set.seeds)
-    assert all(s in seeds.HELD_OUT for s in dm.val_set.seeds)
+    assert all(s in seeds.VALIDATION for s in dm.val_set.seeds)
     with pytest.raises(ValueError, match="start and n"):
         ShapesDataModule(num_train=len(seeds.TRANSLATOR_TRAIN) + 1).setup()
 
@@ -33,6 +33,21 @@ def test_evaluation_draws_held_out_inputs_only():
     assert all(s in seeds.HELD_OUT for s in es.seeds)
     with pytest.raises(ValueError, match="HELD_OUT"):
         build_eval_set(task, 4, start_seed=seeds.TRANSLATOR_TRAIN.start)
+
+
+def test_validation_metrics_never_score_an_evaluation_input():
+    # a best checkpoint chosen on the callback's figures must not be chosen on what `ddstrans eval` reports
+    from types import SimpleNamespace
+
+    from ddstrans.shapes.callback import ShapesMetrics
+
+    tasks = shapes_tasks()
+    sets = ShapesMetrics(n=8)._eval_sets(SimpleNamespace(task_table=SimpleNamespace(tasks=tasks)))
+    assert sorted(sets) == sorted(t.name for t in tasks)
+    for task in tasks:
+        val = set(sets[task.name].seeds)
+        assert len(val) == 8 and all(s in seeds.VALIDATION for s in val)
+        assert not val & set(build_eval_set(task, 64).seeds)
 
 
 def test_teacher_training_scenes_come_from_the_teacher_range():

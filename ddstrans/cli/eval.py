@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--held-out-offset", type=int, default=0,
                    help="shapes world: start that many seeds into the held-out range (0: the usual inputs); a "
                         "second set on which to check a checkpoint chosen on the first")
+    p.add_argument("--validation", action="store_true",
+                   help="shapes world: score the validation inputs (the ones training's shapes metrics log, which "
+                        "the held-out evaluation never uses) instead: to choose among checkpoints on inputs the "
+                        "reported figures do not use; --held-out-offset then counts into the validation range")
     p.add_argument("--methods", default=None, help="comma-separated subset of identity,answer,network,routed,dds,sds (answer: the renderer's "
                    "ground-truth edit, the scores of a perfect translation; routed: the network reaching each pair "
                    "through its trained caption rewrites, one pass each, text translators; both shapes only). Unset: identity,network,dds,sds "
@@ -96,10 +100,12 @@ def run_shapes(args) -> int:
         raise CLIError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if args.n <= 0 or args.edit_steps <= 0:
         raise CLIError("--n and --edit-steps must be positive")
-    from ddstrans.shapes.seeds import HELD_OUT
+    from ddstrans.shapes.seeds import HELD_OUT, VALIDATION
 
-    if not 0 <= args.held_out_offset < len(HELD_OUT):
-        raise CLIError(f"--held-out-offset {args.held_out_offset}: must be in [0, {len(HELD_OUT)})")
+    seed_range = VALIDATION if args.validation else HELD_OUT
+    if not 0 <= args.held_out_offset < len(seed_range):
+        raise CLIError(f"--held-out-offset {args.held_out_offset}: must be in [0, {len(seed_range)})"
+                       + (" with --validation" if args.validation else ""))
     if not 50 < args.edit_t_max <= 1000:
         raise CLIError(f"--edit-t-max {args.edit_t_max}: must be in (50, 1000]")
     device = pick_device(args.device)
@@ -144,7 +150,7 @@ def run_shapes(args) -> int:
     examples = {} if args.grid else None
     rows = evaluate(tasks, args.n, methods, translator=translator, teacher=teacher, edit_config=edit,
                     batch_size=args.batch_size, progress=True, examples=examples, num_examples=args.grid_examples,
-                    held_out_offset=args.held_out_offset)
+                    held_out_offset=args.held_out_offset, seed_range=seed_range)
     print(format_table(rows))
     if args.grid:
         from ddstrans.shapes.evaluation import examples_grid

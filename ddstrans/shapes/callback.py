@@ -2,13 +2,14 @@
 
 ``val/dds_norm`` says how far the teacher still wants to move the outputs, not whether the edit is right;
 on the shapes world the renderer's ground truth says that exactly. At the end of each validation (with the
-EMA weights swapped in, as for the grid) this callback translates ``n`` held-out inputs per task and logs,
-per task and averaged over tasks:
+EMA weights swapped in, as for the grid) this callback translates ``n`` validation inputs per task
+(``seeds.VALIDATION``: scenes neither training nor ``ddstrans eval`` uses, so a checkpoint chosen on these figures is
+not chosen on the evaluation's inputs) and logs, per task and averaged over tasks:
 
     val/<task>/target_acc  val/<task>/mask_iou  val/<task>/keep_psnr  val/<task>/diversity
     val/target_acc         val/mask_iou         val/keep_psnr         val/diversity
 
-Every rank computes the same figures (the inputs are fixed held-out seeds, a few forward passes), so a
+Every rank computes the same figures (the inputs are fixed validation seeds, a few forward passes), so a
 checkpoint callback may monitor them under DDP without a collective.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ddstrans.shapes import seeds
 from ddstrans.shapes.evaluation import METRIC_KEYS
 
 KEYS = tuple(k for k in METRIC_KEYS if k != "ms_per_image")  # quality metrics; time is not a validation figure
@@ -34,7 +36,8 @@ class ShapesMetrics(Callback):
         from ddstrans.shapes.evaluation import build_eval_set
 
         if self._sets is None:
-            self._sets = {t.name: build_eval_set(t, self.n) for t in pl_module.task_table.tasks}
+            self._sets = {t.name: build_eval_set(t, self.n, start_seed=seeds.VALIDATION.start,
+                                                 seed_range=seeds.VALIDATION) for t in pl_module.task_table.tasks}
         return self._sets
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

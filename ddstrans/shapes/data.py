@@ -1,7 +1,7 @@
 """An on-the-fly DataModule of shapes-world scenes (the embedded default world).
 
 Training scenes are the first ``num_train`` seeds of ``seeds.TRANSLATOR_TRAIN``; validation scenes come from
-``seeds.HELD_OUT``, never seen in training. Each batch also carries the scene ``caption`` (usable
+``seeds.VALIDATION``, never seen in training nor scored by evaluation. Each batch also carries the scene ``caption`` (usable
 as the source prompt) and its ``seed`` (so metrics can re-render the ground truth).
 """
 
@@ -46,7 +46,7 @@ class ShapesDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = ShapeScenes(seeds.take(seeds.TRANSLATOR_TRAIN, 0, self.num_train), **self.overrides)
-        self.val_set = ShapeScenes(seeds.take(seeds.HELD_OUT, 0, self.num_val), **self.overrides)
+        self.val_set = ShapeScenes(seeds.take(seeds.VALIDATION, 0, self.num_val), **self.overrides)
 
     def train_dataloader(self) -> DataLoader:
         from ddstrans.data.resumable import train_loader

@@ -162,11 +162,13 @@ def score(es: EvalSet, outputs: torch.Tensor) -> dict[str, float]:
 
 def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = DEFAULT_METHODS, *, translator=None, teacher=None,
              edit_config: dict | None = None, batch_size: int = 64, progress: bool = False,
-             examples: dict | None = None, num_examples: int = 4, held_out_offset: int = 0) -> list[dict]:
+             examples: dict | None = None, num_examples: int = 4, held_out_offset: int = 0,
+             seed_range: range = S.HELD_OUT) -> list[dict]:
     """One row per (task, method): the metrics plus ``ms_per_image``. With ``examples`` (a dict), the first
     ``num_examples`` inputs and outputs are stored there as ``examples[task] = [inputs, out_m1, ...]``.
-    ``held_out_offset``: the scenes start at that many seeds into ``seeds.HELD_OUT`` (0: the usual set) — a
-    second set on which to check a checkpoint chosen on the first."""
+    ``held_out_offset``: the scenes start at that many seeds into ``seed_range`` (0: the usual set) — a
+    second set on which to check a checkpoint chosen on the first. ``seed_range``: ``seeds.HELD_OUT`` (what
+    evaluation reports) or ``seeds.VALIDATION`` (what training's validation logs: to choose a checkpoint on)."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -174,7 +176,7 @@ def evaluate(tasks: Sequence, n: int, methods: Sequence[str] = DEFAULT_METHODS, 
     sets = {}
     for task, method in tqdm(jobs, desc="eval", disable=not progress):
         es = sets.get(task.name) or sets.setdefault(task.name, build_eval_set(
-            task, n, start_seed=S.HELD_OUT.start + int(held_out_offset)))
+            task, n, start_seed=seed_range.start + int(held_out_offset), seed_range=seed_range))
         out, sec = run_method(method, es, translator=translator, teacher=teacher, edit_config=edit_config,
                               batch_size=batch_size)
         rows.append({"task": task.name, "attribute": es.attribute, "method": method, "n": len(es.seeds),
