@@ -151,7 +151,7 @@ def test_validation_inputs_are_the_ones_training_validates_on(tmp_path, capsys):
     task = TASKS["to_square"]
     val = {}
     evaluate([task], 4, methods=["identity"], examples=val, seed_range=VALIDATION)
-    expected = build_eval_set(task, 4, start_seed=VALIDATION.start, seed_range=VALIDATION)
+    expected = build_eval_set(task, 4, seed_range=VALIDATION)
     assert np.array_equal(val["to_square"][0].numpy(), expected.inputs[:4].numpy())
     out = tmp_path / "val.json"
     assert main(["eval", "--validation", "--methods", "identity", "--n", "4", "--tasks", "to_square",

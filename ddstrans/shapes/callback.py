@@ -36,8 +36,8 @@ class ShapesMetrics(Callback):
         from ddstrans.shapes.evaluation import build_eval_set
 
         if self._sets is None:
-            self._sets = {t.name: build_eval_set(t, self.n, start_seed=seeds.VALIDATION.start,
-                                                 seed_range=seeds.VALIDATION) for t in pl_module.task_table.tasks}
+            self._sets = {t.name: build_eval_set(t, self.n, seed_range=seeds.VALIDATION)
+                          for t in pl_module.task_table.tasks}
         return self._sets
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -71,12 +71,15 @@ def task_attributes(task) -> tuple[str, ...]:
     return full
 
 
-def build_eval_set(task, n: int, start_seed: int = S.HELD_OUT.start, max_tries: int = 100_000,
+def build_eval_set(task, n: int, start_seed: int | None = None, max_tries: int = 100_000,
                    seed_range: range = S.HELD_OUT) -> EvalSet:
     """``n`` held-out scenes that ``task`` changes in all of :func:`task_attributes` (one attribute for the
     world's single edits; ``attribute`` is then e.g. ``"color"``, for a composition ``"color+shape"`` with targets
     like ``"blue+square"``). ``seed_range``: where the scenes must come from (``seeds.TRANSLATOR_TRAIN`` gives a
-    translator's training scenes, for probes of what it was trained on; ``start_seed`` then in that range)."""
+    translator's training scenes, for probes of what it was trained on; ``start_seed``, default the range's first
+    seed, then in that range)."""
+    if start_seed is None:
+        start_seed = seed_range.start
     attrs = task_attributes(task)
     seeds, images, src_m, tgt_m, answers, targets, srcs, tgts = [], [], [], [], [], [], [], []
     seed = start_seed
