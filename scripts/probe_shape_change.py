@@ -316,8 +316,7 @@ def cmd_distill(args, teacher) -> None:
         raise SystemExit(f"distill --save: {args.save} exists; choose a new directory")
     task = shapes_task("to_square")
     tr = Translator.from_pretrained(args.translator)
-    sets = {"training scenes": build_eval_set(task, args.n, start_seed=S.TRANSLATOR_TRAIN.start,
-                                              seed_range=S.TRANSLATOR_TRAIN),
+    sets = {"training scenes": build_eval_set(task, args.n, seed_range=S.TRANSLATOR_TRAIN),
             "64 held-out inputs": build_eval_set(task, 64),
             f"{args.other_n} other held-out inputs": build_eval_set(
                 task, args.other_n, start_seed=S.HELD_OUT.start + args.held_out_offset)}

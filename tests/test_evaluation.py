@@ -173,7 +173,7 @@ def test_eval_sets_from_the_training_range():
     from ddstrans.shapes.seeds import TRANSLATOR_TRAIN
 
     task = TASKS["to_square"]
-    train = build_eval_set(task, 4, start_seed=TRANSLATOR_TRAIN.start, seed_range=TRANSLATOR_TRAIN)
+    train = build_eval_set(task, 4, seed_range=TRANSLATOR_TRAIN)
     assert all(s in TRANSLATOR_TRAIN for s in train.seeds) and train.targets == ["square"] * 4
     with pytest.raises(ValueError, match="leaves seed_range seeds.TRANSLATOR_TRAIN before 4 inputs"):
         build_eval_set(task, 4, start_seed=TRANSLATOR_TRAIN.stop - 2, seed_range=TRANSLATOR_TRAIN)
